@@ -1,0 +1,41 @@
+# Everything a newcomer needs starts here: `make run` and `make test` work from a fresh clone
+# with only Python 3.11+ and make on the machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: run test lint bench sandbox clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(DEVSTAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP) $@
+
+## run: start the service on http://127.0.0.1:8000 wired to the local sandbox (SQLite store in ./data)
+run: $(STAMP)
+	$(BIN)/leak-responder dev
+
+## test: the whole suite (unit and integration)
+test: $(DEVSTAMP)
+	$(BIN)/python -m pytest
+
+## lint: ruff over the code, the tests and the benchmarks
+lint: $(DEVSTAMP)
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+
+## bench: the benchmarks of BENCHMARKS.md, figures as ratios against a baseline in the same run
+bench: $(DEVSTAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,21 @@
+"""Partner alerts in: the signature checked over the raw bytes, then the body parsed strictly."""
+
+from service.inbound.alerts import AlertItem, parse_alert
+from service.inbound.body import read_limited
+from service.inbound.keys import KeyCache
+from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reporters import Reporter, reporters
+from service.inbound.verify import verify_request, verify_signature
+
+__all__ = [
+    "AlertItem",
+    "InboundError",
+    "InboundReason",
+    "KeyCache",
+    "Reporter",
+    "parse_alert",
+    "read_limited",
+    "reporters",
+    "verify_request",
+    "verify_signature",
+]

@@ -1,0 +1,62 @@
+"""Partner signatures: ECDSA P-256 / SHA-256, base64 of DER, over the raw body bytes.
+
+Verification runs on the bytes exactly as received and before any parsing: a parse and
+re-serialisation would change whitespace or key order and turn every genuine alert into a 401.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from service.inbound.keys import KeyCache
+from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reporters import Reporter
+
+
+def verify_signature(public_key: ec.EllipticCurvePublicKey, body: bytes, signature_b64: str) -> None:
+    try:
+        der = base64.b64decode(signature_b64.strip(), validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        raise InboundError(InboundReason.SIGNATURE_MALFORMED, "signature is not valid base64") from None
+    try:
+        # Checked apart from verify() so a sender with a broken encoder hears "malformed", not
+        # "invalid", which would send it looking for a key problem.
+        decode_dss_signature(der)
+    except ValueError:
+        raise InboundError(
+            InboundReason.SIGNATURE_MALFORMED, "signature is not a DER ECDSA signature"
+        ) from None
+    try:
+        public_key.verify(der, body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise InboundError(InboundReason.SIGNATURE_INVALID, "signature does not match the body") from None
+
+
+async def verify_request(
+    reporter: Reporter, cache: KeyCache, headers: Mapping[str, str], body: bytes
+) -> None:
+    """`headers` is looked up case-insensitively whatever the Mapping (Starlette's Headers, or a
+    plain dict in tests and tools), because partners vary the header names' case."""
+    identifier = _header(headers, reporter.identifier_header)
+    signature = _header(headers, reporter.signature_header)
+    if not identifier or not signature:
+        raise InboundError(
+            InboundReason.SIGNATURE_MISSING,
+            f"{reporter.identifier_header} and {reporter.signature_header} headers are required",
+        )
+    public_key = await cache.get(identifier.strip())
+    verify_signature(public_key, body, signature)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)

@@ -1,0 +1,142 @@
+"""Logs and metrics, and the one function through which every failure is reported.
+
+An operator debugging a page reads a log line, looks at a dashboard and greps the tests for the same
+reason code; `failure()` is what keeps those three in step, because it is the only way the code
+reports a failure: it writes the log line and counts the metric in one call.
+
+The log filter also redacts anything shaped like a Supermemory key, wherever it hides (message,
+arguments, extra fields, exception text). It is the net under the rule, not the rule: no code
+passes a raw token to a logger in the first place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from service.tokens import redact
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+# Looser than the shape gate on purpose: a net should also catch near-keys and fragments.
+_KEYISH = re.compile(r"sm_[A-Za-z0-9_-]{8,}")
+
+FAILURES = Counter(
+    "leak_responder_failures_total",
+    "Failures an operator may see, by stage and reason code.",
+    ["stage", "reason"],
+)
+ALERTS = Counter(
+    "leak_responder_alerts_total",
+    "Partner alerts and manual reports by reporter and outcome.",
+    ["reporter", "outcome"],
+)
+TRANSITIONS = Counter(
+    "leak_responder_transitions_total", "Incident state transitions by new state.", ["state"]
+)
+SUPERMEMORY_CALLS = Counter(
+    "leak_responder_supermemory_calls_total", "Supermemory calls by call and outcome.", ["call", "outcome"]
+)
+PAGES = Counter("leak_responder_pages_total", "On-call pages raised, by event.", ["event"])
+TIME_TO_REVOKE = Histogram(
+    "leak_responder_time_to_revoke_seconds",
+    "From alert received to revoke acknowledged.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+TIME_TO_CONFIRM = Histogram(
+    "leak_responder_time_to_confirm_seconds",
+    "From alert received to the probe's 401.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+
+
+def failure(
+    logger: logging.Logger,
+    stage: str,
+    reason: str,
+    message: str,
+    *,
+    level: int = logging.WARNING,
+    **fields: Any,
+) -> None:
+    """Report a failure: one log line carrying `reason`, and the failures counter by stage and reason."""
+    FAILURES.labels(stage=stage, reason=str(reason)).inc()
+    logger.log(level, message, extra={"reason": str(reason), "stage": stage, **fields})
+
+
+def scrub(text: str) -> str:
+    return _KEYISH.sub(lambda m: redact(m.group(0)), text)
+
+
+class ScrubFilter(logging.Filter):
+    """Renders each record's message once, redacted, so no formatter ever sees the raw arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, scrub(value))
+        return True
+
+
+# Record attributes that are not ours to print; uvicorn's color_message duplicates the message.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid:
+            entry["request_id"] = rid
+        entry.update(_extras(record))
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{record.levelname:<7} {record.name}: {record.getMessage()}" + (
+            f" [{extras}]" if extras else ""
+        )
+        return line + (f"\n{record.exc_text}" if record.exc_text else "")
+
+
+def _extras(record: logging.LogRecord) -> Mapping[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """JSON lines to stdout for machines, text for a person at a terminal (`make run`)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(ScrubFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

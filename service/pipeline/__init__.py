@@ -1,0 +1,6 @@
+"""The incident pipeline (SPEC §5): match, revoke, confirm, notify, close, under leases."""
+
+from service.pipeline.steps import Notifier, Policy, Steps, backoff
+from service.pipeline.worker import Worker
+
+__all__ = ["Notifier", "Policy", "Steps", "Worker", "backoff"]

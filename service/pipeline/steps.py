@@ -1,0 +1,360 @@
+"""The incident pipeline's steps (SPEC §5): each takes incidents as the store holds them and returns
+the transitions to record, so that a step is a decision and the store is the only writer.
+
+Every step is safe to run twice: lookup and probe only read, a revoke of a revoked key answers 404
+(which counts as revoked), and the transitions are fenced on the state the step started from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.alerting import PageCode, Pager
+from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
+from service.store import Incident, Label, State, Store, Transition
+from service.supermemory import LOOKUP_BATCH, CallFailed, CallReason, ProbeVerdict, SupermemoryClient
+
+log = logging.getLogger("service.pipeline")
+
+
+class Notifier(Protocol):
+    """Tells key owners. Returns the incidents it has finished with (all recipients handled)."""
+
+    async def notify(self, incidents: Sequence[Incident]) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    dry_run: bool
+    probe_schedule: tuple[float, ...]
+    probe_inconclusive_window: float
+    revoke_retry_window: float
+    backoff_base: float
+    backoff_max: float
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
+    """Exponential with equal jitter, so retries spread out but never collapse to zero.
+
+    A server's Retry-After is a floor, not a suggestion: we wait at least that long.
+    """
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+    return max(delay, retry_after) if retry_after is not None else delay
+
+
+class Steps:
+    def __init__(
+        self,
+        store: Store,
+        client: SupermemoryClient,
+        pager: Pager,
+        policy: Policy,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.pager = pager
+        self.policy = policy
+        self.notifier = notifier
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _retry(
+        self, incident: Incident, owner: str | None, event: str, reason: str, retry_after: float | None = None
+    ) -> Transition:
+        attempts = incident.attempts + 1
+        now = self._clock()
+        delay = backoff(attempts, self.policy.backoff_base, self.policy.backoff_max, retry_after, self._rng)
+        return Transition(
+            incident.id,
+            incident.state,
+            event,
+            lease_owner=owner,
+            next_run_at=now + delay,
+            set={
+                "attempts": attempts,
+                "last_reason": reason,
+                "step_started_at": incident.step_started_at or now,
+            },
+            detail={"reason": reason, "attempt": attempts, "retry_in": round(delay, 3)},
+        )
+
+    def _page(self, incident: Incident, transition: Transition, code: PageCode, message: str) -> None:
+        """Page once per incident and code: the code is recorded with the transition."""
+        if code in incident.pages:
+            return
+        transition.page = code
+        tags = {
+            "incident_id": incident.id,
+            "token_hash_prefix": incident.token_hash[:12],
+            "org_id": incident.org_id or "",
+        }
+        self.pager.page(code, message, tags, {"state": incident.state, "redacted": incident.redacted})
+
+    def _after_final_probe(self) -> float | None:
+        """Confirmed and unconfirmed incidents go on to notify at once, or wait (visibly) for a notifier."""
+        return self._clock() if self.notifier is not None else None
+
+    # -- match -----------------------------------------------------------------------------------
+
+    async def match(self, incidents: Sequence[Incident], owner: str | None) -> list[Transition]:
+        """Batched lookup. With no owner (the request path) a failed lookup records nothing: the
+        incident is already scheduled for a worker once the request's budget has passed."""
+        chunks = [incidents[i : i + LOOKUP_BATCH] for i in range(0, len(incidents), LOOKUP_BATCH)]
+        results = await asyncio.gather(*(self._match_chunk(chunk, owner) for chunk in chunks))
+        return [t for chunk in results for t in chunk]
+
+    async def _match_chunk(self, incidents: Sequence[Incident], owner: str | None) -> list[Transition]:
+        try:
+            found = await self.client.lookup([i.token_hash for i in incidents])
+        except CallFailed as exc:
+            SUPERMEMORY_CALLS.labels(call="lookup", outcome=exc.reason).inc()
+            failure(log, "match", exc.reason, "key lookup failed", count=len(incidents), status=exc.status)
+            if owner is None:
+                return []
+            transitions = []
+            for incident in incidents:
+                t = self._retry(incident, owner, "lookup_failed", exc.reason, exc.retry_after)
+                if exc.reason == CallReason.UNAUTHORIZED:
+                    self._page(
+                        incident, t, PageCode.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token"
+                    )
+                transitions.append(t)
+            return transitions
+        SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
+        now = self._clock()
+        transitions = []
+        for incident in incidents:
+            key = found.get(incident.token_hash)
+            if key is None:
+                transitions.append(
+                    Transition(
+                        incident.id,
+                        State.RECEIVED,
+                        "false_positive",
+                        lease_owner=owner,
+                        state=State.FALSE_POSITIVE,
+                        wipe_token=True,
+                        set={"label": Label.FALSE_POSITIVE, "last_reason": "not_a_key", "attempts": 0},
+                        detail={"reason": "not_a_key"},
+                    )
+                )
+                continue
+            transitions.append(
+                Transition(
+                    incident.id,
+                    State.RECEIVED,
+                    "matched",
+                    lease_owner=owner,
+                    state=State.MATCHED,
+                    next_run_at=now,
+                    set={
+                        "label": Label.TRUE_POSITIVE,
+                        "key_id": key.id,
+                        "org_id": key.org_id,
+                        "key_name": key.name,
+                        "recipients": key.recipients,
+                        "matched_at": now,
+                        "attempts": 0,
+                        "step_started_at": None,
+                        "last_reason": None,
+                    },
+                    detail={"key_id": key.id, "org_id": key.org_id, "enabled": key.enabled},
+                )
+            )
+        return transitions
+
+    # -- revoke ----------------------------------------------------------------------------------
+
+    async def revoke(self, incident: Incident, owner: str) -> Transition:
+        if self.policy.dry_run:
+            # Parked, visibly, at `matched`; switching to enforce resumes it (see Worker.start).
+            return Transition(
+                incident.id,
+                State.MATCHED,
+                "revoke_skipped",
+                lease_owner=owner,
+                set={"last_reason": "dry_run"},
+                detail={"reason": "dry_run"},
+            )
+        assert incident.key_id is not None
+        try:
+            result = await self.client.revoke(incident.key_id)
+        except CallFailed as exc:
+            SUPERMEMORY_CALLS.labels(call="revoke", outcome=exc.reason).inc()
+            failure(log, "revoke", exc.reason, "revoke failed", incident_id=incident.id, status=exc.status)
+            t = self._retry(incident, owner, "revoke_failed", exc.reason, exc.retry_after)
+            started = incident.step_started_at or self._clock()
+            if exc.reason == CallReason.UNAUTHORIZED:
+                self._page(incident, t, PageCode.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token")
+            elif self._clock() - started >= self.policy.revoke_retry_window:
+                self._page(
+                    incident, t, PageCode.REVOCATION_FAILED, "revoke still failing after its retry window"
+                )
+            return t
+        SUPERMEMORY_CALLS.labels(call="revoke", outcome=result).inc()
+        now = self._clock()
+        TIME_TO_REVOKE.observe(now - incident.created_at)
+        return Transition(
+            incident.id,
+            State.MATCHED,
+            "revoked",
+            lease_owner=owner,
+            state=State.REVOKED,
+            next_run_at=now + self.policy.probe_schedule[0],
+            set={"revoked_at": now, "attempts": 0, "step_started_at": None, "last_reason": None},
+            detail={"result": result},
+        )
+
+    # -- confirm ---------------------------------------------------------------------------------
+
+    async def probe(self, incident: Incident, owner: str) -> Transition:
+        assert incident.revoked_at is not None
+        token = await self.store.reveal_token(incident.id)
+        now = self._clock()
+        if token is None:
+            t = Transition(
+                incident.id,
+                State.REVOKED,
+                "unconfirmed",
+                lease_owner=owner,
+                state=State.UNCONFIRMED,
+                next_run_at=self._after_final_probe(),
+                set={"last_reason": "token_unavailable"},
+                detail={"reason": "token_unavailable"},
+            )
+            self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, "cannot probe: the sealed token is gone")
+            return t
+        probe = await self.client.probe(token)
+        del token
+        SUPERMEMORY_CALLS.labels(call="probe", outcome=probe.reason).inc()
+        elapsed = now - incident.revoked_at
+        schedule = self.policy.probe_schedule
+        if probe.verdict is ProbeVerdict.DEAD:
+            TIME_TO_CONFIRM.observe(now - incident.created_at)
+            return Transition(
+                incident.id,
+                State.REVOKED,
+                "confirmed",
+                lease_owner=owner,
+                state=State.CONFIRMED,
+                next_run_at=self._after_final_probe(),
+                set={"confirmed_at": now, "attempts": 0, "last_reason": None},
+                detail={"status": probe.status, "after": round(elapsed, 3)},
+            )
+        if probe.verdict is ProbeVerdict.INCONCLUSIVE:
+            failure(
+                log,
+                "confirm",
+                probe.reason,
+                "probe inconclusive",
+                incident_id=incident.id,
+                status=probe.status,
+            )
+            if elapsed > schedule[-1] + self.policy.probe_inconclusive_window:
+                return self._unconfirmed(incident, owner, probe.reason, probe.status)
+            return self._retry(incident, owner, "probe_inconclusive", probe.reason, probe.retry_after)
+        # Alive: the revoke may not have propagated yet. Probe again on the schedule, re-issue the
+        # revoke once halfway through, and page when the schedule runs out.
+        failure(
+            log,
+            "confirm",
+            probe.reason,
+            "key still alive after revoke",
+            incident_id=incident.id,
+            status=probe.status,
+            after=round(elapsed, 3),
+        )
+        upcoming = [p for p in schedule if incident.revoked_at + p > now]
+        if not upcoming:
+            return self._unconfirmed(incident, owner, probe.reason, probe.status)
+        reissue = not incident.revoke_reissued and elapsed >= schedule[len(schedule) // 2]
+        detail = {"status": probe.status, "after": round(elapsed, 3), "reissued_revoke": reissue}
+        if reissue:
+            await self._reissue(incident)
+        return Transition(
+            incident.id,
+            State.REVOKED,
+            "probe_alive",
+            lease_owner=owner,
+            next_run_at=incident.revoked_at + upcoming[0],
+            set={"revoke_reissued": incident.revoke_reissued or reissue, "last_reason": probe.reason},
+            detail=detail,
+        )
+
+    async def _reissue(self, incident: Incident) -> None:
+        assert incident.key_id is not None
+        try:
+            result = await self.client.revoke(incident.key_id)
+            SUPERMEMORY_CALLS.labels(call="revoke", outcome=result).inc()
+        except CallFailed as exc:
+            SUPERMEMORY_CALLS.labels(call="revoke", outcome=exc.reason).inc()
+            failure(log, "confirm", exc.reason, "re-issued revoke failed", incident_id=incident.id)
+
+    def _unconfirmed(self, incident: Incident, owner: str, reason: str, status: int | None) -> Transition:
+        t = Transition(
+            incident.id,
+            State.REVOKED,
+            "unconfirmed",
+            lease_owner=owner,
+            state=State.UNCONFIRMED,
+            next_run_at=self._after_final_probe(),
+            set={"last_reason": reason},
+            detail={"reason": reason, "status": status},
+        )
+        self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, "key still works after revoke")
+        return t
+
+    # -- notify and close ------------------------------------------------------------------------
+
+    async def notify(self, incidents: Sequence[Incident], owner: str) -> list[Transition]:
+        if self.notifier is None:
+            return [Transition(i.id, i.state, "awaiting_notifier", lease_owner=owner) for i in incidents]
+        done = await self.notifier.notify(incidents)
+        now = self._clock()
+        transitions = []
+        for incident in incidents:
+            if incident.id in done:
+                transitions.append(
+                    Transition(
+                        incident.id,
+                        incident.state,
+                        "notified",
+                        lease_owner=owner,
+                        state=State.NOTIFIED,
+                        next_run_at=now,
+                        set={"notified_at": now},
+                    )
+                )
+            else:
+                transitions.append(self._retry(incident, owner, "notify_pending", "notify_pending"))
+        return transitions
+
+    def close(self, incident: Incident, owner: str) -> Transition:
+        """The raw token is wiped; hash, redacted form, timeline and sightings stay."""
+        return Transition(
+            incident.id,
+            State.NOTIFIED,
+            "closed",
+            lease_owner=owner,
+            state=State.CLOSED,
+            wipe_token=True,
+            set={"closed_at": self._clock()},
+        )
+
+
+def count(transitions: Sequence[Transition], applied: Sequence[bool]) -> None:
+    for t, ok in zip(transitions, applied, strict=True):
+        if ok and t.state is not None:
+            TRANSITIONS.labels(state=str(t.state)).inc()

@@ -1,0 +1,215 @@
+"""The worker: claims due incidents under a lease and runs the step each one is waiting for.
+
+The commit of an alert wakes it at once (an in-process event, not a polling tick), so a matched key
+is revoked within the same breath as the acknowledgement. Leases make a crash harmless: a killed
+process's leases expire and the next claim runs the step again, and the steps are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+from service.observability import failure
+from service.pipeline.steps import Steps, count
+from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
+
+log = logging.getLogger("service.pipeline")
+
+_IDLE_POLL = 2.0
+
+
+class Worker:
+    def __init__(
+        self,
+        steps: Steps,
+        *,
+        concurrency: int,
+        lease_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.steps = steps
+        self.store = steps.store
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._capacity = concurrency * 4
+        self._lease = lease_seconds
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.heartbeat = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume parked work that this configuration can now do, then start the loop."""
+        if not self.steps.policy.dry_run:
+            await self.store.resume(State.MATCHED)
+        if self.steps.notifier is not None:
+            await self.store.resume(State.CONFIRMED)
+            await self.store.resume(State.UNCONFIRMED)
+        self._loop_task = asyncio.create_task(self._run(), name="pipeline-worker")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, let in-flight steps finish within `grace`, and hand back the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(StoreError):
+            await self.store.release(self.owner)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.heartbeat = self._clock()
+            self._wake.clear()
+            room = self._capacity - self._busy()
+            claimed: list[Incident] = []
+            if room > 0:
+                try:
+                    claimed = await self.store.claim(self.owner, room, self._lease)
+                except StoreError as exc:
+                    failure(log, "worker", "store_unavailable", f"claim failed: {exc}", level=logging.ERROR)
+            if claimed:
+                self._spawn(claimed)
+                continue
+            await self._idle()
+
+    def _busy(self) -> int:
+        return sum(getattr(t, "size", 1) for t in self._inflight)
+
+    async def _idle(self) -> None:
+        """Sleep until woken, until a step finishes (room to claim), or until the next due time."""
+        timeout = _IDLE_POLL
+        with contextlib.suppress(StoreError):
+            due = await self.store.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - self._clock()) + 0.005)
+        waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self._wake.wait())}
+        waiters |= set(self._inflight)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            if waiter not in self._inflight:
+                waiter.cancel()
+
+    def _spawn(self, claimed: Sequence[Incident]) -> None:
+        groups: dict[State, list[Incident]] = {}
+        for incident in claimed:
+            groups.setdefault(incident.state, []).append(incident)
+        for state, incidents in groups.items():
+            if state in (State.RECEIVED, State.CONFIRMED, State.UNCONFIRMED):
+                self._track(self._batch(state, incidents), len(incidents))
+            else:
+                for incident in incidents:
+                    self._track(self._one(incident), 1)
+
+    def _track(self, coro: object, size: int) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        task.size = size  # type: ignore[attr-defined]
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            failure(
+                log,
+                "worker",
+                "step_crashed",
+                f"step raised {type(exc).__name__}",
+                level=logging.ERROR,
+                exc_info=exc,
+            )
+
+    async def _batch(self, state: State, incidents: list[Incident]) -> None:
+        if state is State.RECEIVED:
+            transitions = await self.steps.match(incidents, self.owner)
+        else:
+            transitions = await self.steps.notify(incidents, self.owner)
+        await self._record(transitions)
+
+    async def _one(self, incident: Incident) -> None:
+        if incident.state is State.MATCHED:
+            transition = await self.steps.revoke(incident, self.owner)
+        elif incident.state is State.REVOKED:
+            transition = await self.steps.probe(incident, self.owner)
+        elif incident.state is State.NOTIFIED:
+            transition = self.steps.close(incident, self.owner)
+        else:
+            # A final state should never be due; clear it rather than spin on it.
+            transition = Transition(incident.id, incident.state, "unscheduled", lease_owner=self.owner)
+        await self._record([transition])
+
+    async def _record(self, transitions: list[Transition]) -> None:
+        if not transitions:
+            return
+        try:
+            applied = await self.store.apply(transitions)
+        except StoreError as exc:
+            # The leases run out and the steps run again; nothing is lost, only delayed.
+            failure(
+                log,
+                "worker",
+                "store_unavailable",
+                f"recording step outcomes failed: {exc}",
+                level=logging.ERROR,
+            )
+            return
+        count(transitions, applied)
+        for t, ok in zip(transitions, applied, strict=True):
+            if not ok:
+                log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
+            elif t.state is not None:
+                log.info(f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail})
+        if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
+            self._wake.set()
+
+    # -- the request path ------------------------------------------------------------------------
+
+    async def labels(self, refs: Sequence[IncidentRef], budget: float) -> dict[str, Label]:
+        """Labels for an intake's tokens, looking up those not yet known within `budget` seconds.
+
+        A token whose lookup does not finish in time gets no label; it is already scheduled for a
+        worker, so a slow Supermemory delays the answer's completeness, never the alert.
+        """
+        labels = {r.token_hash: r.label for r in refs if r.label is not None}
+        pending = [r.id for r in refs if r.label is None and r.state is State.RECEIVED]
+        if pending and budget > 0:
+            try:
+                async with asyncio.timeout(budget):
+                    incidents = [i for i in await self.store.incidents(pending) if i.state is State.RECEIVED]
+                    transitions = await self.steps.match(incidents, None)
+                    if transitions:
+                        count(transitions, await self.store.apply(transitions))
+                        self.wake()
+            except (TimeoutError, StoreError) as exc:
+                log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
+            with contextlib.suppress(StoreError):
+                for incident in await self.store.incidents(pending):
+                    if incident.label is not None:
+                        labels[incident.token_hash] = incident.label
+        return labels

@@ -1,0 +1,97 @@
+"""Wiring: the one place that turns settings into a running set of parts, for the app and the CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from service.alerting import PageCode, Pager
+from service.inbound import InboundReason, KeyCache, Reporter, reporters
+from service.observability import failure
+from service.pipeline import Policy, Steps, Worker
+from service.settings import Settings
+from service.store import Store, open_store
+from service.supermemory import SupermemoryClient
+
+log = logging.getLogger("service.runtime")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    client: SupermemoryClient
+    pager: Pager
+    worker: Worker
+    reporters: dict[str, Reporter]
+    keys_http: httpx.AsyncClient
+    caches: dict[str, KeyCache] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, pager: Pager | None = None) -> Runtime:
+        pager = pager or Pager()
+        store = open_store(settings)
+        client = SupermemoryClient(
+            api_url=settings.supermemory_api_url,
+            admin_url=settings.admin_url,
+            admin_token=settings.supermemory_admin_token,
+            timeout=settings.http_timeout,
+            concurrency=settings.concurrency,
+            lookup_path=settings.lookup_path,
+            revoke_path=settings.revoke_path,
+            probe_path=settings.probe_path,
+        )
+        policy = Policy(
+            dry_run=settings.dry_run,
+            probe_schedule=settings.probe_schedule,
+            probe_inconclusive_window=settings.probe_inconclusive_window,
+            revoke_retry_window=settings.revoke_retry_window,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+        )
+        worker = Worker(
+            Steps(store, client, pager, policy),
+            concurrency=settings.concurrency,
+            lease_seconds=settings.lease_seconds,
+        )
+        enabled = reporters(settings.github_keys_url, settings.gitlab_keys_url, settings.depsdev_keys_url)
+        keys_http = httpx.AsyncClient(timeout=settings.http_timeout, headers={"User-Agent": "leak-responder"})
+        runtime = cls(settings, store, client, pager, worker, enabled, keys_http)
+        for name, reporter in enabled.items():
+            runtime.caches[name] = KeyCache(
+                reporter,
+                keys_http,
+                auth_token=(settings.github_token or None) if name == "github" else None,
+                refresh_interval=settings.keys_refresh_interval,
+                on_event=runtime._key_event,
+            )
+        return runtime
+
+    def _key_event(self, reason: InboundReason, data: dict[str, str]) -> None:
+        if reason is InboundReason.SIGNING_KEY_CHANGED:
+            self.pager.page(
+                PageCode.SIGNING_KEY_CHANGED,
+                "a reporter's verification key changed under a known identifier",
+                data,
+                {},
+            )
+        else:
+            failure(log, "inbound", reason, "reporter keys fetch failed", **data)
+
+    async def start(self) -> None:
+        await self.store.open()
+        for cache in self.caches.values():
+            cache.start()
+        await self.worker.start()
+        if self.settings.dry_run:
+            log.warning("dry-run mode: matched keys are NOT revoked", extra={"reason": "dry_run"})
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+        for cache in self.caches.values():
+            await cache.aclose()
+        await self.keys_http.aclose()
+        await self.client.aclose()
+        await self.store.close()

@@ -1,0 +1,46 @@
+"""The store's contract: what the app and the pipeline may ask of any backend.
+
+Kept narrow on purpose (intake, claim, apply, a few reads) so that a PostgreSQL backend can follow
+without the pipeline changing: the pipeline decides, the store only records and fences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from service.store.models import (
+    AlertRecord,
+    Incident,
+    IncidentDetail,
+    IncidentFilter,
+    IncidentRef,
+    State,
+    TokenSighting,
+    Transition,
+)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; callers answer 503 so the sender retries."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    async def intake(
+        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
+    ) -> list[IncidentRef]: ...
+
+    async def claim(self, owner: str, limit: int, lease: float) -> list[Incident]: ...
+    async def apply(self, transitions: Sequence[Transition]) -> list[bool]: ...
+    async def release(self, owner: str) -> None: ...
+    async def resume(self, state: State) -> int: ...
+    async def reveal_token(self, incident_id: str) -> str | None: ...
+    async def next_due(self) -> float | None: ...
+
+    async def incidents(self, ids: Sequence[str]) -> list[Incident]: ...
+    async def detail(self, incident_id: str) -> IncidentDetail | None: ...
+    async def list_incidents(self, where: IncidentFilter) -> list[Incident]: ...

@@ -1,0 +1,517 @@
+"""The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+
+A 2xx to a reporter promises the alert survives a power cut, so every commit is fsynced. That would
+cap throughput at one fsync per request, so writes go through a single writer thread that groups
+whatever is queued into one transaction (group commit): under load many requests share one fsync,
+and a lone request still commits at once. Each queued write runs in its own savepoint, so one
+failing write does not undo its neighbours. Reads use a second connection (WAL lets them run beside
+the writer) and never see uncommitted work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from service.store.base import StoreError
+from service.store.models import (
+    AlertRecord,
+    Event,
+    Incident,
+    IncidentDetail,
+    IncidentFilter,
+    IncidentRef,
+    Label,
+    Sighting,
+    State,
+    TokenSighting,
+    Transition,
+)
+from service.store.sealing import Sealer
+from service.tokens import is_key_shaped, redact, token_hash
+
+log = logging.getLogger("service.store")
+
+SCHEMA_VERSION = 1
+_MAX_GROUP = 512
+
+T = TypeVar("T")
+
+# Columns a Transition may set; anything else is a programming error, caught before SQL is built.
+_SETTABLE = frozenset(
+    {
+        "label",
+        "key_id",
+        "org_id",
+        "key_name",
+        "recipients",
+        "matched_at",
+        "revoked_at",
+        "confirmed_at",
+        "notified_at",
+        "closed_at",
+        "attempts",
+        "step_started_at",
+        "revoke_reissued",
+        "last_reason",
+    }
+)
+
+
+def new_incident_id() -> str:
+    """Time-ordered so that listing by id is listing by arrival, and unguessable past the prefix."""
+    return f"inc_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+class SqliteStore:
+    def __init__(self, path: Path, sealer: Sealer, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._sealer = sealer
+        self._clock = clock
+        self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
+        self._queue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(ready,), name="store-writer", daemon=True
+        )
+        self._writer.start()
+        await ready
+        self._reader = self._connect()
+        self._reader.execute("PRAGMA query_only = ON")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"database schema {version} is newer than this release ({SCHEMA_VERSION})")
+        schema = resources.files("service.store").joinpath("schema_sqlite.sql").read_text()
+        conn.executescript(f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+
+    # -- the writer thread -----------------------------------------------------------------------
+
+    def _write_loop(self, ready: asyncio.Future[None]) -> None:
+        loop = ready.get_loop()
+        try:
+            conn = self._connect()
+            self._migrate(conn)
+        except Exception as exc:
+            loop.call_soon_threadsafe(ready.set_exception, StoreError(f"cannot open store: {exc}"))
+            return
+        loop.call_soon_threadsafe(ready.set_result, None)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            group = [item]
+            while len(group) < _MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                group.append(nxt)
+            self._commit_group(conn, group)
+        conn.close()
+
+    def _commit_group(
+        self,
+        conn: sqlite3.Connection,
+        group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    ) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for i, (work, _) in enumerate(group):
+                conn.execute(f"SAVEPOINT w{i}")
+                try:
+                    outcomes.append((True, work(conn)))
+                    conn.execute(f"RELEASE w{i}")
+                except Exception as exc:
+                    conn.execute(f"ROLLBACK TO w{i}")
+                    conn.execute(f"RELEASE w{i}")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("store commit failed", extra={"reason": "store_commit_failed", "detail": str(exc)})
+            outcomes = [(False, StoreError(f"commit failed: {exc}"))] * len(group)
+        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+            loop = future.get_loop()
+            if ok:
+                loop.call_soon_threadsafe(_resolve, future, value)
+            else:
+                loop.call_soon_threadsafe(_fail, future, value)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((work, future))
+        try:
+            return await future
+        except sqlite3.Error as exc:
+            raise StoreError(f"write failed: {exc}") from exc
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._reader is None:
+                raise StoreError("store is not open")
+            with self._read_lock:
+                return work(self._reader)
+
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    async def intake(
+        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
+    ) -> list[IncidentRef]:
+        """Record an alert, one incident per distinct token and a sighting per item, atomically.
+
+        Key-shaped tokens are sealed and wait `match_after` seconds for the request's own lookup
+        before a worker takes them; anything else is a false positive at once, stored hash-only.
+        """
+        now = self._clock()
+        prepared: dict[str, tuple[TokenSighting, bytes | None]] = {}
+        for item in items:
+            digest = token_hash(item.token)
+            if digest not in prepared:
+                sealed = self._sealer.seal(item.token, digest) if is_key_shaped(item.token) else None
+                prepared[digest] = (item, sealed)
+        hashes = [token_hash(i.token) for i in items]
+
+        def work(conn: sqlite3.Connection) -> list[IncidentRef]:
+            refs: dict[str, IncidentRef] = {}
+            for digest, (first, sealed) in prepared.items():
+                row = conn.execute(
+                    "SELECT id, state, label, redacted FROM incidents WHERE token_hash = ?", (digest,)
+                ).fetchone()
+                if row is not None:
+                    refs[digest] = IncidentRef(
+                        row["id"],
+                        digest,
+                        first.token_type,
+                        row["redacted"],
+                        State(row["state"]),
+                        Label(row["label"]) if row["label"] else None,
+                        created=False,
+                    )
+                    continue
+                incident_id = new_incident_id()
+                shaped = sealed is not None
+                state = State.RECEIVED if shaped else State.FALSE_POSITIVE
+                label = None if shaped else Label.FALSE_POSITIVE
+                redacted = redact(first.token)
+                conn.execute(
+                    "INSERT INTO incidents (id, token_hash, redacted, token_sealed, token_type, state, label,"
+                    " created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        incident_id,
+                        digest,
+                        redacted,
+                        sealed,
+                        first.token_type,
+                        state,
+                        label,
+                        now,
+                        now + match_after if shaped else None,
+                        None if shaped else "shape_gate",
+                    ),
+                )
+                _event(conn, incident_id, now, "received", State.RECEIVED, {"reporter": alert.reporter})
+                if not shaped:
+                    _event(conn, incident_id, now, "false_positive", state, {"reason": "shape_gate"})
+                refs[digest] = IncidentRef(
+                    incident_id, digest, first.token_type, redacted, state, label, True
+                )
+            new = sum(r.created for r in refs.values())
+            alert_id = conn.execute(
+                "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
+                " VALUES (?,?,?,?,?,?)",
+                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, new),
+            ).lastrowid
+            seen: set[tuple[str, str | None, str | None]] = set()
+            rows = []
+            for digest, item in zip(hashes, items, strict=True):
+                if (digest, item.url, item.source) in seen:
+                    continue
+                seen.add((digest, item.url, item.source))
+                rows.append(
+                    (
+                        refs[digest].id,
+                        alert_id,
+                        item.reporter,
+                        item.operator,
+                        item.url,
+                        item.source,
+                        item.token_type,
+                        now,
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source, token_type,"
+                " seen_at) VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            return list(refs.values())
+
+        return await self._write(work)
+
+    # -- work ------------------------------------------------------------------------------------
+
+    async def claim(self, owner: str, limit: int, lease: float) -> list[Incident]:
+        """Lease up to `limit` due incidents. An expired lease is fair game: its holder died."""
+
+        def work(conn: sqlite3.Connection) -> list[Incident]:
+            now = self._clock()
+            rows = conn.execute(
+                "UPDATE incidents SET lease_owner = ?, lease_until = ? WHERE id IN ("
+                " SELECT id FROM incidents WHERE next_run_at IS NOT NULL AND next_run_at <= ?"
+                " AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_run_at LIMIT ?)"
+                " RETURNING *",
+                (owner, now + lease, now, now, limit),
+            ).fetchall()
+            return [_incident(r) for r in rows]
+
+        return await self._write(work)
+
+    async def apply(self, transitions: Sequence[Transition]) -> list[bool]:
+        """Apply step outcomes; each one only if its incident is still as the step found it."""
+        now = self._clock()
+        for t in transitions:
+            unknown = set(t.set) - _SETTABLE
+            if unknown:
+                raise ValueError(f"transition may not set {sorted(unknown)}")
+
+        def work(conn: sqlite3.Connection) -> list[bool]:
+            return [_apply_one(conn, t, now) for t in transitions]
+
+        return await self._write(work)
+
+    async def release(self, owner: str) -> None:
+        """Hand back every lease of a process that is shutting down, so others need not wait them out."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE incidents SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
+            )
+
+        await self._write(work)
+
+    async def resume(self, state: State) -> int:
+        """Schedule incidents that were parked in `state` (dry-run, or waiting for a notifier)."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            now = self._clock()
+            cur = conn.execute(
+                "UPDATE incidents SET next_run_at = ? WHERE state = ? AND next_run_at IS NULL", (now, state)
+            )
+            return cur.rowcount
+
+        return await self._write(work)
+
+    async def reveal_token(self, incident_id: str) -> str | None:
+        """The raw token, for the probe only. None once it was wiped at close."""
+
+        def work(conn: sqlite3.Connection) -> tuple[bytes | None, str] | None:
+            row = conn.execute(
+                "SELECT token_sealed, token_hash FROM incidents WHERE id = ?", (incident_id,)
+            ).fetchone()
+            return None if row is None else (row["token_sealed"], row["token_hash"])
+
+        found = await self._read(work)
+        if found is None or found[0] is None:
+            return None
+        return self._sealer.open(found[0], found[1])
+
+    async def next_due(self) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            return conn.execute(
+                "SELECT min(max(next_run_at, coalesce(lease_until, 0))) FROM incidents"
+                " WHERE next_run_at IS NOT NULL"
+            ).fetchone()[0]
+
+        return await self._read(work)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def incidents(self, ids: Sequence[str]) -> list[Incident]:
+        def work(conn: sqlite3.Connection) -> list[Incident]:
+            marks = ",".join("?" * len(ids))
+            rows = conn.execute(f"SELECT * FROM incidents WHERE id IN ({marks})", list(ids)).fetchall()  # noqa: S608
+            by_id = {r["id"]: _incident(r) for r in rows}
+            return [by_id[i] for i in ids if i in by_id]
+
+        return await self._read(work) if ids else []
+
+    async def detail(self, incident_id: str) -> IncidentDetail | None:
+        def work(conn: sqlite3.Connection) -> IncidentDetail | None:
+            row = conn.execute("SELECT * FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
+                return None
+            events = [
+                Event(e["at"], e["kind"], State(e["state"]) if e["state"] else None, json.loads(e["detail"]))
+                for e in conn.execute(
+                    "SELECT * FROM events WHERE incident_id = ? ORDER BY id", (incident_id,)
+                )
+            ]
+            sightings = [
+                Sighting(s["reporter"], s["url"], s["source"], s["token_type"], s["operator"], s["seen_at"])
+                for s in conn.execute(
+                    "SELECT * FROM sightings WHERE incident_id = ? ORDER BY id", (incident_id,)
+                )
+            ]
+            return IncidentDetail(_incident(row), events, sightings)
+
+        return await self._read(work)
+
+    async def list_incidents(self, where: IncidentFilter) -> list[Incident]:
+        clauses, args = [], []
+        if where.state is not None:
+            clauses.append("state = ?")
+            args.append(str(where.state))
+        if where.org_id is not None:
+            clauses.append("org_id = ?")
+            args.append(where.org_id)
+        if where.reporter is not None:
+            clauses.append("id IN (SELECT incident_id FROM sightings WHERE reporter = ?)")
+            args.append(where.reporter)
+        if where.since is not None:
+            clauses.append("created_at >= ?")
+            args.append(where.since)
+        if where.until is not None:
+            clauses.append("created_at < ?")
+            args.append(where.until)
+        if where.before_id is not None:
+            clauses.append("id < ?")
+            args.append(where.before_id)
+        sql = "SELECT * FROM incidents"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(where.limit)
+        return await self._read(lambda conn: [_incident(r) for r in conn.execute(sql, args)])
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _event(
+    conn: sqlite3.Connection,
+    incident_id: str,
+    at: float,
+    kind: str,
+    state: State | None,
+    detail: dict[str, Any],
+) -> None:
+    conn.execute(
+        "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)",
+        (incident_id, at, kind, state, json.dumps(detail, separators=(",", ":"))),
+    )
+
+
+def _apply_one(conn: sqlite3.Connection, t: Transition, now: float) -> bool:
+    assignments = ["next_run_at = ?", "lease_owner = NULL", "lease_until = NULL"]
+    args: list[Any] = [t.next_run_at]
+    if t.state is not None:
+        assignments.append("state = ?")
+        args.append(str(t.state))
+    for column, value in t.set.items():
+        assignments.append(f"{column} = ?")
+        args.append(json.dumps(value) if column == "recipients" else value)
+    if t.wipe_token:
+        assignments.append("token_sealed = NULL")
+    if t.page:
+        assignments.append("pages = CASE WHEN pages = '' THEN ? ELSE pages || ',' || ? END")
+        args += [t.page, t.page]
+    fence = "id = ? AND state = ?"
+    args += [t.incident_id, str(t.expected_state)]
+    if t.lease_owner is not None:
+        fence += " AND lease_owner = ?"
+        args.append(t.lease_owner)
+    cur = conn.execute(f"UPDATE incidents SET {', '.join(assignments)} WHERE {fence}", args)  # noqa: S608
+    if cur.rowcount != 1:
+        return False
+    _event(conn, t.incident_id, now, t.event, t.state, t.detail)
+    return True
+
+
+def _incident(row: sqlite3.Row) -> Incident:
+    return Incident(
+        id=row["id"],
+        token_hash=row["token_hash"],
+        redacted=row["redacted"],
+        token_type=row["token_type"],
+        state=State(row["state"]),
+        label=Label(row["label"]) if row["label"] else None,
+        key_id=row["key_id"],
+        org_id=row["org_id"],
+        key_name=row["key_name"],
+        recipients=json.loads(row["recipients"]),
+        created_at=row["created_at"],
+        matched_at=row["matched_at"],
+        revoked_at=row["revoked_at"],
+        confirmed_at=row["confirmed_at"],
+        notified_at=row["notified_at"],
+        closed_at=row["closed_at"],
+        next_run_at=row["next_run_at"],
+        attempts=row["attempts"],
+        step_started_at=row["step_started_at"],
+        revoke_reissued=bool(row["revoke_reissued"]),
+        pages=frozenset(filter(None, row["pages"].split(","))),
+        last_reason=row["last_reason"],
+        has_token=row["token_sealed"] is not None,
+    )

@@ -1,0 +1,190 @@
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.datastructures import Headers
+
+from service.inbound import (
+    InboundError,
+    InboundReason,
+    KeyCache,
+    reporters,
+    verify_request,
+    verify_signature,
+)
+
+VECTOR = json.loads((Path(__file__).parent.parent / "data" / "github-partner-example.json").read_text())
+PAYLOAD: bytes = VECTOR["payload"].encode("utf-8")
+SIGNATURE: str = VECTOR["signature"]
+KEY = serialization.load_pem_public_key(VECTOR["key"].encode())
+GITHUB = reporters("https://keys.example/github", None, "https://keys.example/depsdev")["github"]
+
+
+def _flip_one_char(signature: str) -> str:
+    # Change a character in the middle (inside r or s), keeping it valid base64.
+    middle = len(signature) // 2
+    replacement = "A" if signature[middle] != "A" else "B"
+    return signature[:middle] + replacement + signature[middle + 1 :]
+
+
+def test_github_example_verifies():
+    verify_signature(KEY, PAYLOAD, SIGNATURE)
+
+
+def _other_key_signature() -> str:
+    other = ec.generate_private_key(ec.SECP256R1())
+    return base64.b64encode(other.sign(PAYLOAD, ec.ECDSA(hashes.SHA256()))).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "signature", "reason"),
+    [
+        pytest.param(PAYLOAD + b"\n", SIGNATURE, InboundReason.SIGNATURE_INVALID, id="trailing-newline"),
+        pytest.param(
+            json.dumps(json.loads(PAYLOAD)).encode(),
+            SIGNATURE,
+            InboundReason.SIGNATURE_INVALID,
+            id="reserialised",
+        ),
+        pytest.param(
+            PAYLOAD, _flip_one_char(SIGNATURE), InboundReason.SIGNATURE_INVALID, id="one-char-changed"
+        ),
+        pytest.param(PAYLOAD, _other_key_signature(), InboundReason.SIGNATURE_INVALID, id="other-key"),
+        pytest.param(PAYLOAD, "not base64 at all!", InboundReason.SIGNATURE_MALFORMED, id="not-base64"),
+        pytest.param(PAYLOAD, SIGNATURE[:-1], InboundReason.SIGNATURE_MALFORMED, id="bad-padding"),
+        pytest.param(PAYLOAD, "é" * 8, InboundReason.SIGNATURE_MALFORMED, id="non-ascii"),
+        pytest.param(
+            PAYLOAD,
+            base64.b64encode(b"junk, not DER").decode(),
+            InboundReason.SIGNATURE_MALFORMED,
+            id="not-der",
+        ),
+        pytest.param(PAYLOAD, "", InboundReason.SIGNATURE_MALFORMED, id="empty"),
+    ],
+)
+def test_tampering_is_refused(body: bytes, signature: str, reason: InboundReason):
+    with pytest.raises(InboundError) as caught:
+        verify_signature(KEY, body, signature)
+    assert caught.value.reason is reason
+    assert caught.value.status == 401
+
+
+def test_reserialised_body_really_differs():
+    # Guards the test above: if json.dumps happened to reproduce the bytes, it would prove nothing.
+    assert json.dumps(json.loads(PAYLOAD)).encode() != PAYLOAD
+
+
+def _keys_client() -> httpx.AsyncClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        entry = {"key_identifier": VECTOR["key_identifier"], "key": VECTOR["key"], "is_current": True}
+        return httpx.Response(200, json={"public_keys": [entry]})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+def _verify(headers, body: bytes = PAYLOAD) -> None:
+    async def run() -> None:
+        async with _keys_client() as client:
+            await verify_request(GITHUB, KeyCache(GITHUB, client), headers, body)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(
+            Headers(
+                headers={
+                    "GITHUB-PUBLIC-KEY-IDENTIFIER": VECTOR["key_identifier"],
+                    "github-public-key-signature": SIGNATURE,
+                }
+            ),
+            id="starlette-mixed-case",
+        ),
+        pytest.param(
+            {
+                "github-public-key-identifier": VECTOR["key_identifier"],
+                "GITHUB-PUBLIC-KEY-SIGNATURE": SIGNATURE,
+            },
+            id="plain-dict-other-case",
+        ),
+        pytest.param(
+            {GITHUB.identifier_header: VECTOR["key_identifier"], GITHUB.signature_header: SIGNATURE},
+            id="canonical",
+        ),
+    ],
+)
+def test_verify_request_accepts_any_header_case(headers):
+    _verify(headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Github-Public-Key-Signature": SIGNATURE}, id="no-identifier"),
+        pytest.param({"Github-Public-Key-Identifier": VECTOR["key_identifier"]}, id="no-signature"),
+        pytest.param(
+            {"Github-Public-Key-Identifier": "", "Github-Public-Key-Signature": SIGNATURE},
+            id="empty-identifier",
+        ),
+        pytest.param(
+            {
+                "GOSST-Public-Key-Identifier": VECTOR["key_identifier"],
+                "GOSST-Public-Key-Signature": SIGNATURE,
+            },
+            id="other-reporters-headers",
+        ),
+    ],
+)
+def test_verify_request_missing_header(headers):
+    with pytest.raises(InboundError) as caught:
+        _verify(headers)
+    assert caught.value.reason is InboundReason.SIGNATURE_MISSING
+    assert caught.value.status == 401
+
+
+def test_verify_request_unknown_identifier():
+    headers = {"Github-Public-Key-Identifier": "not-a-key", "Github-Public-Key-Signature": SIGNATURE}
+    with pytest.raises(InboundError) as caught:
+        _verify(headers)
+    assert caught.value.reason is InboundReason.KEY_UNKNOWN
+    assert caught.value.status == 401
+
+
+def test_verify_request_tampered_body():
+    headers = {
+        "Github-Public-Key-Identifier": VECTOR["key_identifier"],
+        "Github-Public-Key-Signature": SIGNATURE,
+    }
+    with pytest.raises(InboundError) as caught:
+        _verify(headers, PAYLOAD + b" ")
+    assert caught.value.reason is InboundReason.SIGNATURE_INVALID
+
+
+def test_reporters_are_data():
+    enabled = reporters("https://gh", "", "https://dd")
+    assert set(enabled) == {"github", "depsdev"}
+    assert enabled["github"].identifier_header == "Github-Public-Key-Identifier"
+    assert enabled["github"].signature_header == "Github-Public-Key-Signature"
+    assert enabled["depsdev"].identifier_header == "GOSST-Public-Key-Identifier"
+    gitlab = reporters(None, "https://gl", None)
+    assert list(gitlab) == ["gitlab"]
+    assert gitlab["gitlab"].signature_header == "Gitlab-Public-Key-Signature"
+    assert reporters(None, None, None) == {}
+
+
+def test_every_reason_has_one_status():
+    for reason in InboundReason:
+        assert InboundError(reason, "x").status in {400, 401, 413, 503}
+    assert InboundError(InboundReason.KEYS_UNAVAILABLE, "x").status == 503
+    assert InboundError(InboundReason.BODY_TOO_LARGE, "x").status == 413
+    assert InboundError(InboundReason.BODY_EMPTY, "x").status == 400
+    error = InboundError(InboundReason.KEY_UNKNOWN, "unknown public key identifier")
+    assert str(error) == "unknown public key identifier"
+    assert error.reason == "key_unknown"
