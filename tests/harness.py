@@ -222,7 +222,7 @@ class Service:
         if not self.db_path.exists():
             return 0
         with self.db() as conn:
-            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
     def wait_state(self, token: str, *states: str, timeout: float = 20.0) -> str:
         return wait_until(lambda: self.state(token) in states and self.state(token), timeout=timeout)
