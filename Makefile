@@ -33,9 +33,9 @@ lint: $(DEVSTAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 
-## bench: the benchmarks of BENCHMARKS.md, figures as ratios against a baseline in the same run
+## bench: the benchmarks of BENCHMARKS.md (`make bench ARGS=ack` for one), ratios against a baseline in the same run
 bench: $(DEVSTAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -14,7 +14,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 from service.observability import failure
 from service.pipeline.steps import Steps, count
@@ -41,7 +41,10 @@ class Worker:
         self._lease = lease_seconds
         self._clock = clock
         self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        # In-flight step tasks and how many claimed incidents each one holds.
+        self._inflight: dict[asyncio.Task[None], int] = {}
+        self._busy = 0
+        self._claim_batch = max(1, self._capacity // 4)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat = 0.0
@@ -64,7 +67,7 @@ class Worker:
         if self._loop_task is not None:
             await self._loop_task
         if self._inflight:
-            _, pending = await asyncio.wait(self._inflight, timeout=grace)
+            _, pending = await asyncio.wait(list(self._inflight), timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -84,35 +87,32 @@ class Worker:
         while not self._stopping:
             self.heartbeat = self._clock()
             self._wake.clear()
-            room = self._capacity - self._busy()
+            room = self._capacity - self._busy
+            # Claim in batches (a claim is a write): once a quarter of the room is free, or when idle.
+            if room < self._claim_batch and self._busy:
+                await self._sleep(_IDLE_POLL)
+                continue
             claimed: list[Incident] = []
-            if room > 0:
-                try:
-                    claimed = await self.store.claim(self.owner, room, self._lease)
-                except StoreError as exc:
-                    failure(log, "worker", "store_unavailable", f"claim failed: {exc}", level=logging.ERROR)
+            try:
+                claimed = await self.store.claim(self.owner, room, self._lease)
+            except StoreError as exc:
+                failure(log, "worker", "store_unavailable", f"claim failed: {exc}", level=logging.ERROR)
             if claimed:
                 self._spawn(claimed)
                 continue
-            await self._idle()
+            await self._sleep(await self._until_due())
 
-    def _busy(self) -> int:
-        return sum(getattr(t, "size", 1) for t in self._inflight)
-
-    async def _idle(self) -> None:
-        """Sleep until woken, until a step finishes (room to claim), or until the next due time."""
-        timeout = _IDLE_POLL
+    async def _until_due(self) -> float:
         with contextlib.suppress(StoreError):
             due = await self.store.next_due()
             if due is not None:
-                timeout = min(timeout, max(0.0, due - self._clock()) + 0.005)
-        waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self._wake.wait())}
-        waiters |= set(self._inflight)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            if waiter not in self._inflight:
-                waiter.cancel()
+                return min(_IDLE_POLL, max(0.0, due - self._clock()) + 0.005)
+        return _IDLE_POLL
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until woken (a commit, a finished step) or `timeout`: whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     def _spawn(self, claimed: Sequence[Incident]) -> None:
         groups: dict[State, list[Incident]] = {}
@@ -125,14 +125,14 @@ class Worker:
                 for incident in incidents:
                     self._track(self._one(incident), 1)
 
-    def _track(self, coro: object, size: int) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
-        task.size = size  # type: ignore[attr-defined]
-        self._inflight.add(task)
+    def _track(self, coro: Coroutine[object, object, None], size: int) -> None:
+        task = asyncio.create_task(coro)
+        self._inflight[task] = size
+        self._busy += size
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._busy -= self._inflight.pop(task)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
@@ -184,7 +184,9 @@ class Worker:
             if not ok:
                 log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
             elif t.state is not None:
-                log.info(f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail})
+                log.info(
+                    f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
+                )
         if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
             self._wake.set()
 

@@ -1,0 +1,210 @@
+"""Table-driven tests of the key detector over tests/data/detection/corpus.toml, plus properties."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import re
+import tomllib
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.detection import DetectorConfig, Finding, scan_stream, scan_text
+from service.tokens import redact, token_hash
+
+CORPUS = tomllib.loads((Path(__file__).parents[1] / "data" / "detection" / "corpus.toml").read_text())
+BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+# (org alphabet, org length, secret length); the org part always starts with "FakeTest".
+KINDS = {
+    "strict": (BASE58, 22, 64),
+    "candidate": (ALNUM, 30, 40),
+    "too_short": (ALNUM, 12, 20),
+    "too_long": (BASE58, 22, 140),
+}
+
+
+def fake_key(name: str, kind: str) -> str:
+    """A deterministic FAKE key: never issued, only shaped like one."""
+    alphabet, org_length, secret_length = KINDS[kind]
+    rng = random.Random(hashlib.sha256(f"leak-responder fake test key {name}".encode()).digest())
+    org = "FakeTest" + "".join(rng.choices(alphabet, k=org_length - 8))
+    return f"sm_{org}_{''.join(rng.choices(ALNUM, k=secret_length))}"
+
+
+KEYS = {name: fake_key(name, kind) for name, kind in CORPUS["keys"].items()}
+
+FILTERS = {
+    "b64": lambda s: base64.b64encode(s.encode()).decode(),
+    "b64url": lambda s: base64.urlsafe_b64encode(s.encode()).decode().rstrip("="),
+    "nl": lambda s: s + "\n",
+    "json": lambda s: json.dumps({"apiKey": s}),
+    "pct": lambda s: s.replace("_", "%5F"),
+    "urlquote": lambda s: urllib.parse.quote(s, safe=""),
+    "upper": lambda s: "SM_" + s[3:],
+}
+
+
+def render(template: str) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name, *filters = match.group(1).split("|")
+        value = KEYS[name]
+        for f in filters:
+            value = FILTERS[f](value)
+        return value
+
+    return re.sub(r"\{\{([^}]+)\}\}", substitute, template)
+
+
+def expected(case: dict) -> list[tuple]:
+    return [(KEYS[e["key"]], e["confidence"], e["line"], e["column"], e["encoding"]) for e in case["expect"]]
+
+
+def observed(findings: list[Finding]) -> list[tuple]:
+    return [(f.token, f.confidence, f.line, f.column, f.encoding) for f in findings]
+
+
+CASES = [pytest.param(case, id=case["id"]) for case in CORPUS["case"]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_corpus_scan_text(case):
+    assert observed(scan_text(render(case["text"]))) == expected(case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_corpus_scan_stream_one_character_chunks(case):
+    """The smallest chunks there are: keys must still not be split, nor lines miscounted."""
+    assert observed(scan_stream(render(case["text"]))) == expected(case)
+
+
+def test_finding_never_renders_the_token():
+    key = KEYS["k1"]
+    (finding,) = scan_text(f"x={key}")
+    assert finding.token == key
+    assert finding.token_hash == token_hash(key)
+    assert finding.redacted == redact(key)
+    for rendered in (repr(finding), str(finding), f"{finding}", f"{finding!r}"):
+        assert key not in rendered
+        assert key[3:20] not in rendered
+
+
+def test_findings_compare_without_the_token():
+    a, b = scan_text(f"{KEYS['k1']}\n{KEYS['k1']}")
+    assert (a.line, b.line) == (1, 2)
+    assert a == Finding(a.token_hash, a.redacted, "high", 1, 1, "plain", token="not compared")
+
+
+def test_stream_spans_chunks_and_reports_progress():
+    filler = "log line with nothing in it, just words and numbers 12345\n" * 40_000
+    text = filler + f"SUPERMEMORY_API_KEY={KEYS['k2']}\n" + filler + f"{KEYS['k1']}é\n"
+    chunks = [text[i : i + 4093] for i in range(0, len(text), 4093)]
+    seen: list[int] = []
+    findings = list(scan_stream(chunks, progress=seen.append))
+    assert observed(findings) == [
+        (KEYS["k2"], "high", 40_001, 21, "plain"),
+        (KEYS["k1"], "high", 80_002, 1, "plain"),
+    ]
+    assert seen == sorted(seen)
+    assert seen[-1] == len(text.encode())
+
+
+def test_config_shapes_are_configurable():
+    key = KEYS["c1"]
+    assert scan_text(key, DetectorConfig(loose_org="[A-Za-z0-9]{16,20}")) == []
+    (finding,) = scan_text(key, DetectorConfig(strict_org="[A-Za-z0-9]{30}", strict_secret="[A-Za-z0-9]{40}"))
+    assert finding.confidence == "high"
+
+
+def test_decode_depth_is_bounded():
+    """Percent-encoded base64 takes two layers; base64 whose decoding lacks `sm_` is not opened."""
+    # "?中" puts a `+` in the second character, so no base64 run is aligned until `%2B` is decoded.
+    two_layers = "keys=" + FILTERS["urlquote"](FILTERS["b64"]("?中" + FILTERS["json"](KEYS["k1"])))
+    assert [(f.encoding, f.column) for f in scan_text(two_layers)] == [("base64", 6)]
+    assert scan_text(two_layers, DetectorConfig(max_decode_depth=1)) == []
+    assert scan_text(KEYS["k1"], DetectorConfig(max_decode_depth=0)) != []
+    base64_of_base64 = FILTERS["b64"](f"blob: {FILTERS['b64'](KEYS['k1'])}")
+    assert scan_text(base64_of_base64) == []
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ValueError, match="strict_org"):
+        DetectorConfig(strict_org="[")
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+def decodings(text: str, depth: int = 2) -> set[str]:
+    """Every text the detector could legitimately find a key in: the input and its decodings."""
+    found = {text}
+    frontier = {text}
+    for _ in range(depth):
+        produced = set()
+        for s in frontier:
+            produced.add(urllib.parse.unquote(s))
+            for run in re.findall(r"[A-Za-z0-9+/]+", s) + re.findall(r"[A-Za-z0-9_-]+", s):
+                std = run.translate(str.maketrans("-_", "+/"))
+                std = std[: len(std) - (len(std) % 4 == 1)]
+                try:
+                    produced.add(base64.b64decode(std + "=" * (-len(std) % 4)).decode("utf-8", "replace"))
+                except ValueError:
+                    pass
+        frontier = produced - found
+        found |= produced
+    return found
+
+
+KEY_PIECES = [
+    KEYS["k1"],
+    KEYS["c1"],
+    FILTERS["b64"](KEYS["k1"]),
+    FILTERS["b64url"](FILTERS["json"](KEYS["k2"])),
+    FILTERS["pct"](KEYS["k2"]),
+    "sm_",
+    "sm%5F",
+    "c21f",
+    "NtX",
+    "zbV",
+    "%",
+    "_",
+    "=",
+]
+texts = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(KEY_PIECES)), max_size=12).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts)
+def test_never_crashes_and_never_invents_a_token(text):
+    sources = decodings(text)
+    for finding in scan_text(text):
+        assert any(finding.token in s for s in sources)
+        assert 1 <= finding.line <= text.count("\n") + 1
+        assert finding.column >= 1
+
+
+SEPARATORS = [" ", "\n", "\t", '"', "'", "=", ":", ",", "(", ")", "<", ">", "`", ";", "[", "]"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**64),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    left=st.sampled_from(SEPARATORS),
+    right=st.sampled_from(SEPARATORS),
+)
+def test_embedded_key_is_found(seed, before, after, left, right):
+    rng = random.Random(seed)
+    key = "sm_" + "".join(rng.choices(BASE58, k=22)) + "_" + "".join(rng.choices(ALNUM, k=64))
+    prefix = before + left
+    text = prefix + key + right + after
+    line = prefix.count("\n") + 1
+    column = len(prefix) - prefix.rfind("\n")
+    assert (key, "high", line, column, "plain") in observed(scan_text(text))
