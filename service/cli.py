@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import httpx
 import uvicorn
@@ -15,6 +18,8 @@ import uvicorn
 from service.settings import Settings, SettingsError
 
 DEV_PORTS = {"service": 8000, "supermemory": 8101, "github": 8102}
+# Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
+SHUTDOWN_GRACE = 10
 
 
 def _settings() -> Settings:
@@ -25,9 +30,46 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+class _Server(uvicorn.Server):
+    """SIGTERM and SIGINT stop it gracefully and the process then exits 0.
+
+    uvicorn re-raises the signal once it has shut down, so a clean stop would be reported as death
+    by signal; an orchestrator (and our tests) should see a clean stop as one.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _SilentServer(uvicorn.Server):
+    """A server that leaves the process's signals to the one that owns them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
-    # Our own logging configuration stays in charge; uvicorn's access log would add nothing we need.
-    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")  # type: ignore[arg-type]
+    """Our own logging stays in charge (uvicorn's access log would add nothing we need), and a
+    SIGTERM gives in-flight requests a bounded time before the worker hands back its leases."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -36,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
-    server = uvicorn.Server(_uvicorn_config(create_app(settings), args.host, args.port))
+    server = _Server(_uvicorn_config(create_app(settings), args.host, args.port))
     server.run()
     return 0 if server.started else 1
 
@@ -106,11 +148,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
     exe = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "leak-responder"
-    servers = [
-        uvicorn.Server(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
-        uvicorn.Server(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
-        uvicorn.Server(_uvicorn_config(create_app(settings), host, args.port)),
+    service = _Server(_uvicorn_config(create_app(settings), host, args.port))
+    stand_ins = [
+        _SilentServer(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
+        _SilentServer(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
     ]
+    servers = [*stand_ins, service]
 
     async def announce() -> None:
         while not all(s.started for s in servers):
@@ -126,8 +169,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    async def run_service() -> None:
+        # The service owns the signals; once it has stopped, the stand-ins follow.
+        try:
+            await service.serve()
+        finally:
+            for stand_in in stand_ins:
+                stand_in.should_exit = True
+
     async def main() -> None:
-        await asyncio.gather(announce(), *(s.serve() for s in servers))
+        await asyncio.gather(announce(), run_service(), *(s.serve() for s in stand_ins))
 
     asyncio.run(main())
     return 0
