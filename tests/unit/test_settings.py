@@ -1,0 +1,91 @@
+"""Settings: defaults from the contract, `.env` under the environment, one clear error per problem."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from service.settings import Settings, SettingsError
+
+LOCAL = {"LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:9"}
+
+
+def load(env: dict[str, str], env_file=None) -> Settings:
+    return Settings.load({**LOCAL, **env}, env_file=env_file)
+
+
+def test_defaults_follow_the_contract():
+    s = Settings.load({"LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": "t"}, env_file=None)
+    assert s.database_url == "sqlite:///./data/leak-responder.db"
+    assert s.github_keys_url == "https://api.github.com/meta/public_keys/secret_scanning"
+    assert s.gitlab_keys_url is None
+    assert s.depsdev_keys_url == "https://storage.googleapis.com/depsdev-gcp-public-keys/secret_scanning"
+    assert s.supermemory_api_url == "https://api.supermemory.ai"
+    assert s.admin_url == s.supermemory_api_url
+    assert s.mode == "enforce" and not s.dry_run
+    assert s.body_limit == 10 * 1024 * 1024 and s.request_budget == 5
+    assert s.probe_schedule == (0, 2, 5, 15, 30, 60, 120)
+    assert s.retention_days == 30
+
+
+def test_env_file_is_read_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# comment\nexport LEAK_RESPONDER_MODE=dry-run\nLEAK_RESPONDER_REQUEST_BUDGET='3'\n"
+        'LEAK_RESPONDER_MAIL_FROM="leaks@example.test"  \nLEAK_RESPONDER_CONCURRENCY=8 # inline\n'
+    )
+    s = load({"LEAK_RESPONDER_REQUEST_BUDGET": "4"}, env_file=env_file)
+    assert s.mode == "dry-run"
+    assert s.request_budget == 4
+    assert s.mail_from == "leaks@example.test"
+    assert s.concurrency == 8
+
+
+def test_operator_tokens_hold_only_hashes():
+    digest = hashlib.sha256(b"alice-token").hexdigest()
+    s = load({"LEAK_RESPONDER_OPERATOR_TOKENS": f"alice:{digest}, bob:{'0' * 64}"})
+    assert s.operator_tokens == {"alice": digest, "bob": "0" * 64}
+
+
+def test_data_key_must_be_32_bytes():
+    key = base64.b64encode(bytes(32)).decode()
+    assert load({"LEAK_RESPONDER_DATA_KEY": key}).data_key == bytes(32)
+    with pytest.raises(SettingsError, match="LEAK_RESPONDER_DATA_KEY: expected base64 of 32 bytes"):
+        load({"LEAK_RESPONDER_DATA_KEY": base64.b64encode(bytes(16)).decode()})
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"LEAK_RESPONDER_SUPERMEMORY_API_URL": "ftp://x"}, "LEAK_RESPONDER_SUPERMEMORY_API_URL"),
+        ({"LEAK_RESPONDER_BODY_LIMIT": "-1"}, "LEAK_RESPONDER_BODY_LIMIT"),
+        ({"LEAK_RESPONDER_BODY_LIMIT": "lots"}, "LEAK_RESPONDER_BODY_LIMIT"),
+        ({"LEAK_RESPONDER_SMTP_URL": "http://mail"}, "LEAK_RESPONDER_SMTP_URL"),
+        ({"LEAK_RESPONDER_SMTP_URL": "smtp://mail:25"}, "LEAK_RESPONDER_MAIL_FROM"),
+        ({"LEAK_RESPONDER_SECURITY_CONTACT": "nobody"}, "LEAK_RESPONDER_SECURITY_CONTACT"),
+        (
+            {"LEAK_RESPONDER_OPERATOR_TOKENS": "a:" + "0" * 64 + ",a:" + "1" * 64},
+            "LEAK_RESPONDER_OPERATOR_TOKENS",
+        ),
+        ({"LEAK_RESPONDER_DATABASE_URL": "postgresql://db/x"}, "LEAK_RESPONDER_DATA_KEY"),
+        (
+            {"LEAK_RESPONDER_GITHUB_KEYS_URL": "", "LEAK_RESPONDER_DEPSDEV_KEYS_URL": ""},
+            "LEAK_RESPONDER_GITHUB_KEYS_URL",
+        ),
+    ],
+)
+def test_each_problem_names_its_setting(env, named):
+    with pytest.raises(SettingsError) as caught:
+        load(env)
+    assert caught.value.name == named
+    assert "\n" not in str(caught.value)
+
+
+def test_describe_masks_secrets():
+    s = load({"LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": "hunter2", "SENTRY_DSN": "https://k@sentry.test/1"})
+    shown = dict(s.describe())
+    assert shown["LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN"] == "(set, masked)"
+    assert shown["SENTRY_DSN"] == "(set, masked)"
+    assert "hunter2" not in repr(s.describe())

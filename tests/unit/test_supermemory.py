@@ -1,0 +1,223 @@
+"""The Supermemory client's classification of every answer (SPEC §6), against a mocked transport:
+this is the one place where the HTTP boundary is faked, to reach answers a real server rarely gives."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+
+import httpx
+import pytest
+
+from service.pipeline import backoff
+from service.supermemory import CallFailed, CallReason, ProbeVerdict, RevokeResult, SupermemoryClient
+
+TOKEN = "sm_" + "k" * 22 + "_" + "s" * 64
+
+
+def client_for(handler) -> SupermemoryClient:
+    return SupermemoryClient(
+        api_url="https://api.test",
+        admin_url="https://admin.test",
+        admin_token="admin-secret",
+        timeout=1,
+        concurrency=4,
+        transport=httpx.MockTransport(handler),
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def answer(status: int, body: object = None, headers: dict[str, str] | None = None):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, Exception):
+            raise body
+        content = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
+        return httpx.Response(status, content=content, headers=headers or {})
+
+    return handler
+
+
+async def probe_with(handler):
+    client = client_for(handler)
+    try:
+        return await client.probe(TOKEN)
+    finally:
+        await client.aclose()
+
+
+PROBES = [
+    (
+        answer(401, {"error": "Unauthorized", "message": "Invalid API key"}),
+        ProbeVerdict.DEAD,
+        "probe_unauthorized",
+    ),
+    (answer(401, {"error": "Rate limit exceeded"}), ProbeVerdict.INCONCLUSIVE, "probe_rate_limited"),
+    (answer(401, {"error": "Monthly quota used up"}), ProbeVerdict.INCONCLUSIVE, "probe_rate_limited"),
+    (answer(200, {"org": "o"}), ProbeVerdict.ALIVE, "probe_key_alive"),
+    (answer(204, b""), ProbeVerdict.ALIVE, "probe_key_alive"),
+    (answer(402, {"error": "Payment required"}), ProbeVerdict.ALIVE, "probe_key_alive"),
+    (answer(403, {"error": "Forbidden"}), ProbeVerdict.ALIVE, "probe_key_alive"),
+    (answer(429, {}, {"Retry-After": "7"}), ProbeVerdict.INCONCLUSIVE, "probe_rate_limited"),
+    (answer(500), ProbeVerdict.INCONCLUSIVE, "probe_server_error"),
+    (answer(503), ProbeVerdict.INCONCLUSIVE, "probe_server_error"),
+    (answer(404), ProbeVerdict.INCONCLUSIVE, "probe_unexpected_status"),
+    (answer(0, httpx.ReadTimeout("slow")), ProbeVerdict.INCONCLUSIVE, "probe_timeout"),
+    (answer(0, httpx.ConnectError("refused")), ProbeVerdict.INCONCLUSIVE, "probe_connection_error"),
+]
+
+
+@pytest.mark.parametrize(
+    ("handler", "verdict", "reason"), PROBES, ids=[p[2] + f"-{i}" for i, p in enumerate(PROBES)]
+)
+def test_probe_classification(handler, verdict, reason):
+    probe = run(probe_with(handler))
+    assert (probe.verdict, probe.reason) == (verdict, reason)
+
+
+def test_probe_sends_the_leaked_key_and_not_the_admin_token():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(401, json={"error": "Unauthorized"})
+
+    run(probe_with(handler))
+    assert seen[0].url == "https://api.test/v3/session"
+    assert seen[0].headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_probe_429_carries_retry_after():
+    assert run(probe_with(answer(429, {}, {"Retry-After": "7"}))).retry_after == 7
+
+
+def test_retry_after_as_http_date():
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    probe = run(probe_with(answer(429, {}, {"Retry-After": when})))
+    assert 25 <= probe.retry_after <= 31
+
+
+async def lookup_with(handler, hashes):
+    client = client_for(handler)
+    try:
+        return await client.lookup(hashes)
+    finally:
+        await client.aclose()
+
+
+def test_lookup_parses_keys_and_recipients():
+    captured: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        captured.append({"auth": request.headers["Authorization"], "body": json.loads(request.content)})
+        return httpx.Response(
+            200,
+            json={
+                "keys": [
+                    {
+                        "keyHash": "a" * 64,
+                        "id": "key_1",
+                        "orgId": "org_1",
+                        "name": "ci",
+                        "enabled": False,
+                        "owner": {"email": "o@example.test", "name": "Owner"},
+                        "notify": ["sec@example.test"],
+                    },
+                    {"keyHash": "c" * 64, "id": "key_unasked"},
+                ]
+            },
+        )
+
+    found = run(lookup_with(handler, ["a" * 64, "b" * 64]))
+    assert captured == [{"auth": "Bearer admin-secret", "body": {"keyHashes": ["a" * 64, "b" * 64]}}]
+    assert list(found) == ["a" * 64], "hashes we did not ask about are ignored"
+    key = found["a" * 64]
+    assert (key.id, key.org_id, key.name, key.enabled) == ("key_1", "org_1", "ci", False)
+    assert [r["email"] for r in key.recipients] == ["o@example.test", "sec@example.test"]
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        (answer(401), CallReason.UNAUTHORIZED),
+        (answer(403), CallReason.UNAUTHORIZED),
+        (answer(429, {}, {"Retry-After": "3"}), CallReason.RATE_LIMITED),
+        (answer(502), CallReason.SERVER_ERROR),
+        (answer(200, b"<html>"), CallReason.BAD_RESPONSE),
+        (answer(200, {"keys": [{"id": "no hash"}]}), CallReason.BAD_RESPONSE),
+        (answer(400), CallReason.BAD_RESPONSE),
+        (answer(0, httpx.ConnectTimeout("slow")), CallReason.TIMEOUT),
+        (answer(0, httpx.ConnectError("refused")), CallReason.CONNECTION_ERROR),
+    ],
+    ids=["401", "403", "429", "502", "html", "shape", "400", "timeout", "refused"],
+)
+def test_lookup_failures(handler, reason):
+    with pytest.raises(CallFailed) as caught:
+        run(lookup_with(handler, ["a" * 64]))
+    assert caught.value.reason == reason
+    if reason == CallReason.RATE_LIMITED:
+        assert caught.value.retry_after == 3
+
+
+def test_lookup_refuses_more_than_100():
+    with pytest.raises(ValueError, match="at most 100"):
+        run(lookup_with(answer(200, {"keys": []}), ["a" * 64] * 101))
+
+
+async def revoke_with(handler, key_id="key_1"):
+    client = client_for(handler)
+    try:
+        return await client.revoke(key_id)
+    finally:
+        await client.aclose()
+
+
+def test_revoke_200_and_404_both_mean_revoked():
+    assert run(revoke_with(answer(200, {"success": True}))) is RevokeResult.REVOKED
+    assert run(revoke_with(answer(404, {"error": "Not found"}))) is RevokeResult.ALREADY_GONE
+
+
+def test_revoke_quotes_the_key_id():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"success": True})
+
+    run(revoke_with(handler, key_id="a/../b"))
+    assert seen[0].method == "DELETE"
+    assert seen[0].url.raw_path == b"/v3/auth/scoped-key/a%2F..%2Fb"
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(401, CallReason.UNAUTHORIZED), (429, CallReason.RATE_LIMITED), (500, CallReason.SERVER_ERROR)],
+)
+def test_revoke_failures(status, reason):
+    with pytest.raises(CallFailed) as caught:
+        run(revoke_with(answer(status)))
+    assert caught.value.reason == reason
+
+
+def test_no_exception_text_carries_the_token():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"cannot connect while sending {request.headers['Authorization']}")
+
+    probe = run(probe_with(handler))
+    assert TOKEN not in repr(probe)
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    rng = random.Random(1)
+    delays = [backoff(n, 1.0, 300.0, None, rng) for n in range(1, 12)]
+    for attempt, delay in enumerate(delays, start=1):
+        ceiling = min(300.0, 2 ** (attempt - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert len({round(d, 6) for d in delays}) == len(delays), "jitter spreads retries"
+    assert backoff(1, 1.0, 300.0, 42.0, rng) == 42.0
+    assert backoff(9, 1.0, 300.0, 1.0, rng) >= 128
