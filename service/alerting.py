@@ -1,18 +1,36 @@
 """Paging on-call: the events that mean a human must act, with fixed codes and levels.
 
-The pipeline raises a page through `Pager.page`; what carries it (the log and the pages metric here,
-Sentry once configured) is this module's business, and it never blocks or fails the caller: a
-responder that stalls because its pager is down would turn one outage into two.
+The pipeline raises a page through `Pager.page`; what carries it (the log and the pages metric, and
+Sentry when SENTRY_DSN is set) is this module's business, and it never blocks or fails the caller: a
+responder that stalls because its pager is down would turn one outage into two. The SDK queues
+events for its own background thread and drops them when that queue is full, so a Sentry that is
+down or hanging costs the pipeline nothing.
+
+Nothing secret may reach Sentry (SPEC §8). The SDK is initialised without request bodies, local
+variables or default PII, and every event and breadcrumb goes through `scrub_event`, which redacts
+anything key-shaped and drops every value under a token-like key, in lists as well as dicts (the
+SDK's own scrubber skips lists, and a partner alert is a JSON list).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from service.observability import PAGES, failure
+import sentry_sdk
+from sentry_sdk.crons import capture_checkin
+from sentry_sdk.crons.consts import MonitorStatus
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.integrations.starlette import StarletteIntegration
+
+from service.observability import PAGES, failure, scrub
+from service.store import IncidentDetail, Store, StoreError
 
 log = logging.getLogger("service.alerting")
 
@@ -42,3 +60,184 @@ class Pager:
     def page(self, code: PageCode, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
         PAGES.labels(event=str(code)).inc()
         failure(log, "alerting", code, message, level=LEVELS[code], page=True, **dict(tags))
+
+
+SENTRY_LEVELS = {logging.CRITICAL: "fatal", logging.ERROR: "error", logging.WARNING: "warning"}
+MONITOR_SLUG = "leak-responder-pipeline"
+FILTERED = "[Filtered]"
+
+# Keys whose values are secrets whatever they look like; hashes, types and prefixes of tokens are not.
+_SECRET_KEY = re.compile(
+    r"token|secret|passw|authori[sz]ation|api[-_]?key|cookie|credential|private[-_]?key|signature|dsn", re.I
+)
+_HARMLESS_KEY = re.compile(r"hash|type|prefix|count", re.I)
+# The worker loop beats at least every couple of seconds; this long without a beat means it is stuck.
+_MAX_SILENCE = 30.0
+
+
+def runbook_link(base: str, code: PageCode) -> str:
+    return f"{base}#{code}"
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key)) and not _HARMLESS_KEY.search(key)
+
+
+def scrub_event(value: Any) -> Any:
+    """Key-shaped strings redacted and token-like keys' values dropped, at any depth."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {
+            scrub_event(k): FILTERED if _secret_key(k) and v is not None else scrub_event(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [scrub_event(v) for v in value]
+    return value
+
+
+def init_sentry(dsn: str, environment: str) -> None:
+    sentry_sdk.init(
+        dsn=dsn,
+        environment=environment,
+        send_default_pii=False,
+        include_local_variables=False,
+        max_request_body_size="never",
+        before_send=lambda event, hint: scrub_event(event),
+        before_breadcrumb=lambda crumb, hint: scrub_event(crumb),
+        integrations=[
+            StarletteIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+        shutdown_timeout=2,
+    )
+    # Pages become Sentry events of their own, with fingerprints; their log lines would be duplicates.
+    ignore_logger(log.name)
+
+
+class SentryPager(Pager):
+    """Pages as Sentry events: one fixed fingerprint per code, tags to search by, the incident's
+    timeline and the runbook section that says what to do."""
+
+    def __init__(self, store: Store, runbook_url: str) -> None:
+        self.store = store
+        self.runbook_url = runbook_url
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def page(self, code: PageCode, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
+        super().page(code, message, tags, context)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._capture(code, message, tags, context, None)
+            return
+        # The timeline is a store read: done beside the caller, never in its way.
+        task = loop.create_task(self._enrich(code, message, dict(tags), dict(context)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        client = sentry_sdk.get_client()
+        await asyncio.to_thread(client.flush, grace)
+
+    async def _enrich(
+        self, code: PageCode, message: str, tags: dict[str, str], context: dict[str, Any]
+    ) -> None:
+        detail = None
+        if tags.get("incident_id"):
+            with contextlib.suppress(StoreError):
+                detail = await self.store.detail(tags["incident_id"])
+        self._capture(code, message, tags, context, detail)
+
+    def _capture(
+        self,
+        code: PageCode,
+        message: str,
+        tags: Mapping[str, str],
+        context: Mapping[str, Any],
+        detail: IncidentDetail | None,
+    ) -> None:
+        tags = {"page": str(code), **{k: str(v) for k, v in tags.items() if v}}
+        incident: dict[str, Any] = dict(context)
+        if detail is not None:
+            reporters = sorted({s.reporter for s in detail.sightings})
+            sources = sorted({s.source or "unknown" for s in detail.sightings})
+            if reporters:
+                tags.setdefault("reporter", ",".join(reporters))
+                tags.setdefault("source", ",".join(sources))
+            incident["timeline"] = [
+                {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.at)),
+                    "event": e.kind,
+                    "state": str(e.state) if e.state else None,
+                    **e.detail,
+                }
+                for e in detail.events
+            ]
+        link = runbook_link(self.runbook_url, code)
+        sentry_sdk.capture_event(
+            {
+                "level": SENTRY_LEVELS[LEVELS[code]],
+                "logger": log.name,
+                "message": f"{code}: {message}",
+                "fingerprint": ["leak-responder", str(code)],
+                "tags": tags,
+                "contexts": {"incident": incident, "runbook": {"url": link}},
+                "extra": {"runbook": link},
+            }
+        )
+
+
+class PipelineMonitor:
+    """A Sentry cron monitor around the worker loop: a check-in every `interval` seconds, `ok` while
+    the loop beats and `error` once it has been silent too long. A process that dies or hangs sends
+    nothing, and Sentry's missed-check-in alert catches that."""
+
+    def __init__(
+        self, heartbeat: Callable[[], float], interval: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._heartbeat = heartbeat
+        self._interval = interval
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._config = {
+            "schedule": {"type": "interval", "value": max(1, round(interval / 60)), "unit": "minute"},
+            "checkin_margin": 2,
+            "max_runtime": 1,
+        }
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="pipeline-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def check_in(self) -> bool:
+        silent = self._clock() - self._heartbeat()
+        healthy = silent <= _MAX_SILENCE
+        if not healthy:
+            failure(
+                log,
+                "alerting",
+                "pipeline_stalled",
+                "the pipeline worker loop stopped beating",
+                level=logging.ERROR,
+                silent_for=round(silent, 1),
+            )
+        capture_checkin(
+            monitor_slug=MONITOR_SLUG,
+            status=MonitorStatus.OK if healthy else MonitorStatus.ERROR,
+            monitor_config=self._config,
+        )
+        return healthy
+
+    async def _run(self) -> None:
+        while True:
+            self.check_in()
+            await asyncio.sleep(self._interval)

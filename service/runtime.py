@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.alerting import PageCode, Pager
+from service.alerting import PageCode, Pager, PipelineMonitor, SentryPager, init_sentry
 from service.inbound import InboundReason, KeyCache, Reporter, reporters
+from service.notify import EmailNotifier, Letter, SmtpSender
 from service.observability import failure
 from service.pipeline import Policy, Steps, Worker
 from service.settings import Settings
@@ -28,11 +29,17 @@ class Runtime:
     reporters: dict[str, Reporter]
     keys_http: httpx.AsyncClient
     caches: dict[str, KeyCache] = field(default_factory=dict)
+    monitor: PipelineMonitor | None = None
 
     @classmethod
     def build(cls, settings: Settings, pager: Pager | None = None) -> Runtime:
-        pager = pager or Pager()
         store = open_store(settings)
+        if pager is None:
+            if settings.sentry_dsn:
+                init_sentry(settings.sentry_dsn, settings.sentry_environment)
+                pager = SentryPager(store, settings.runbook_url)
+            else:
+                pager = Pager()
         client = SupermemoryClient(
             api_url=settings.supermemory_api_url,
             admin_url=settings.admin_url,
@@ -51,14 +58,27 @@ class Runtime:
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
         )
+        notifier = None
+        if settings.smtp_url:
+            assert settings.mail_from is not None, "settings require MAIL_FROM with SMTP_URL"
+            notifier = EmailNotifier(
+                store,
+                SmtpSender(settings.smtp_url, timeout=settings.http_timeout),
+                Letter(settings.mail_from, settings.security_contact),
+                group_wait=settings.notify_group_wait,
+                # A delivery is held as long as the incident's lease: whoever retakes one retakes both.
+                hold=settings.lease_seconds,
+            )
         worker = Worker(
-            Steps(store, client, pager, policy),
+            Steps(store, client, pager, policy, notifier),
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
         )
         enabled = reporters(settings.github_keys_url, settings.gitlab_keys_url, settings.depsdev_keys_url)
         keys_http = httpx.AsyncClient(timeout=settings.http_timeout, headers={"User-Agent": "leak-responder"})
         runtime = cls(settings, store, client, pager, worker, enabled, keys_http)
+        if settings.sentry_dsn:
+            runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)
         for name, reporter in enabled.items():
             runtime.caches[name] = KeyCache(
                 reporter,
@@ -85,11 +105,25 @@ class Runtime:
         for cache in self.caches.values():
             cache.start()
         await self.worker.start()
+        if self.monitor is not None:
+            self.monitor.start()
         if self.settings.dry_run:
             log.warning("dry-run mode: matched keys are NOT revoked", extra={"reason": "dry_run"})
+        if self.worker.steps.notifier is None:
+            log.warning(
+                "SMTP is not configured: owners will NOT be emailed; confirmed incidents wait in the"
+                " notify state until LEAK_RESPONDER_SMTP_URL is set",
+                extra={"reason": "notify_disabled"},
+            )
+        if not self.settings.sentry_dsn:
+            log.warning("SENTRY_DSN is not set: pages go to the log only", extra={"reason": "pager_log_only"})
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
         await self.worker.stop()
+        if isinstance(self.pager, SentryPager):
+            await self.pager.aclose()
         for cache in self.caches.values():
             await cache.aclose()
         await self.keys_http.aclose()

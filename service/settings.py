@@ -167,6 +167,8 @@ _SPECS: dict[str, _Spec] = {
     "smtp_url": _Spec("SMTP_URL", _smtp_url, "", secret=True),
     "mail_from": _Spec("MAIL_FROM", _email, ""),
     "security_contact": _Spec("SECURITY_CONTACT", _email, ""),
+    "notify_group_wait": _Spec("NOTIFY_GROUP_WAIT", _positive(_F), "10"),
+    "runbook_url": _Spec("RUNBOOK_URL", str, "docs/runbook.md"),
     "body_limit": _Spec("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024)),
     "request_budget": _Spec("REQUEST_BUDGET", _positive(_F), "5"),
     "http_timeout": _Spec("HTTP_TIMEOUT", _positive(_F), "5"),
@@ -183,6 +185,7 @@ _SPECS: dict[str, _Spec] = {
     "log_format": _Spec("LOG_FORMAT", _log_format, "json"),
     "sentry_dsn": _Spec("SENTRY_DSN", str, "", secret=True),
     "sentry_environment": _Spec("SENTRY_ENVIRONMENT", str, "production"),
+    "sentry_checkin_interval": _Spec("SENTRY_CHECKIN_INTERVAL", _positive(_F), "60"),
 }
 
 # Sentry's own variable names are standard; every other setting carries our prefix.
@@ -213,6 +216,8 @@ class Settings:
     smtp_url: str | None
     mail_from: str | None
     security_contact: str | None
+    notify_group_wait: float
+    runbook_url: str
     body_limit: int
     request_budget: float
     http_timeout: float
@@ -229,6 +234,7 @@ class Settings:
     log_format: str
     sentry_dsn: str
     sentry_environment: str
+    sentry_checkin_interval: float
 
     @property
     def admin_url(self) -> str:

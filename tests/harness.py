@@ -8,6 +8,9 @@ it again on the same database, exactly as a crash in production would go.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import email.policy
+import gzip
 import json
 import os
 import signal
@@ -15,12 +18,20 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiosmtpd.controller import Controller
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from service.sandbox import GitHubSandbox, ServerThread, SupermemorySandbox, build_alert, seeded_keys
 from service.tokens import token_hash
@@ -111,6 +122,9 @@ class Service:
         }
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        # One client for the service's lifetime: a new httpx client per request costs ~20 ms of
+        # TLS-context set-up, which a latency benchmark would charge to the service.
+        self.http = httpx.Client(timeout=30)
 
     @property
     def url(self) -> str:
@@ -183,7 +197,7 @@ class Service:
             "Github-Public-Key-Signature": github.sign(raw),
             "Content-Type": "application/json",
         }
-        return httpx.post(f"{self.url}/v1/alerts/github", content=raw, headers=headers, timeout=timeout)
+        return self.http.post(f"{self.url}/v1/alerts/github", content=raw, headers=headers, timeout=timeout)
 
     # -- looking at its database (read-only) -----------------------------------------------------
 
@@ -224,5 +238,181 @@ class Service:
         with self.db() as conn:
             return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
+    def confirmed(self, token: str) -> dict[str, Any] | None:
+        row = self.incident(token)
+        return row if row and row["state"] == "confirmed" else None
+
+    def count_state(self, state: str) -> int:
+        with self.db() as conn:
+            return conn.execute("SELECT count(*) FROM incidents WHERE state = ?", (state,)).fetchone()[0]
+
+    def peak_rss_kib(self) -> int:
+        """The process's high-water resident set (VmHWM), from /proc."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM in /proc status")
+
     def wait_state(self, token: str, *states: str, timeout: float = 20.0) -> str:
         return wait_until(lambda: self.state(token) in states and self.state(token), timeout=timeout)
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on loopback that keeps every message it accepted.
+
+    `refuse` holds addresses answered 550 at RCPT (refused for good); `stop()` and `start()` take the
+    server down and bring it back on the same port; `on_message` runs inside the server's DATA
+    handler before it answers, with the message already received, which is where a test kills the
+    service to open the window between a send and its commit.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[Message] = []
+        self.refuse: set[str] = set()
+        self.on_message: Callable[[Message], None] | None = None
+        self._lock = threading.Lock()
+        self._controller: Controller | None = None
+
+    def start(self) -> SmtpSink:
+        self._controller = Controller(_SmtpHandler(self), hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def __enter__(self) -> SmtpSink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def env(self, contact: str = "security@example.test") -> dict[str, str]:
+        return {
+            "LEAK_RESPONDER_SMTP_URL": f"smtp://127.0.0.1:{self.port}",
+            "LEAK_RESPONDER_MAIL_FROM": "leak-responder@example.test",
+            "LEAK_RESPONDER_SECURITY_CONTACT": contact,
+        }
+
+    def received(self) -> list[Message]:
+        with self._lock:
+            return list(self.messages)
+
+    def to(self, address: str) -> list[Message]:
+        return [m for m in self.received() if address in m.rcpt_tos]
+
+
+@dataclasses.dataclass
+class Message:
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    email: EmailMessage
+    received_at: float = dataclasses.field(default_factory=time.time)
+
+    def part(self, subtype: str) -> str:
+        body = self.email.get_body(preferencelist=(subtype,))
+        assert body is not None, f"no text/{subtype} part"
+        return body.get_content()
+
+
+class _SmtpHandler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if address in self.sink.refuse:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        raw = bytes(envelope.original_content or envelope.content)
+        parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
+        message = Message(envelope.mail_from, list(envelope.rcpt_tos), raw, parsed)  # type: ignore[arg-type]
+        with self.sink._lock:
+            self.sink.messages.append(message)
+        if self.sink.on_message is not None:
+            self.sink.on_message(message)
+        return "250 Message accepted for delivery"
+
+
+class SentrySink:
+    """Sentry's ingest endpoint, enough of it to receive envelopes: a DSN pointing here gets every
+    event and cron check-in the SDK sends, decompressed and parsed."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[list[tuple[dict[str, Any], bytes]]] = []
+        self.raw: list[bytes] = []
+        self._lock = threading.Lock()
+        self._server = ServerThread(
+            Starlette(routes=[Route("/api/{project}/envelope/", self._receive, methods=["POST"])])
+        )
+
+    def __enter__(self) -> SentrySink:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+    @property
+    def dsn(self) -> str:
+        return f"http://publickey@127.0.0.1:{self._server.port}/1"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"SENTRY_DSN": self.dsn, "SENTRY_ENVIRONMENT": "test", **extra}
+
+    async def _receive(self, request: Request) -> Response:
+        body = await request.body()
+        if request.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        items = _envelope_items(body)
+        with self._lock:
+            self.raw.append(body)
+            self.envelopes.append(items)
+        return JSONResponse({})
+
+    def items(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            envelopes = list(self.envelopes)
+        return [
+            json.loads(payload) for env in envelopes for header, payload in env if header.get("type") == kind
+        ]
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.items("event")
+
+    def pages(self, code: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("tags", {}).get("page") == code]
+
+    def all_bytes(self) -> bytes:
+        with self._lock:
+            return b"\n".join(self.raw)
+
+
+def _envelope_items(body: bytes) -> list[tuple[dict[str, Any], bytes]]:
+    """Sentry's envelope: a header line, then items of a header line and a payload, the payload's
+    size given by the item header's `length` or else running to the end of the line."""
+    items = []
+    at = body.index(b"\n") + 1 if b"\n" in body else len(body)
+    while at < len(body):
+        end = body.find(b"\n", at)
+        end = len(body) if end < 0 else end
+        line = body[at:end].strip()
+        at = end + 1
+        if not line:
+            continue
+        header = json.loads(line)
+        if "length" in header:
+            payload, at = body[at : at + header["length"]], at + header["length"] + 1
+        else:
+            end = body.find(b"\n", at)
+            end = len(body) if end < 0 else end
+            payload, at = body[at:end], end + 1
+        items.append((header, payload))
+    return items

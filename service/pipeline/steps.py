@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.alerting import PageCode, Pager
+from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
 from service.store import Incident, Label, State, Store, Transition
 from service.supermemory import LOOKUP_BATCH, CallFailed, CallReason, ProbeVerdict, SupermemoryClient
@@ -24,9 +25,10 @@ log = logging.getLogger("service.pipeline")
 
 
 class Notifier(Protocol):
-    """Tells key owners. Returns the incidents it has finished with (all recipients handled)."""
+    """Tells key owners; says which incidents it has finished with, which wait for sibling keys
+    of their alert, and which recipients refused mail for good."""
 
-    async def notify(self, incidents: Sequence[Incident]) -> set[str]: ...
+    async def notify(self, incidents: Sequence[Incident]) -> NotifyResult: ...
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class Steps:
             return t
         probe = await self.client.probe(token)
         del token
+        now = self._clock()
         SUPERMEMORY_CALLS.labels(call="probe", outcome=probe.reason).inc()
         elapsed = now - incident.revoked_at
         schedule = self.policy.probe_schedule
@@ -321,24 +324,38 @@ class Steps:
     async def notify(self, incidents: Sequence[Incident], owner: str) -> list[Transition]:
         if self.notifier is None:
             return [Transition(i.id, i.state, "awaiting_notifier", lease_owner=owner) for i in incidents]
-        done = await self.notifier.notify(incidents)
+        result = await self.notifier.notify(incidents)
         now = self._clock()
         transitions = []
         for incident in incidents:
-            if incident.id in done:
-                transitions.append(
-                    Transition(
-                        incident.id,
-                        incident.state,
-                        "notified",
-                        lease_owner=owner,
-                        state=State.NOTIFIED,
-                        next_run_at=now,
-                        set={"notified_at": now},
-                    )
+            if incident.id in result.done:
+                t = Transition(
+                    incident.id,
+                    incident.state,
+                    "notified",
+                    lease_owner=owner,
+                    state=State.NOTIFIED,
+                    next_run_at=now,
+                    set={"notified_at": now, "attempts": 0, "step_started_at": None, "last_reason": None},
+                    detail={"refused": len(result.unreachable.get(incident.id, ()))},
+                )
+            elif incident.id in result.waiting:
+                # Not a retry: the email waits for sibling keys of the same alert, then goes out once.
+                until = result.waiting[incident.id]
+                t = Transition(
+                    incident.id,
+                    incident.state,
+                    "notify_grouping",
+                    lease_owner=owner,
+                    next_run_at=until,
+                    detail={"until": round(until, 3)},
                 )
             else:
-                transitions.append(self._retry(incident, owner, "notify_pending", "notify_pending"))
+                reason = result.pending.get(incident.id, "notify_pending")
+                t = self._retry(incident, owner, "notify_pending", reason)
+            if incident.id in result.unreachable:
+                self._page(incident, t, PageCode.OWNER_UNREACHABLE, "a key owner could not be emailed")
+            transitions.append(t)
         return transitions
 
     def close(self, incident: Incident, owner: str) -> Transition:

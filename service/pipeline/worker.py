@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 
 from service.observability import failure
+from service.pipeline.retry import retry_transition
 from service.pipeline.steps import Steps, count
 from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
 
@@ -215,3 +216,18 @@ class Worker:
                     if incident.label is not None:
                         labels[incident.token_hash] = incident.label
         return labels
+
+    async def retry(self, incident: Incident, operator: str) -> bool:
+        """Run a stuck incident's step now, on an operator's word (see `retry_transition`).
+
+        False when the incident is not stuck, or moved on between the caller's read and this write.
+        """
+        transition = retry_transition(incident, operator, self._clock())
+        if transition is None:
+            return False
+        applied = await self.store.apply([transition])
+        count([transition], applied)
+        if applied[0]:
+            log.info("incident retry requested", extra={"incident_id": incident.id, "operator": operator})
+            self.wake()
+        return applied[0]

@@ -7,14 +7,20 @@ from pathlib import Path
 from service.settings import Settings
 from service.store.base import Store, StoreError
 from service.store.models import (
+    DELIVERY_FINAL,
     FINAL_STATES,
     AlertRecord,
+    Delivery,
+    DeliveryStatus,
     Event,
+    IdempotencyState,
+    IdempotentRequest,
     Incident,
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
     Label,
+    Reservation,
     Sighting,
     State,
     TokenSighting,
@@ -41,14 +47,20 @@ def open_store(settings: Settings) -> Store:
 
 
 __all__ = [
+    "DELIVERY_FINAL",
     "FINAL_STATES",
     "AlertRecord",
+    "Delivery",
+    "DeliveryStatus",
     "Event",
+    "IdempotencyState",
+    "IdempotentRequest",
     "Incident",
     "IncidentDetail",
     "IncidentFilter",
     "IncidentRef",
     "Label",
+    "Reservation",
     "Sealer",
     "SealingError",
     "Sighting",

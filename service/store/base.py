@@ -11,10 +11,15 @@ from typing import Protocol
 
 from service.store.models import (
     AlertRecord,
+    Delivery,
+    DeliveryStatus,
+    IdempotentRequest,
     Incident,
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
+    Reservation,
+    Sighting,
     State,
     TokenSighting,
     Transition,
@@ -44,3 +49,29 @@ class Store(Protocol):
     async def incidents(self, ids: Sequence[str]) -> list[Incident]: ...
     async def detail(self, incident_id: str) -> IncidentDetail | None: ...
     async def list_incidents(self, where: IncidentFilter) -> list[Incident]: ...
+
+    # -- for telling owners: alert siblings, sightings in bulk, and the outbox --
+    async def alert_siblings(self, incident_ids: Sequence[str]) -> dict[str, list[Incident]]: ...
+    async def sightings(self, incident_ids: Sequence[str]) -> dict[str, list[Sighting]]: ...
+    async def wake(self, incident_ids: Sequence[str]) -> None: ...
+    async def deliveries(self, incident_ids: Sequence[str]) -> list[Delivery]: ...
+    async def reserve_deliveries(
+        self, holder: str, recipient: str, purpose: str, incident_ids: Sequence[str], hold: float
+    ) -> Reservation: ...
+    async def finish_deliveries(
+        self,
+        holder: str,
+        recipient: str,
+        purpose: str,
+        incident_ids: Sequence[str],
+        status: DeliveryStatus,
+        message_id: str | None,
+        detail: str | None,
+    ) -> None: ...
+
+    # -- Idempotency-Key for operator requests --
+    async def begin_idempotent(
+        self, operator: str, key: str, fingerprint: str, ttl: float, stale_after: float
+    ) -> IdempotentRequest | None: ...
+    async def finish_idempotent(self, operator: str, key: str, status: int, response: bytes) -> None: ...
+    async def drop_idempotent(self, operator: str, key: str) -> None: ...

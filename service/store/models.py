@@ -43,6 +43,8 @@ class TokenSighting:
     source: str | None
     reporter: str
     operator: str | None = None
+    # An operator's free-text context for a manual report; never holds a key (refused at parsing).
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class Sighting:
     token_type: str
     operator: str | None
     seen_at: float
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,40 @@ class Transition:
     wipe_token: bool = False
 
 
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # known not delivered (a failed attempt): anyone may take it at once
+    SENDING = "sending"  # held by a sender; if its hold ran out, the outcome is unknown
+    SENT = "sent"
+    REFUSED = "refused"  # refused permanently by the recipient's side
+
+
+DELIVERY_FINAL = frozenset({DeliveryStatus.SENT, DeliveryStatus.REFUSED})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One outbox row: telling `recipient` about an incident, for `purpose` (the store does not care
+    what a purpose means, only that each (incident, recipient, purpose) is done once)."""
+
+    incident_id: str
+    recipient: str
+    purpose: str
+    status: DeliveryStatus
+    attempts: int
+    message_id: str | None
+    detail: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a sender may now send: `taken` rows are held by it; `uncertain` ones among them were
+    held by a sender that never reported back, so they may have gone out already."""
+
+    taken: list[str]
+    uncertain: list[str]
+
+
 @dataclass(frozen=True, slots=True)
 class IncidentFilter:
     state: State | None = None
@@ -158,3 +195,22 @@ class IncidentFilter:
     until: float | None = None
     limit: int = 50
     before_id: str | None = None
+
+
+class IdempotencyState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentRequest:
+    """What an earlier request with the same Idempotency-Key left behind.
+
+    `status` and `response` are set once it is done; they hold only what was sent to the operator,
+    which never carries a raw token.
+    """
+
+    fingerprint: str
+    state: IdempotencyState
+    status: int | None
+    response: bytes | None

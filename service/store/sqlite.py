@@ -26,12 +26,17 @@ from typing import Any, TypeVar
 from service.store.base import StoreError
 from service.store.models import (
     AlertRecord,
+    Delivery,
+    DeliveryStatus,
     Event,
+    IdempotencyState,
+    IdempotentRequest,
     Incident,
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
     Label,
+    Reservation,
     Sighting,
     State,
     TokenSighting,
@@ -289,11 +294,12 @@ class SqliteStore:
                         item.source,
                         item.token_type,
                         now,
+                        item.note,
                     )
                 )
             conn.executemany(
                 "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source, token_type,"
-                " seen_at) VALUES (?,?,?,?,?,?,?,?)",
+                " seen_at, note) VALUES (?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             return list(refs.values())
@@ -399,7 +405,7 @@ class SqliteStore:
                 )
             ]
             sightings = [
-                Sighting(s["reporter"], s["url"], s["source"], s["token_type"], s["operator"], s["seen_at"])
+                _sighting(s)
                 for s in conn.execute(
                     "SELECT * FROM sightings WHERE incident_id = ? ORDER BY id", (incident_id,)
                 )
@@ -434,6 +440,195 @@ class SqliteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(where.limit)
         return await self._read(lambda conn: [_incident(r) for r in conn.execute(sql, args)])
+
+    # -- telling owners --------------------------------------------------------------------------
+
+    async def alert_siblings(self, incident_ids: Sequence[str]) -> dict[str, list[Incident]]:
+        """For each incident, the incidents first reported by the same alert (itself included).
+
+        The first alert only: a redelivery or a later report must not pull an incident into a
+        group that was already told about it.
+        """
+
+        def work(conn: sqlite3.Connection) -> dict[str, list[Incident]]:
+            marks = ",".join("?" * len(incident_ids))
+            firsts = {
+                r["incident_id"]: r["alert_id"]
+                for r in conn.execute(
+                    f"SELECT incident_id, min(alert_id) AS alert_id FROM sightings"  # noqa: S608
+                    f" WHERE incident_id IN ({marks}) GROUP BY incident_id",
+                    list(incident_ids),
+                )
+            }
+            alerts = sorted(set(firsts.values()))
+            by_alert: dict[int, list[Incident]] = {a: [] for a in alerts}
+            alert_marks = ",".join("?" * len(alerts))
+            rows = conn.execute(
+                f"SELECT DISTINCT s.alert_id AS first_alert, i.* FROM sightings s"  # noqa: S608
+                f" JOIN incidents i ON i.id = s.incident_id WHERE s.alert_id IN ({alert_marks})"
+                " AND s.alert_id = (SELECT min(alert_id) FROM sightings t WHERE t.incident_id = i.id)",
+                alerts,
+            )
+            for row in rows:
+                by_alert[row["first_alert"]].append(_incident(row))
+            return {i: by_alert[a] for i, a in firsts.items()}
+
+        return await self._read(work) if incident_ids else {}
+
+    async def sightings(self, incident_ids: Sequence[str]) -> dict[str, list[Sighting]]:
+        def work(conn: sqlite3.Connection) -> dict[str, list[Sighting]]:
+            found: dict[str, list[Sighting]] = {i: [] for i in incident_ids}
+            marks = ",".join("?" * len(incident_ids))
+            for s in conn.execute(
+                f"SELECT * FROM sightings WHERE incident_id IN ({marks}) ORDER BY id",  # noqa: S608
+                list(incident_ids),
+            ):
+                found[s["incident_id"]].append(_sighting(s))
+            return found
+
+        return await self._read(work) if incident_ids else {}
+
+    async def wake(self, incident_ids: Sequence[str]) -> None:
+        """Make incidents scheduled for later due now (work another step finished for them)."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            marks = ",".join("?" * len(incident_ids))
+            conn.execute(
+                f"UPDATE incidents SET next_run_at = ? WHERE id IN ({marks}) AND next_run_at > ?",  # noqa: S608
+                [now, *incident_ids, now],
+            )
+
+        if incident_ids:
+            await self._write(work)
+
+    async def deliveries(self, incident_ids: Sequence[str]) -> list[Delivery]:
+        def work(conn: sqlite3.Connection) -> list[Delivery]:
+            marks = ",".join("?" * len(incident_ids))
+            rows = conn.execute(
+                f"SELECT * FROM deliveries WHERE incident_id IN ({marks})",  # noqa: S608
+                list(incident_ids),
+            )
+            return [_delivery(r) for r in rows]
+
+        return await self._read(work) if incident_ids else []
+
+    async def reserve_deliveries(
+        self, holder: str, recipient: str, purpose: str, incident_ids: Sequence[str], hold: float
+    ) -> Reservation:
+        """Hold the rows nobody else holds and nobody finished; new rows are created held.
+
+        A row whose holder's time ran out while `sending` is taken over and reported as uncertain:
+        its sender died somewhere between handing the message over and recording that it had.
+        """
+
+        def work(conn: sqlite3.Connection) -> Reservation:
+            now = self._clock()
+            taken, uncertain = [], []
+            for incident_id in incident_ids:
+                row = conn.execute(
+                    "SELECT status, held_until FROM deliveries WHERE incident_id = ? AND recipient = ?"
+                    " AND purpose = ?",
+                    (incident_id, recipient, purpose),
+                ).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO deliveries (incident_id, recipient, purpose, status, holder, held_until,"
+                        " attempts, updated_at) VALUES (?,?,?,?,?,?,1,?)",
+                        (incident_id, recipient, purpose, DeliveryStatus.SENDING, holder, now + hold, now),
+                    )
+                    taken.append(incident_id)
+                    continue
+                status = DeliveryStatus(row["status"])
+                held = status is DeliveryStatus.SENDING and (row["held_until"] or 0) >= now
+                if status in (DeliveryStatus.SENT, DeliveryStatus.REFUSED) or held:
+                    continue
+                conn.execute(
+                    "UPDATE deliveries SET status = ?, holder = ?, held_until = ?, attempts = attempts + 1,"
+                    " updated_at = ? WHERE incident_id = ? AND recipient = ? AND purpose = ?",
+                    (DeliveryStatus.SENDING, holder, now + hold, now, incident_id, recipient, purpose),
+                )
+                taken.append(incident_id)
+                if status is DeliveryStatus.SENDING:
+                    uncertain.append(incident_id)
+            return Reservation(taken, uncertain)
+
+        return await self._write(work)
+
+    async def finish_deliveries(
+        self,
+        holder: str,
+        recipient: str,
+        purpose: str,
+        incident_ids: Sequence[str],
+        status: DeliveryStatus,
+        message_id: str | None,
+        detail: str | None,
+    ) -> None:
+        """Record an attempt's outcome, only on the rows this holder still holds."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.executemany(
+                "UPDATE deliveries SET status = ?, holder = NULL, held_until = NULL, message_id = ?,"
+                " detail = ?, updated_at = ? WHERE incident_id = ? AND recipient = ? AND purpose = ?"
+                " AND holder = ? AND status = ?",
+                [
+                    (status, message_id, detail, now, i, recipient, purpose, holder, DeliveryStatus.SENDING)
+                    for i in incident_ids
+                ],
+            )
+
+        await self._write(work)
+
+    # -- Idempotency-Key ---------------------------------------------------------------------------
+
+    async def begin_idempotent(
+        self, operator: str, key: str, fingerprint: str, ttl: float, stale_after: float
+    ) -> IdempotentRequest | None:
+        """Claim `key` for a new request (None), or return what the earlier request left.
+
+        A claim that is still running after `stale_after` seconds belongs to a process that died
+        mid-request; it is taken over rather than answering 409 until it expires. Expired keys of
+        everyone are swept here too: it is the one place keys are written.
+        """
+
+        def work(conn: sqlite3.Connection) -> IdempotentRequest | None:
+            now = self._clock()
+            conn.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
+            row = conn.execute(
+                "SELECT * FROM idempotency WHERE operator = ? AND key = ?", (operator, key)
+            ).fetchone()
+            running = row is not None and row["state"] == IdempotencyState.RUNNING
+            if row is not None and not (running and row["started_at"] < now - stale_after):
+                return IdempotentRequest(
+                    row["fingerprint"], IdempotencyState(row["state"]), row["status"], row["response"]
+                )
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (operator, key, fingerprint, state, started_at,"
+                " expires_at) VALUES (?,?,?,?,?,?)",
+                (operator, key, fingerprint, IdempotencyState.RUNNING, now, now + ttl),
+            )
+            return None
+
+        return await self._write(work)
+
+    async def finish_idempotent(self, operator: str, key: str, status: int, response: bytes) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE idempotency SET state = ?, status = ?, response = ? WHERE operator = ? AND key = ?",
+                (IdempotencyState.DONE, status, response, operator, key),
+            )
+
+        await self._write(work)
+
+    async def drop_idempotent(self, operator: str, key: str) -> None:
+        """Forget a claim whose request failed on our side, so that its retry runs afresh."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM idempotency WHERE operator = ? AND key = ?", (operator, key))
+
+        await self._write(work)
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -487,6 +682,31 @@ def _apply_one(conn: sqlite3.Connection, t: Transition, now: float) -> bool:
         return False
     _event(conn, t.incident_id, now, t.event, t.state, t.detail)
     return True
+
+
+def _sighting(row: sqlite3.Row) -> Sighting:
+    return Sighting(
+        row["reporter"],
+        row["url"],
+        row["source"],
+        row["token_type"],
+        row["operator"],
+        row["seen_at"],
+        row["note"],
+    )
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        incident_id=row["incident_id"],
+        recipient=row["recipient"],
+        purpose=row["purpose"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        message_id=row["message_id"],
+        detail=row["detail"],
+        updated_at=row["updated_at"],
+    )
 
 
 def _incident(row: sqlite3.Row) -> Incident:

@@ -1,0 +1,124 @@
+"""Handing a message to the SMTP server named by `LEAK_RESPONDER_SMTP_URL`, with the stdlib client.
+
+smtplib blocks, so each send runs in a worker thread, a few at a time: enough to keep a burst of
+owner emails moving, few enough that a slow relay is never hit by a connection storm. Every outcome
+is classified the way the outbox needs it: delivered, refused for good (5xx about this recipient or
+this message), or worth retrying (the server is down or slow, a 4xx, our own credentials refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import smtplib
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from urllib.parse import unquote, urlsplit
+
+
+class SendOutcome(enum.StrEnum):
+    SENT = "sent"
+    REFUSED = "refused"
+    RETRY = "retry"
+
+
+class SendReason(enum.StrEnum):
+    RECIPIENT_REFUSED = "recipient_refused"
+    SMTP_UNAVAILABLE = "smtp_unavailable"
+    SMTP_TEMPORARY = "smtp_temporary_failure"
+    SMTP_AUTH_FAILED = "smtp_auth_failed"
+    SENDER_REFUSED = "smtp_sender_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    outcome: SendOutcome
+    reason: SendReason | None = None
+    detail: str = ""
+
+
+_DETAIL_MAX = 200
+
+
+class SmtpSender:
+    def __init__(self, url: str, timeout: float, concurrency: int = 4) -> None:
+        parts = urlsplit(url)
+        self._implicit_tls = parts.scheme == "smtps"
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or (465 if self._implicit_tls else 25)
+        self._user = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password else None
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tls = ssl.create_default_context()
+
+    @property
+    def where(self) -> str:
+        """Host and port, for logs; never the credentials of the URL."""
+        return f"{self._host}:{self._port}"
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> SendResult:
+        async with self._slots:
+            return await asyncio.to_thread(self._send, message, sender, recipient)
+
+    def _send(self, message: EmailMessage, sender: str, recipient: str) -> SendResult:
+        try:
+            with self._connect() as smtp:
+                smtp.send_message(message, from_addr=sender, to_addrs=[recipient])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = exc.recipients.get(recipient, (550, b""))
+            return _by_code(code, text, SendReason.RECIPIENT_REFUSED)
+        except smtplib.SMTPSenderRefused as exc:
+            # Our MAIL FROM is refused: a configuration problem, not this owner's; keep retrying.
+            return SendResult(
+                SendOutcome.RETRY, SendReason.SENDER_REFUSED, _text(exc.smtp_code, exc.smtp_error)
+            )
+        except smtplib.SMTPAuthenticationError as exc:
+            return SendResult(
+                SendOutcome.RETRY, SendReason.SMTP_AUTH_FAILED, _text(exc.smtp_code, exc.smtp_error)
+            )
+        except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
+            # The server turned us away before any recipient came up: it, not the owner, is the problem.
+            return SendResult(
+                SendOutcome.RETRY, SendReason.SMTP_UNAVAILABLE, _text(exc.smtp_code, exc.smtp_error)
+            )
+        except smtplib.SMTPResponseException as exc:
+            # A 5xx to DATA is the recipient's server refusing this message: as final as a RCPT 5xx.
+            return _by_code(exc.smtp_code, exc.smtp_error, SendReason.RECIPIENT_REFUSED)
+        except (OSError, smtplib.SMTPException) as exc:
+            return SendResult(
+                SendOutcome.RETRY, SendReason.SMTP_UNAVAILABLE, f"{type(exc).__name__}: {exc}"[:_DETAIL_MAX]
+            )
+        return SendResult(SendOutcome.SENT)
+
+    def _connect(self) -> smtplib.SMTP:
+        if self._implicit_tls:
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                self._host, self._port, timeout=self._timeout, context=self._tls
+            )
+        else:
+            smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
+        try:
+            smtp.ehlo()
+            if not self._implicit_tls and smtp.has_extn("starttls"):
+                smtp.starttls(context=self._tls)
+                smtp.ehlo()
+            if self._user is not None:
+                smtp.login(self._user, self._password or "")
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+
+def _text(code: int, message: bytes | str) -> str:
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return f"{code} {message}"[:_DETAIL_MAX]
+
+
+def _by_code(code: int, message: bytes | str, permanent: SendReason) -> SendResult:
+    if 500 <= code < 600:
+        return SendResult(SendOutcome.REFUSED, permanent, _text(code, message))
+    return SendResult(SendOutcome.RETRY, SendReason.SMTP_TEMPORARY, _text(code, message))

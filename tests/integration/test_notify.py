@@ -1,0 +1,171 @@
+"""Owners hear from us once, after the 401 proof: a real SMTP server on loopback receives the mail,
+through SMTP outages, redeliveries, refusals and a SIGKILL between a send and its commit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.tokens import redact
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.integration
+
+# Seeded keys: owners are shared round-robin over 3 owners for 6 keys; owner n lists
+# security{n}@ as a second recipient when n is even. So key 0 → owner0 + security0, key 1 → owner1
+# alone, and keys 0 and 3 share owner0.
+
+
+def reasons(service) -> set[str]:
+    return {r.get("reason") for r in service.log_records()}
+
+
+def test_owner_email_after_confirm(sandbox, make_service, smtp):
+    service = make_service(smtp.env())
+    key = sandbox.supermemory.keys[0]
+    service.post_alert(sandbox.github, [key.token], url="https://github.com/octocat/demo/blob/main/.env")
+    service.wait_state(key.token, "closed")
+    assert sorted(a for m in smtp.received() for a in m.rcpt_tos) == [
+        "owner0@example.test",
+        "security0@example.test",
+    ]
+    message = smtp.to("owner0@example.test")[0]
+    assert message.email["From"] == "leak-responder@example.test"
+    assert message.email["Reply-To"] == "security@example.test"
+    assert (
+        message.email["Subject"]
+        == f"Your Supermemory API key {redact(key.token)} was leaked and has been revoked"
+    )
+    for part in (message.part("plain"), message.part("html")):
+        assert redact(key.token) in part
+        assert key.name in part and key.org_id in part
+        assert "https://github.com/octocat/demo/blob/main/.env" in part
+        assert "source: content" in part
+        assert "Create a replacement key" in part
+        assert "security@example.test" in part
+    assert "Hello Sandbox Owner 0" in message.part("plain")
+    for m in smtp.received():
+        assert key.token.encode() not in m.raw
+        assert key.token[3:].encode() not in m.raw
+    assert service.events(key.token)[-3:] == ["confirmed", "notified", "closed"]
+    assert service.incident(key.token)["token_sealed"] is None
+
+
+def test_one_email_lists_every_key_of_an_owner_in_one_alert(sandbox, make_service, smtp):
+    service = make_service(smtp.env())
+    keys = sandbox.supermemory.keys
+    tokens = [keys[0].token, keys[3].token, keys[1].token]
+    service.post_alert(sandbox.github, tokens)
+    for token in tokens:
+        service.wait_state(token, "closed")
+    to_owner0 = smtp.to("owner0@example.test")
+    assert len(to_owner0) == 1
+    body = to_owner0[0].part("plain")
+    assert redact(keys[0].token) in body and redact(keys[3].token) in body
+    assert redact(keys[1].token) not in body
+    assert to_owner0[0].email["Subject"] == "2 of your Supermemory API keys were leaked and have been revoked"
+    assert len(smtp.to("security0@example.test")) == 1
+    assert len(smtp.to("owner1@example.test")) == 1
+    assert len(smtp.received()) == 3
+
+
+def test_redelivery_sends_no_second_email(sandbox, make_service, smtp):
+    service = make_service(smtp.env())
+    token = sandbox.tokens[1]
+    service.post_alert(sandbox.github, [token])
+    service.wait_state(token, "closed")
+    assert service.post_alert(sandbox.github, [token]).status_code == 200
+    wait_until(lambda: service.count("sightings") == 2)
+    time.sleep(1.0)
+    assert len(smtp.to("owner1@example.test")) == 1
+    assert len(smtp.received()) == 1
+
+
+def test_smtp_down_then_up_delivers_once(sandbox, make_service, smtp):
+    smtp.stop()
+    service = make_service(smtp.env())
+    token = sandbox.tokens[1]
+    service.post_alert(sandbox.github, [token])
+    wait_until(lambda: service.events(token).count("notify_pending") >= 2)
+    assert service.state(token) == "confirmed"
+    assert service.incident(token)["last_reason"] == "smtp_unavailable"
+    assert "smtp_unavailable" in reasons(service)
+    smtp.start()
+    service.wait_state(token, "closed")
+    time.sleep(0.5)
+    assert len(smtp.to("owner1@example.test")) == 1
+    assert len(smtp.received()) == 1
+
+
+def test_killed_after_send_before_commit_sends_again(sandbox, make_service, smtp, tmp_path):
+    """At-least-once (docs/notify.md): the owner may get the same message twice, never none."""
+    service = make_service(smtp.env())
+
+    def kill_once(message) -> None:
+        # The server holds the whole message; the service dies before it hears the 250 and so
+        # before its outbox can record the send.
+        if len(smtp.received()) == 1:
+            service.kill()
+
+    smtp.on_message = kill_once
+    token = sandbox.tokens[1]
+    service.post_alert(sandbox.github, [token])
+    wait_until(lambda: service.proc.poll() is not None)
+    assert service.state(token) == "confirmed"
+    with service.db() as conn:
+        assert [tuple(r) for r in conn.execute("SELECT status FROM deliveries")] == [("sending",)]
+
+    restarted = make_service(smtp.env(), workdir=tmp_path)
+    restarted.wait_state(token, "closed")
+    copies = smtp.to("owner1@example.test")
+    assert len(copies) == 2
+    assert copies[0].email["Message-ID"] == copies[1].email["Message-ID"]
+    assert "resend_unknown_outcome" in reasons(restarted)
+    assert restarted.events(token).count("notified") == 1
+
+
+def test_refused_recipient_tells_the_security_contact(sandbox, make_service, smtp):
+    smtp.refuse = {"owner1@example.test"}
+    service = make_service(smtp.env())
+    key = sandbox.supermemory.keys[1]
+    service.post_alert(sandbox.github, [key.token])
+    service.wait_state(key.token, "closed")
+    assert smtp.to("owner1@example.test") == []
+    notices = smtp.to("security@example.test")
+    assert len(notices) == 1
+    assert "owner1@example.test" in notices[0].email["Subject"]
+    assert redact(key.token) in notices[0].part("plain")
+    assert "550" in notices[0].part("plain")
+    assert "recipient_refused" in reasons(service)
+    assert "owner_unreachable" in service.incident(key.token)["pages"]
+
+
+def test_unconfirmed_key_gets_an_urgent_email(sandbox, make_service, smtp):
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    service = make_service(smtp.env())
+    key = sandbox.supermemory.keys[1]
+    service.post_alert(sandbox.github, [key.token])
+    service.wait_state(key.token, "closed")
+    (message,) = smtp.to("owner1@example.test")
+    assert message.email["Subject"].startswith("URGENT: rotate your Supermemory API key")
+    assert message.email["Importance"] == "high"
+    assert "may still work" in message.part("plain")
+    assert "Rotate now" in message.part("html")
+    events = service.events(key.token)
+    assert events.index("unconfirmed") < events.index("notified")
+
+
+def test_without_smtp_incidents_wait_then_resume(sandbox, make_service, smtp, tmp_path):
+    service = make_service()
+    assert "notify_disabled" in reasons(service)
+    token = sandbox.tokens[1]
+    service.post_alert(sandbox.github, [token])
+    service.wait_state(token, "confirmed")
+    # Parked, visibly: confirmed and scheduled for nothing until a notifier exists.
+    assert service.incident(token)["next_run_at"] is None
+    service.stop()
+
+    restarted = make_service(smtp.env(), workdir=tmp_path)
+    restarted.wait_state(token, "closed")
+    assert len(smtp.to("owner1@example.test")) == 1
