@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -18,7 +20,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.alerting import PageCode
 from service.inbound import InboundError, InboundReason, parse_alert, read_limited, verify_request
+from service.inbound.reports import ReportError, parse_report, read_report
 from service.observability import ALERTS, failure, request_id
+from service.openapi import openapi_document
+from service.operators import (
+    OperatorError,
+    OperatorReason,
+    authenticate,
+    detail_json,
+    finding_json,
+    fingerprint,
+    idempotency_key,
+    idempotent,
+    incident_filter,
+    incident_page,
+)
 from service.runtime import Runtime
 from service.settings import Settings
 from service.store import AlertRecord, StoreError, TokenSighting
@@ -71,6 +87,115 @@ async def receive_alert(request: Request) -> Response:
             if r.token_hash in labels
         ]
     )
+
+
+OperatorView = Callable[[Request, str], Awaitable[Response]]
+
+MANUAL = "manual"
+MANUAL_SOURCE = "manual_submission"
+
+
+def operator_route(view: OperatorView) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate the operator, then give every refusal its reason code in body, log and metric."""
+
+    @functools.wraps(view)
+    async def route(request: Request) -> Response:
+        rt: Runtime = request.app.state.runtime
+        extra = {"path": request.url.path}
+        try:
+            operator = authenticate(request.headers.get("authorization"), rt.settings.operator_tokens)
+            extra["operator"] = operator
+            return await view(request, operator)
+        except (OperatorError, ReportError) as exc:
+            failure(log, "operators", exc.reason, exc.message, status=exc.status, **extra)
+            response = error(exc.status, exc.reason, exc.message)
+            response.headers.update(exc.headers if isinstance(exc, OperatorError) else {})
+            return response
+        except StoreError as exc:
+            failure(log, "operators", "store_unavailable", str(exc), level=logging.ERROR, **extra)
+            return error(503, "store_unavailable", "the store is unavailable; retry later")
+
+    return route
+
+
+@operator_route
+async def receive_report(request: Request, operator: str) -> Response:
+    """A manual report: found keys go through the partner alerts' intake and labelling, so a paste
+    is handled exactly like an alert (same dedupe, same revoke, same audit trail)."""
+    rt: Runtime = request.app.state.runtime
+    started = time.monotonic()
+    key = idempotency_key(request.headers)
+    body = await read_report(request.stream())
+    content_type = request.headers.get("content-type")
+
+    async def run() -> Response:
+        report = parse_report(body, content_type)
+        sightings = [
+            TokenSighting(
+                i.token, i.token_type, i.url or i.file, MANUAL_SOURCE, MANUAL, operator, report.note
+            )
+            for i in report.items
+        ]
+        refs = []
+        budget = rt.settings.request_budget
+        if sightings:
+            record = AlertRecord(MANUAL, hashlib.sha256(body).hexdigest(), len(sightings), operator)
+            refs = await rt.store.intake(record, sightings, match_after=budget)
+            rt.worker.wake()
+        labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
+        by_hash = {r.token_hash: (r.id, r.state) for r in refs}
+        # The labelling may have moved incidents on; a failed re-read only shows intake's states.
+        with contextlib.suppress(StoreError):
+            by_hash |= {i.token_hash: (i.id, i.state) for i in await rt.store.incidents([r.id for r in refs])}
+        ALERTS.labels(reporter=MANUAL, outcome="accepted").inc()
+        log.info(
+            "report accepted",
+            extra={"operator": operator, "kind": report.kind, "items": len(sightings), "tokens": len(refs)},
+        )
+        findings = [finding_json(i, *by_hash[i.token_hash], labels.get(i.token_hash)) for i in report.items]
+        return JSONResponse({"kind": report.kind, "findings": findings})
+
+    return await idempotent(rt.store, operator, key, fingerprint(content_type, body), run)
+
+
+@operator_route
+async def list_incidents(request: Request, operator: str) -> Response:
+    rt: Runtime = request.app.state.runtime
+    where = incident_filter(request.query_params)
+    found = await rt.store.list_incidents(dataclasses.replace(where, limit=where.limit + 1))
+    return JSONResponse(incident_page(found, where.limit))
+
+
+@operator_route
+async def show_incident(request: Request, operator: str) -> Response:
+    rt: Runtime = request.app.state.runtime
+    detail = await rt.store.detail(request.path_params["incident_id"])
+    if detail is None:
+        raise OperatorError(OperatorReason.INCIDENT_NOT_FOUND, "no such incident")
+    return JSONResponse(detail_json(detail))
+
+
+@operator_route
+async def retry_incident(request: Request, operator: str) -> Response:
+    """202 with the incident as it now stands; 409 when it is not stuck (see service.pipeline.retry)."""
+    rt: Runtime = request.app.state.runtime
+    incident_id = request.path_params["incident_id"]
+    found = await rt.store.incidents([incident_id])
+    if not found:
+        raise OperatorError(OperatorReason.INCIDENT_NOT_FOUND, "no such incident")
+    if not await rt.worker.retry(found[0], operator):
+        raise OperatorError(
+            OperatorReason.INCIDENT_NOT_RETRYABLE,
+            f"incident is {found[0].state} with {found[0].attempts} failed attempts: nothing to retry",
+        )
+    detail = await rt.store.detail(incident_id)
+    assert detail is not None
+    return JSONResponse(detail_json(detail), status_code=202)
+
+
+async def openapi(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    return JSONResponse(openapi_document(list(rt.reporters)))
 
 
 async def livez(request: Request) -> Response:
@@ -134,6 +259,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
 
     routes = [
         Route("/v1/alerts/{reporter}", receive_alert, methods=["POST"]),
+        Route("/v1/reports", receive_report, methods=["POST"]),
+        Route("/v1/incidents", list_incidents),
+        Route("/v1/incidents/{incident_id}", show_incident),
+        Route("/v1/incidents/{incident_id}/retry", retry_incident, methods=["POST"]),
+        Route("/openapi.json", openapi),
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

@@ -1,0 +1,313 @@
+"""The operator's side of the API: who is asking, replaying a request, and incidents as JSON.
+
+Kept apart from the routes (service.app) so that the routes stay a thin sequence of calls, and so
+that what an operator sees of an incident is decided in one place, built from hashes and redacted
+forms only: nothing here ever receives a raw token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import enum
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.datastructures import Headers, QueryParams
+from starlette.responses import Response
+
+from service.inbound.reports import ReportItem
+from service.store import (
+    IdempotencyState,
+    Incident,
+    IncidentDetail,
+    IncidentFilter,
+    State,
+    Store,
+    StoreError,
+)
+
+
+class OperatorReason(enum.StrEnum):
+    AUTH_MISSING = "auth_missing"
+    AUTH_FORBIDDEN = "auth_forbidden"
+    IDEMPOTENCY_KEY_INVALID = "idempotency_key_invalid"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
+    QUERY_INVALID = "query_invalid"
+    INCIDENT_NOT_FOUND = "incident_not_found"
+    INCIDENT_NOT_RETRYABLE = "incident_not_retryable"
+
+
+R = OperatorReason
+STATUS: dict[OperatorReason, int] = {
+    R.AUTH_MISSING: 401,
+    R.AUTH_FORBIDDEN: 403,
+    R.IDEMPOTENCY_KEY_INVALID: 400,
+    # The draft's answers: 409 while the first request runs, 422 for a key reused on another body.
+    R.IDEMPOTENCY_CONFLICT: 409,
+    R.IDEMPOTENCY_MISMATCH: 422,
+    R.QUERY_INVALID: 400,
+    R.INCIDENT_NOT_FOUND: 404,
+    R.INCIDENT_NOT_RETRYABLE: 409,
+}
+
+
+class OperatorError(Exception):
+    def __init__(
+        self, reason: OperatorReason, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.status = STATUS[reason]
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- who is asking --------------------------------------------------------------------------------
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="leak-responder"'}
+
+
+def authenticate(authorization: str | None, operators: Mapping[str, str]) -> str:
+    """The operator's name for a bearer token, compared by SHA-256 in constant time.
+
+    Every configured hash is compared, even after a match, so the time taken says nothing about
+    which operator (or how many) a token came close to.
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise OperatorError(R.AUTH_MISSING, "an operator bearer token is required", _CHALLENGE)
+    presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+    found = None
+    for name, digest in operators.items():
+        if hmac.compare_digest(presented, digest):
+            found = name
+    if found is None:
+        raise OperatorError(R.AUTH_FORBIDDEN, "this token is not an operator's")
+    return found
+
+
+# -- Idempotency-Key ------------------------------------------------------------------------------
+
+IDEMPOTENCY_TTL = 24 * 3600.0
+# Longer than any request can run (reading a report and the request budget): a claim still running
+# after this was left by a process that died, and is taken over instead of answering 409 for a day.
+IDEMPOTENCY_STALE = 120.0
+_KEY = re.compile(r'"?([\x21\x23-\x7e]{1,255})"?')
+
+
+def idempotency_key(headers: Headers) -> str | None:
+    """The Idempotency-Key header; the draft makes it a structured-field string (quoted), but
+    clients commonly send it bare, so both are taken."""
+    raw = headers.get("idempotency-key")
+    if raw is None:
+        return None
+    match = _KEY.fullmatch(raw.strip())
+    if match is None:
+        raise OperatorError(R.IDEMPOTENCY_KEY_INVALID, "Idempotency-Key must be 1-255 printable characters")
+    return match.group(1)
+
+
+def fingerprint(content_type: str | None, body: bytes) -> str:
+    """The media type counts: the same bytes as text/plain and as JSON are different reports."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return hashlib.sha256(media.encode() + b"\0" + body).hexdigest()
+
+
+async def idempotent(
+    store: Store,
+    operator: str,
+    key: str | None,
+    print_: str,
+    run: Callable[[], Awaitable[Response]],
+) -> Response:
+    """Run `run` once per (operator, key): replay its stored 2xx, refuse a reuse or a concurrent run.
+
+    Only a success is kept. A refusal or a failure drops the claim, so the retry runs afresh and
+    gets the same refusal (or, for our own failures, a second chance).
+    """
+    if key is None:
+        return await run()
+    earlier = await store.begin_idempotent(operator, key, print_, IDEMPOTENCY_TTL, IDEMPOTENCY_STALE)
+    if earlier is not None:
+        if earlier.fingerprint != print_:
+            raise OperatorError(R.IDEMPOTENCY_MISMATCH, "this Idempotency-Key was used for another request")
+        if earlier.state is IdempotencyState.RUNNING:
+            raise OperatorError(
+                R.IDEMPOTENCY_CONFLICT, "a request with this Idempotency-Key is still running"
+            )
+        assert earlier.status is not None and earlier.response is not None
+        return Response(earlier.response, earlier.status, media_type="application/json")
+    try:
+        response = await run()
+    except BaseException:
+        # If this fails too, the claim goes stale and is taken over; the first error is what matters.
+        with contextlib.suppress(StoreError):
+            await store.drop_idempotent(operator, key)
+        raise
+    if 200 <= response.status_code < 300:
+        await store.finish_idempotent(operator, key, response.status_code, bytes(response.body))
+    else:
+        await store.drop_idempotent(operator, key)
+    return response
+
+
+# -- listing incidents ----------------------------------------------------------------------------
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+_INCIDENT_ID = re.compile(r"inc_[0-9a-f]{12,40}")
+
+
+def incident_filter(params: QueryParams) -> IncidentFilter:
+    """The list's query: state, reporter, org, since/until (ISO-8601 or epoch seconds), limit, next."""
+    unknown = set(params) - {"state", "reporter", "org", "since", "until", "limit", "next"}
+    if unknown:
+        raise OperatorError(R.QUERY_INVALID, f"unknown query parameters: {', '.join(sorted(unknown))}")
+    state = params.get("state")
+    if state is not None and state not in {s.value for s in State}:
+        raise OperatorError(R.QUERY_INVALID, f"state must be one of {', '.join(State)}")
+    try:
+        limit = int(params.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise OperatorError(R.QUERY_INVALID, f"limit must be an integer from 1 to {MAX_LIMIT}")
+    cursor = params.get("next")
+    return IncidentFilter(
+        state=State(state) if state is not None else None,
+        reporter=params.get("reporter") or None,
+        org_id=params.get("org") or None,
+        since=_instant(params, "since"),
+        until=_instant(params, "until"),
+        limit=limit,
+        before_id=_decode_cursor(cursor) if cursor else None,
+    )
+
+
+def _instant(params: QueryParams, name: str) -> float | None:
+    value = params.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise OperatorError(R.QUERY_INVALID, f"{name} must be ISO-8601 or epoch seconds") from None
+    # A time without a zone is read as UTC: the service and its timestamps have no other zone.
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _encode_cursor(incident_id: str) -> str:
+    """Opaque on purpose: clients pass it back as is, so what it holds may change."""
+    return base64.urlsafe_b64encode(incident_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        decoded = ""
+    if not _INCIDENT_ID.fullmatch(decoded):
+        raise OperatorError(R.QUERY_INVALID, "next is not a cursor this service handed out")
+    return decoded
+
+
+def incident_page(found: list[Incident], limit: int) -> dict[str, Any]:
+    """`found` was fetched with one row more than `limit`: that row's presence is the next page's."""
+    page = found[:limit]
+    more = len(found) > limit
+    return {
+        "incidents": [incident_json(i) for i in page],
+        "next": _encode_cursor(page[-1].id) if more and page else None,
+    }
+
+
+# -- what an operator sees ------------------------------------------------------------------------
+
+
+def iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def incident_json(incident: Incident) -> dict[str, Any]:
+    return {
+        "id": incident.id,
+        "state": str(incident.state),
+        "label": str(incident.label) if incident.label else None,
+        "redacted": incident.redacted,
+        "token_hash": incident.token_hash,
+        "token_type": incident.token_type,
+        "key_id": incident.key_id,
+        "org_id": incident.org_id,
+        "key_name": incident.key_name,
+        "created_at": iso(incident.created_at),
+        "matched_at": iso(incident.matched_at),
+        "revoked_at": iso(incident.revoked_at),
+        "confirmed_at": iso(incident.confirmed_at),
+        "notified_at": iso(incident.notified_at),
+        "closed_at": iso(incident.closed_at),
+        "time_to_revoke": _seconds(incident.time_to_revoke),
+        "time_to_confirm": _seconds(incident.time_to_confirm),
+        "attempts": incident.attempts,
+        "last_reason": incident.last_reason,
+        "next_run_at": iso(incident.next_run_at),
+        "pages": sorted(incident.pages),
+    }
+
+
+def detail_json(detail: IncidentDetail) -> dict[str, Any]:
+    return {
+        **incident_json(detail.incident),
+        "recipients": detail.incident.recipients,
+        "events": [
+            {"at": iso(e.at), "kind": e.kind, "state": str(e.state) if e.state else None, "detail": e.detail}
+            for e in detail.events
+        ],
+        "sightings": [
+            {
+                "seen_at": iso(s.seen_at),
+                "reporter": s.reporter,
+                "operator": s.operator,
+                "url": s.url,
+                "source": s.source,
+                "token_type": s.token_type,
+                "note": s.note,
+            }
+            for s in detail.sightings
+        ],
+    }
+
+
+def finding_json(item: ReportItem, incident_id: str, state: State, label: str | None) -> dict[str, Any]:
+    return {
+        "token_hash": item.token_hash,
+        "redacted": item.redacted,
+        "confidence": item.confidence,
+        "encoding": item.encoding,
+        "file": item.file,
+        "line": item.line,
+        "column": item.column,
+        "incident_id": incident_id,
+        "state": str(state),
+        "label": label,
+    }
