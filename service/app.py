@@ -11,17 +11,17 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.alerting import PageCode
 from service.inbound import InboundError, InboundReason, parse_alert, read_limited, verify_request
 from service.inbound.reports import ReportError, parse_report, read_report
-from service.observability import ALERTS, failure, request_id
+from service.observability import ALERTS, exposition, failure, request_id
 from service.openapi import openapi_document
 from service.operators import (
     OperatorError,
@@ -217,7 +217,18 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    rt: Runtime = request.app.state.runtime
+    try:
+        stats = await rt.store.stats()
+    except StoreError as exc:
+        failure(log, "metrics", "store_unavailable", str(exc), level=logging.ERROR)
+        return error(503, "store_unavailable", "the store could not be read")
+    caches = {
+        name: {"hits": c.hits, "misses": c.misses, "fetches": c.fetches, "fetch_failures": c.fetch_failures}
+        for name, c in rt.caches.items()
+    }
+    body = exposition(stats, caches)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 class RequestIdMiddleware:

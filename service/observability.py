@@ -20,8 +20,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from service.store.models import StoreStats
 from service.tokens import redact
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -56,6 +58,48 @@ TIME_TO_CONFIRM = Histogram(
     "From alert received to the probe's 401.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
+
+
+class _Snapshot:
+    """A collector that hands out families computed once per scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def exposition(stats: StoreStats, key_caches: Mapping[str, Mapping[str, int]]) -> bytes:
+    """The process's metrics plus those read at scrape time: the store's counts (shared by every
+    replica) and each reporter's key-cache counters. No label ever holds a token or a hash."""
+    incidents = GaugeMetricFamily("leak_responder_incidents", "Incidents by state.", labels=["state"])
+    for state, count in sorted(stats.incidents_by_state.items()):
+        incidents.add_metric([state], count)
+    families: list[Metric] = [
+        incidents,
+        GaugeMetricFamily(
+            "leak_responder_pending_work", "Incidents not yet in a final state.", value=stats.pending
+        ),
+        GaugeMetricFamily(
+            "leak_responder_oldest_pending_seconds",
+            "Age of the oldest incident not yet in a final state; grows while the pipeline is stuck.",
+            value=stats.oldest_pending_age,
+        ),
+        GaugeMetricFamily(
+            "leak_responder_due_work", "Incidents whose next step is due now.", value=stats.due
+        ),
+    ]
+    for counter in ("hits", "misses", "fetches", "fetch_failures"):
+        family = CounterMetricFamily(
+            f"leak_responder_key_cache_{counter}", f"Verification-key cache {counter}.", labels=["reporter"]
+        )
+        for reporter, counts in sorted(key_caches.items()):
+            family.add_metric([reporter], counts[counter])
+        families.append(family)
+    snapshot = CollectorRegistry()
+    snapshot.register(_Snapshot(families))
+    return generate_latest() + generate_latest(snapshot)
 
 
 def failure(

@@ -11,7 +11,7 @@ from service.alerting import PageCode, Pager, PipelineMonitor, SentryPager, init
 from service.inbound import InboundReason, KeyCache, Reporter, reporters
 from service.notify import EmailNotifier, Letter, SmtpSender
 from service.observability import failure
-from service.pipeline import Policy, Steps, Worker
+from service.pipeline import Policy, Steps, Sweeper, Worker
 from service.settings import Settings
 from service.store import Store, open_store
 from service.supermemory import SupermemoryClient
@@ -28,6 +28,7 @@ class Runtime:
     worker: Worker
     reporters: dict[str, Reporter]
     keys_http: httpx.AsyncClient
+    sweeper: Sweeper
     caches: dict[str, KeyCache] = field(default_factory=dict)
     monitor: PipelineMonitor | None = None
 
@@ -76,7 +77,8 @@ class Runtime:
         )
         enabled = reporters(settings.github_keys_url, settings.gitlab_keys_url, settings.depsdev_keys_url)
         keys_http = httpx.AsyncClient(timeout=settings.http_timeout, headers={"User-Agent": "leak-responder"})
-        runtime = cls(settings, store, client, pager, worker, enabled, keys_http)
+        sweeper = Sweeper(store, retention=settings.retention_days * 86400, interval=settings.sweep_interval)
+        runtime = cls(settings, store, client, pager, worker, enabled, keys_http, sweeper)
         if settings.sentry_dsn:
             runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)
         for name, reporter in enabled.items():
@@ -105,6 +107,7 @@ class Runtime:
         for cache in self.caches.values():
             cache.start()
         await self.worker.start()
+        self.sweeper.start()
         if self.monitor is not None:
             self.monitor.start()
         if self.settings.dry_run:
@@ -121,6 +124,7 @@ class Runtime:
     async def stop(self) -> None:
         if self.monitor is not None:
             await self.monitor.stop()
+        await self.sweeper.stop()
         await self.worker.stop()
         if isinstance(self.pager, SentryPager):
             await self.pager.aclose()

@@ -181,6 +181,7 @@ _SPECS: dict[str, _Spec] = {
     "lease_seconds": _Spec("LEASE_SECONDS", _positive(_F), "30"),
     "keys_refresh_interval": _Spec("KEYS_REFRESH_INTERVAL", _positive(_F), "3600"),
     "retention_days": _Spec("RETENTION_DAYS", _positive(_F), "30"),
+    "sweep_interval": _Spec("SWEEP_INTERVAL", _positive(_F), "3600"),
     "log_level": _Spec("LOG_LEVEL", str.upper, "INFO"),
     "log_format": _Spec("LOG_FORMAT", _log_format, "json"),
     "sentry_dsn": _Spec("SENTRY_DSN", str, "", secret=True),
@@ -230,6 +231,7 @@ class Settings:
     lease_seconds: float
     keys_refresh_interval: float
     retention_days: float
+    sweep_interval: float
     log_level: str
     log_format: str
     sentry_dsn: str

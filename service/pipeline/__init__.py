@@ -1,6 +1,7 @@
 """The incident pipeline (SPEC §5): match, revoke, confirm, notify, close, under leases."""
 
 from service.pipeline.steps import Notifier, Policy, Steps, backoff
+from service.pipeline.sweeper import Sweeper
 from service.pipeline.worker import Worker
 
-__all__ = ["Notifier", "Policy", "Steps", "Worker", "backoff"]
+__all__ = ["Notifier", "Policy", "Steps", "Sweeper", "Worker", "backoff"]

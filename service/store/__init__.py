@@ -23,6 +23,7 @@ from service.store.models import (
     Reservation,
     Sighting,
     State,
+    StoreStats,
     TokenSighting,
     Transition,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "State",
     "Store",
     "StoreError",
+    "StoreStats",
     "TokenSighting",
     "Transition",
     "open_store",

@@ -214,3 +214,14 @@ class IdempotentRequest:
     state: IdempotencyState
     status: int | None
     response: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What the metrics endpoint shows of the store: how much is where, and how long the oldest
+    unfinished incident has waited (it grows while the pipeline is stuck, or parked on purpose)."""
+
+    incidents_by_state: dict[str, int]
+    pending: int
+    oldest_pending_age: float
+    due: int

@@ -39,6 +39,7 @@ from service.store.models import (
     Reservation,
     Sighting,
     State,
+    StoreStats,
     TokenSighting,
     Transition,
 )
@@ -629,6 +630,55 @@ class SqliteStore:
             conn.execute("DELETE FROM idempotency WHERE operator = ? AND key = ?", (operator, key))
 
         await self._write(work)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def purge_reporter_metadata(self, finished_before: float) -> int:
+        """Forget where tokens were seen (sighting URLs) once their incident has long been over.
+
+        GitHub's partner agreement asks for this 30 days after closing; a false positive is over
+        from the moment it is labelled. Each purge is itself an audit event. Expired
+        Idempotency-Key records go in the same sweep.
+        """
+
+        def work(conn: sqlite3.Connection) -> int:
+            now = self._clock()
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT s.incident_id FROM sightings s JOIN incidents i ON i.id = s.incident_id"
+                    " WHERE s.url IS NOT NULL AND ((i.state = ? AND i.closed_at < ?)"
+                    " OR (i.state = ? AND i.created_at < ?))",
+                    (State.CLOSED, finished_before, State.FALSE_POSITIVE, finished_before),
+                )
+            ]
+            for incident_id in ids:
+                cur = conn.execute(
+                    "UPDATE sightings SET url = NULL WHERE incident_id = ? AND url IS NOT NULL",
+                    (incident_id,),
+                )
+                _event(conn, incident_id, now, "reporter_metadata_purged", None, {"sightings": cur.rowcount})
+            conn.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
+            return len(ids)
+
+        return await self._write(work)
+
+    async def stats(self) -> StoreStats:
+        def work(conn: sqlite3.Connection) -> StoreStats:
+            now = self._clock()
+            by_state = {
+                r[0]: r[1] for r in conn.execute("SELECT state, count(*) FROM incidents GROUP BY state")
+            }
+            pending, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM incidents WHERE state NOT IN (?, ?)",
+                (State.CLOSED, State.FALSE_POSITIVE),
+            ).fetchone()
+            due = conn.execute(
+                "SELECT count(*) FROM incidents WHERE next_run_at IS NOT NULL AND next_run_at <= ?", (now,)
+            ).fetchone()[0]
+            return StoreStats(by_state, pending, 0.0 if oldest is None else now - oldest, due)
+
+        return await self._read(work)
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
