@@ -1,18 +1,19 @@
 """Find Supermemory keys in arbitrary text, plain or hidden under percent- or base64-encoding.
 
-Speed comes from never doing per-character work in Python, and from running only regexes that
-start with a literal: for those CPython's engine scans for the first character in a tight C loop,
-while a pattern that starts with a class or an alternation is tried at every position and runs ten
-times slower. Hence:
+Speed comes from never doing per-character work in Python. A prefilter (see `prefilter`:
+hyperscan where it is installed, `re` elsewhere) makes the one pass over the whole text and flags
+the lines that hold
 
-- one regex for keys, plain or with their underscores percent-encoded (`sm%5F…`, the only key
-  characters an encoder changes), starting with the literal `sm`;
-- for base64, one literal search per alignment of `sm_` against base64's 3-byte groups: base64 of
-  `sm_` must contain one of three fixed strings (`c21f`, `NtX`, `zbV`). Only the lines holding one
-  are split into base64 runs, decoded and scanned again; percent-decoding (of base64 whose `+`, `/`
-  and `=` were percent-encoded in a URL) is attempted on those lines too, when they contain `%XX`.
+- the shape of a key, plain or with its underscores percent-encoded (`sm%5F…`, the only key
+  characters an encoder changes), without the boundary and placeholder checks;
+- one of the three fixed strings that base64 of `sm_` must contain, one per alignment of `sm_`
+  against base64's 3-byte groups (`c21f`, `NtX`, `zbV`).
 
-The cost of the decoding passes thus scales with the number of marker hits, not with the text.
+Only those lines reach the precise logic below: the key regex with its boundaries, and, on lines
+holding a base64 marker, splitting into base64 runs, decoding and scanning again; percent-decoding
+(of base64 whose `+`, `/` and `=` were percent-encoded in a URL) is attempted on those lines too,
+when they contain `%XX`. The cost of that logic thus scales with the number of hits, not with the
+text.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
+from service.detection import prefilter
 from service.detection.config import DEFAULT, DetectorConfig
 from service.detection.finding import Confidence, Encoding, Finding
+from service.detection.prefilter import Prefilter, RegexLines
 from service.tokens import is_key_shaped
 
 # A key must not be part of a longer word-ish run, or `foo_sm_…` and `sm_…_v2` would match.
@@ -63,13 +66,15 @@ def _base64_markers(needle: bytes) -> tuple[tuple[str, int], ...]:
 
 
 _MARKERS = _base64_markers(_PREFIX)
-# Regexes rather than str.find: with a rare first character (`N`, `z`) the regex engine's
-# literal-prefix loop is about twice as fast as str.find's.
-_MARKER_SEARCHES = tuple(re.compile(re.escape(marker)) for marker, _ in _MARKERS)
+_MARKER_PATTERNS = tuple(re.escape(marker) for marker, _ in _MARKERS)
+# Within one line or one decoding `re` is the cheaper finder: hyperscan would add an encoding and a
+# scratch allocation to every call.
+_MARKER_LINES = RegexLines(_MARKER_PATTERNS)
 
 
 @dataclass(frozen=True)
 class _Compiled:
+    prefilter: Prefilter
     key: re.Pattern[str]
     repeated: re.Pattern[str]
     standard_run: re.Pattern[str]
@@ -79,20 +84,22 @@ class _Compiled:
 
 
 @lru_cache(maxsize=16)
-def _compile(config: DetectorConfig) -> _Compiled:
+def _compile(config: DetectorConfig, strategy: type[Prefilter]) -> _Compiled:
+    high = f"(?:{config.strict_org}){_SEPARATOR}(?:{config.strict_secret})"
+    candidate = f"(?:{config.loose_org}){_SEPARATOR}(?:{config.loose_secret})"
     # The boundary lookbehinds sit after the literal `sm` and look back over it, instead of standing
     # in front, so that the pattern keeps its literal prefix. A key may follow a %XX sequence
     # (`%22sm_…%22` in a URL) even though the sequence ends in a letter or digit.
     key = re.compile(
         f"sm(?:(?<![{_WORDISH}]sm)|(?<=%{_HEX}{{2}}sm)){_SEPARATOR}"
-        f"(?:(?P<high>(?:{config.strict_org}){_SEPARATOR}(?:{config.strict_secret}))"
-        f"|(?P<candidate>(?:{config.loose_org}){_SEPARATOR}(?:{config.loose_secret})))"
-        f"(?![{_WORDISH}])"
+        f"(?:(?P<high>{high})|(?P<candidate>{candidate}))(?![{_WORDISH}])"
     )
     # The lookbehinds make every run start at a run boundary; without them each position inside a
     # short run would be retried, which is quadratic in the run's length.
     n = config.min_base64_run
     return _Compiled(
+        # The key without its boundaries: a superset of `key` that hyperscan can run.
+        prefilter=strategy((f"sm{_SEPARATOR}(?:{high}|{candidate})", *_MARKER_PATTERNS)),
         key=key,
         repeated=re.compile(rf"(.)\1{{{config.placeholder_run - 1}}}"),
         standard_run=re.compile(rf"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{{{n},}}"),
@@ -123,11 +130,6 @@ def _plain(text: str, compiled: _Compiled) -> Iterator[_Hit]:
             continue
         confidence: Confidence = "high" if match.lastgroup == "high" else "candidate"
         yield match.start(), token, confidence, encoding
-
-
-def _line_bounds(text: str, pos: int) -> tuple[int, int]:
-    end = text.find("\n", pos)
-    return text.rfind("\n", 0, pos) + 1, len(text) if end == -1 else end
 
 
 def _percent_decode(run: str) -> tuple[str, list[int]]:
@@ -204,57 +206,72 @@ def _base64(text: str, start: int, end: int, compiled: _Compiled, depth: int) ->
                 yield run.start(), token, confidence, "base64"
 
 
-def _marker_lines(text: str) -> list[tuple[int, int]]:
-    lines: set[tuple[int, int]] = set()
-    for search in _MARKER_SEARCHES:
-        match = search.search(text)
-        while match:
-            bounds = _line_bounds(text, match.start())
-            lines.add(bounds)
-            match = search.search(text, bounds[1])
-    return sorted(lines)
-
-
 def _scan(text: str, compiled: _Compiled, depth: int) -> list[_Hit]:
     hits = list(_plain(text, compiled))
     if depth < compiled.max_depth:
-        for start, end in _marker_lines(text):
+        for start, end in _MARKER_LINES.lines(text):
             hits.extend(_base64(text, start, end, compiled, depth))
             if _PERCENT.search(text, start, end):
                 hits.extend(_percent(text, start, end, compiled, depth))
     return hits
 
 
-def _findings(text: str, compiled: _Compiled, first_line: int) -> tuple[list[Finding], int]:
-    """Scan `text`, whose first character starts line `first_line`, into deduplicated findings.
+def _findings(block: str, compiled: _Compiled, first_line: int) -> tuple[list[Finding], int]:
+    """Scan the lines of `block` that the prefilter flags; `block` starts line `first_line`.
 
-    Also returns the number of newlines in `text`, counted in the same walk: counting them is a
-    full pass over the text, as costly as one of the scans.
+    Also returns the number of newlines in `block`, counted in the same walk: counting them is a
+    full pass over the block, as costly as the prefilter's.
     """
-    unique: dict[tuple[int, str], _Hit] = {}
-    for hit in _scan(text, compiled, 0):
-        # Plain hits come first, so a key that is also found in a decoding of its own span keeps
-        # the plainest description.
-        unique.setdefault((hit[0], hit[1]), hit)
-    findings = []
-    newlines, counted_to = 0, 0
-    for offset, token, confidence, encoding in sorted(unique.values(), key=lambda hit: hit[0]):
-        newlines += text.count("\n", counted_to, offset)
-        counted_to = offset
-        column = offset - text.rfind("\n", 0, offset)
-        findings.append(Finding.of(token, confidence, first_line + newlines, column, encoding))
-    return findings, newlines + text.count("\n", counted_to)
+    findings: list[Finding] = []
+    line, counted_to = first_line, 0
+    for start, end in compiled.prefilter.lines(block):
+        line += block.count("\n", counted_to, start)
+        counted_to = start
+        unique: dict[tuple[int, str], _Hit] = {}
+        for hit in _scan(block[start:end], compiled, 0):
+            # Plain hits come first, so a key that is also found in a decoding of its own span keeps
+            # the plainest description.
+            unique.setdefault((hit[0], hit[1]), hit)
+        for offset, token, confidence, encoding in sorted(unique.values(), key=lambda hit: hit[0]):
+            findings.append(Finding.of(token, confidence, line, offset + 1, encoding))
+    return findings, line - first_line + block.count("\n", counted_to)
 
 
 def scan_text(text: str, config: DetectorConfig = DEFAULT) -> list[Finding]:
-    """All keys in `text`, in order of position. Lines are separated by `\\n`."""
-    findings, _ = _findings(text, _compile(config), 1)
-    return findings
+    """All keys in `text`, in order of position. Lines are separated by `\\n`.
+
+    A long text goes through `scan_stream` too, so that it is scanned in cache-sized blocks.
+    """
+    return list(scan_stream((text,), config))
 
 
-# Chunks are gathered into blocks of about this size: scanning per line would spend more time in
-# Python call overhead than in the regex engine.
+# Text is scanned in blocks of about this size: scanning per line would spend more time in Python
+# call overhead than in the prefilter, and a block this size stays in the CPU cache while it is
+# encoded, prefiltered and has its newlines counted, which makes the three together about twice as
+# fast as over a text that does not fit.
 _BLOCK_CHARS = 1 << 20
+
+
+def _blocks(chunks: Iterable[str]) -> Iterator[str]:
+    """Regroup `chunks` into blocks of at least `_BLOCK_CHARS` (bar the last), each ending just
+    after a newline: small chunks are gathered, large ones split."""
+    pending: list[str] = []
+    pending_chars = 0
+    for chunk in chunks:
+        start = 0
+        while pending_chars + len(chunk) - start >= _BLOCK_CHARS:
+            # The first newline at which the block reaches its size.
+            cut = chunk.find("\n", start + max(_BLOCK_CHARS - pending_chars, 1) - 1) + 1
+            if not cut:
+                break
+            pending.append(chunk[start:cut])
+            yield "".join(pending)
+            pending, pending_chars, start = [], 0, cut
+        if start < len(chunk):
+            pending.append(chunk[start:])
+            pending_chars += len(chunk) - start
+    if pending_chars:
+        yield "".join(pending)
 
 
 def _byte_length(text: str) -> int:
@@ -272,33 +289,12 @@ def scan_stream(
     is held whole until it ends. `progress` receives the UTF-8 byte count scanned so far after each
     block.
     """
-    compiled = _compile(config)
-    pending: list[str] = []
-    pending_chars = 0
-    line = 1
-    scanned = 0
-
-    def block_done(block: str) -> list[Finding]:
-        nonlocal line, scanned
+    compiled = _compile(config, prefilter.PREFILTER)
+    line, scanned = 1, 0
+    for block in _blocks(chunks):
         findings, newlines = _findings(block, compiled, line)
         line += newlines
-        scanned += _byte_length(block)
         if progress is not None:
+            scanned += _byte_length(block)
             progress(scanned)
-        return findings
-
-    for chunk in chunks:
-        pending.append(chunk)
-        pending_chars += len(chunk)
-        if pending_chars < _BLOCK_CHARS:
-            continue
-        cut = chunk.rfind("\n") + 1
-        if not cut:
-            continue
-        pending[-1] = chunk[:cut]
-        block = "".join(pending)
-        rest = chunk[cut:]
-        pending, pending_chars = [rest], len(rest)
-        yield from block_done(block)
-    if pending_chars:
-        yield from block_done("".join(pending))
+        yield from findings

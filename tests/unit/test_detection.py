@@ -1,9 +1,14 @@
-"""Table-driven tests of the key detector over tests/data/detection/corpus.toml, plus properties."""
+"""Table-driven tests of the key detector over tests/data/detection/corpus.toml, plus properties.
+
+Every test runs once per prefilter (see `prefilter` below), so that the `re` fallback stays tested
+on machines that use hyperscan, and hyperscan wherever it is installed.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -15,8 +20,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.detection import DetectorConfig, Finding, scan_stream, scan_text
+from service.detection import DetectorConfig, Finding, scan_stream, scan_text, scanner
+from service.detection import prefilter as prefilters
 from service.tokens import redact, token_hash
+
+PREFILTERS = [
+    pytest.param(prefilters.RegexLines, id="re"),
+    pytest.param(
+        prefilters.HyperscanLines,
+        id="hyperscan",
+        marks=pytest.mark.skipif(prefilters.hyperscan is None, reason="hyperscan is not installed"),
+    ),
+]
+
+
+@pytest.fixture(autouse=True, scope="module", params=PREFILTERS)
+def prefilter(request):
+    """Module-scoped, so that hypothesis's tests run under it too and each prefilter's set is whole."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefilters, "PREFILTER", request.param)
+        yield request.param
+
 
 CORPUS = tomllib.loads((Path(__file__).parents[1] / "data" / "detection" / "corpus.toml").read_text())
 BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -113,6 +137,86 @@ def test_stream_spans_chunks_and_reports_progress():
     ]
     assert seen == sorted(seen)
     assert seen[-1] == len(text.encode())
+
+
+# Latin-1 (which hyperscan scans one byte per character), characters of 3 and of 2 and 4 UTF-8 bytes,
+# and a lone surrogate (which a str may hold and UTF-8 may not): in UTF-8, byte offsets run ahead of
+# character offsets by different amounts for each.
+WIDE = ["é", "中文", "é😀", "\ud800"]
+
+
+@pytest.mark.parametrize("wide", WIDE)
+def test_columns_count_characters_not_bytes(wide):
+    lines = [
+        f"{wide} nothing here {wide}",
+        f"{wide}{wide} x-api-key: {KEYS['k1']} {wide}",
+        f"{wide}  data: {FILTERS['b64'](KEYS['k2'])}",
+        f"GET /{wide}?apikey={FILTERS['pct'](KEYS['k1'])}&{wide}",
+        f"{wide * 50} {KEYS['c1']}",
+    ]
+    text = "\n".join(lines)
+    want = [
+        (KEYS["k1"], "high", 2, len(f"{wide}{wide} x-api-key: ") + 1, "plain"),
+        (KEYS["k2"], "high", 3, len(f"{wide}  data: ") + 1, "base64"),
+        (KEYS["k1"], "high", 4, len(f"GET /{wide}?apikey=") + 1, "percent"),
+        (KEYS["c1"], "candidate", 5, len(wide) * 50 + 2, "plain"),
+    ]
+    assert observed(scan_text(text)) == want
+    assert observed(scan_stream(text)) == want
+
+
+def stream_case() -> tuple[str, list[tuple]]:
+    """A text of keys among filler, wide characters and lines longer than a small block."""
+    filler = ["", "plain words", "é中😀 " * 9, "x" * 130, "blob: " + FILTERS["b64"]("nothing to see " * 8)]
+    rng = random.Random(5)
+    lines: list[str] = []
+    want: list[tuple] = []
+    for n in range(40):
+        lines.append(rng.choice(filler))
+        lead = rng.choice(["", "é ", "中文 = ", "😀" * 70 + " "])
+        name = rng.choice(["k1", "k2", "c1"])
+        confidence = "candidate" if name == "c1" else "high"
+        encoded, encoding = rng.choice([(KEYS[name], "plain"), (FILTERS["b64"](KEYS[name]), "base64")])
+        lines.append(f"{lead}{encoded}")
+        want.append((KEYS[name], confidence, 2 * n + 2, len(lead) + 1, encoding))
+    return "\n".join(lines) + "\n", want
+
+
+STREAM_TEXT, STREAM_WANT = stream_case()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 61, 97, 98, 1000, len(STREAM_TEXT)])
+def test_stream_chunk_and_block_boundaries(monkeypatch, size):
+    """Chunks cut keys, lines and runs of wide characters anywhere; blocks far smaller than many lines."""
+    monkeypatch.setattr(scanner, "_BLOCK_CHARS", 97)
+    chunks = [STREAM_TEXT[i : i + size] for i in range(0, len(STREAM_TEXT), size)]
+    seen: list[int] = []
+    assert observed(scan_stream(chunks, progress=seen.append)) == STREAM_WANT
+    assert seen[-1] == len(STREAM_TEXT.encode())
+    assert observed(scan_text(STREAM_TEXT)) == STREAM_WANT
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(STREAM_TEXT)), max_size=30), block=st.integers(1, 400))
+def test_stream_finds_the_same_wherever_it_is_cut(cuts, block):
+    bounds = [0, *sorted(cuts), len(STREAM_TEXT)]
+    chunks = [STREAM_TEXT[a:b] for a, b in itertools.pairwise(bounds)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scanner, "_BLOCK_CHARS", block)
+        assert observed(scan_stream(chunks)) == STREAM_WANT
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 10_000])
+def test_blocks_end_after_a_newline_once_big_enough(monkeypatch, size):
+    monkeypatch.setattr(scanner, "_BLOCK_CHARS", 50)
+    chunks = [STREAM_TEXT[i : i + size] for i in range(0, len(STREAM_TEXT), size)]
+    blocks = list(scanner._blocks(chunks))
+    assert "".join(blocks) == STREAM_TEXT
+    for block in blocks[:-1]:
+        assert block.endswith("\n")
+        # Cut at the first newline that brings the block to its size, not later.
+        assert len(block) >= 50
+        assert "\n" not in block[49:-1]
 
 
 def test_config_shapes_are_configurable():
