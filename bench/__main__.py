@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import core, scan
+from bench import core, notify, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": core.bench_ack,
     "confirm": core.bench_confirm,
     "big": core.bench_big,
     "scan": scan.run,
+    "notify": notify.run,
 }
 
 

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.alerting import PageCode
 from service.inbound import InboundError, InboundReason, parse_alert, read_limited, verify_request
-from service.inbound.reports import ReportError, parse_report, read_report
+from service.inbound.reports import parse_report, read_report
 from service.observability import ALERTS, exposition, failure, request_id
 from service.openapi import openapi_document
 from service.operators import (
@@ -35,6 +35,7 @@ from service.operators import (
     incident_filter,
     incident_page,
 )
+from service.refusal import Refusal
 from service.runtime import Runtime
 from service.settings import Settings
 from service.store import AlertRecord, StoreError, TokenSighting
@@ -42,8 +43,8 @@ from service.store import AlertRecord, StoreError, TokenSighting
 log = logging.getLogger("service.app")
 
 
-def error(status: int, reason: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": str(reason), "message": message}, status_code=status)
+def error(status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": str(reason), "message": message}, status_code=status, headers=headers)
 
 
 async def receive_alert(request: Request) -> Response:
@@ -106,11 +107,9 @@ def operator_route(view: OperatorView) -> Callable[[Request], Awaitable[Response
             operator = authenticate(request.headers.get("authorization"), rt.settings.operator_tokens)
             extra["operator"] = operator
             return await view(request, operator)
-        except (OperatorError, ReportError) as exc:
+        except Refusal as exc:
             failure(log, "operators", exc.reason, exc.message, status=exc.status, **extra)
-            response = error(exc.status, exc.reason, exc.message)
-            response.headers.update(exc.headers if isinstance(exc, OperatorError) else {})
-            return response
+            return error(exc.status, exc.reason, exc.message, exc.headers)
         except StoreError as exc:
             failure(log, "operators", "store_unavailable", str(exc), level=logging.ERROR, **extra)
             return error(503, "store_unavailable", "the store is unavailable; retry later")

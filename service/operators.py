@@ -22,6 +22,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.responses import Response
 
 from service.inbound.reports import ReportItem
+from service.refusal import Refusal
 from service.store import (
     IdempotencyState,
     Incident,
@@ -58,18 +59,8 @@ STATUS: dict[OperatorReason, int] = {
 }
 
 
-class OperatorError(Exception):
-    def __init__(
-        self, reason: OperatorReason, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.status = STATUS[reason]
-        self.message = message
-        self.headers = dict(headers or {})
-
-    def __str__(self) -> str:
-        return self.message
+class OperatorError(Refusal):
+    STATUS = STATUS
 
 
 # -- who is asking --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 
+from service.refusal import Refusal
+
 
 class InboundReason(enum.StrEnum):
     SIGNATURE_MISSING = "signature_missing"
@@ -55,18 +57,5 @@ STATUS: dict[InboundReason, int] = {
 }
 
 
-class InboundError(Exception):
-    """A refusal whose message is meant for the sender, so it must never carry a token."""
-
-    def __init__(self, reason: InboundReason, message: str) -> None:
-        # Both go to args so the exception pickles and copies like any other.
-        super().__init__(reason, message)
-        self.reason = reason
-        self.status = STATUS[reason]
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __repr__(self) -> str:
-        return f"InboundError({self.reason.value!r}, {self.message!r})"
+class InboundError(Refusal):
+    STATUS = STATUS

@@ -21,6 +21,7 @@ from typing import Any
 from service.detection import Finding, scan_text
 from service.inbound.body import read_limited
 from service.inbound.reasons import InboundError
+from service.refusal import Refusal
 from service.tokens import KEY_SHAPE, redact, token_hash
 
 # Room for a large paste or a scanner's report, small enough that one request cannot hog the
@@ -46,17 +47,8 @@ STATUS: dict[ReportReason, int] = {
 }
 
 
-class ReportError(Exception):
-    """A refusal whose message goes back to the operator, so it never quotes the body."""
-
-    def __init__(self, reason: ReportReason, message: str) -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.status = STATUS[reason]
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+class ReportError(Refusal):
+    STATUS = STATUS
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -224,20 +224,10 @@ class Steps:
     async def probe(self, incident: Incident, owner: str) -> Transition:
         assert incident.revoked_at is not None
         token = await self.store.reveal_token(incident.id)
-        now = self._clock()
         if token is None:
-            t = Transition(
-                incident.id,
-                State.REVOKED,
-                "unconfirmed",
-                lease_owner=owner,
-                state=State.UNCONFIRMED,
-                next_run_at=self._after_final_probe(),
-                set={"last_reason": "token_unavailable"},
-                detail={"reason": "token_unavailable"},
+            return self._unconfirmed(
+                incident, owner, "token_unavailable", None, "cannot probe: the token is gone"
             )
-            self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, "cannot probe: the sealed token is gone")
-            return t
         probe = await self.client.probe(token)
         del token
         now = self._clock()
@@ -305,7 +295,14 @@ class Steps:
             SUPERMEMORY_CALLS.labels(call="revoke", outcome=exc.reason).inc()
             failure(log, "confirm", exc.reason, "re-issued revoke failed", incident_id=incident.id)
 
-    def _unconfirmed(self, incident: Incident, owner: str, reason: str, status: int | None) -> Transition:
+    def _unconfirmed(
+        self,
+        incident: Incident,
+        owner: str,
+        reason: str,
+        status: int | None,
+        message: str = "key still works after revoke",
+    ) -> Transition:
         t = Transition(
             incident.id,
             State.REVOKED,
@@ -316,7 +313,7 @@ class Steps:
             set={"last_reason": reason},
             detail={"reason": reason, "status": status},
         )
-        self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, "key still works after revoke")
+        self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, message)
         return t
 
     # -- notify and close ------------------------------------------------------------------------
