@@ -74,7 +74,8 @@ async def receive_alert(request: Request) -> Response:
         ALERTS.labels(reporter=name, outcome="store_unavailable").inc()
         failure(log, "intake", "store_unavailable", str(exc), level=logging.ERROR, reporter=name)
         return error(503, "store_unavailable", "the alert could not be recorded; retry later")
-    rt.worker.wake()
+    # No wake-up here: intake holds new tokens for this request's own lookup, which wakes the
+    # worker once a key is matched; the worker's timer takes over whatever the budget leaves.
     labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
     ALERTS.labels(reporter=name, outcome="accepted").inc()
     log.info(
@@ -140,7 +141,6 @@ async def receive_report(request: Request, operator: str) -> Response:
         if sightings:
             record = AlertRecord(MANUAL, hashlib.sha256(body).hexdigest(), len(sightings), operator)
             refs = await rt.store.intake(record, sightings, match_after=budget)
-            rt.worker.wake()
         labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
         by_hash = {r.token_hash: (r.id, r.state) for r in refs}
         # The labelling may have moved incidents on; a failed re-read only shows intake's states.

@@ -18,7 +18,7 @@ from typing import Protocol
 from service.alerting import PageCode, Pager
 from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
-from service.store import Incident, Label, State, Store, Transition
+from service.store import Incident, IncidentRef, Label, State, Store, Transition
 from service.supermemory import LOOKUP_BATCH, CallFailed, CallReason, ProbeVerdict, SupermemoryClient
 
 log = logging.getLogger("service.pipeline")
@@ -110,14 +110,16 @@ class Steps:
 
     # -- match -----------------------------------------------------------------------------------
 
-    async def match(self, incidents: Sequence[Incident], owner: str | None) -> list[Transition]:
-        """Batched lookup. With no owner (the request path) a failed lookup records nothing: the
-        incident is already scheduled for a worker once the request's budget has passed."""
+    async def match(self, incidents: Sequence[Incident | IncidentRef], owner: str | None) -> list[Transition]:
+        """Batched lookup. The request path (no owner) passes the intake's refs and, on failure,
+        records nothing: the incident is already scheduled for a worker once the budget has passed."""
         chunks = [incidents[i : i + LOOKUP_BATCH] for i in range(0, len(incidents), LOOKUP_BATCH)]
         results = await asyncio.gather(*(self._match_chunk(chunk, owner) for chunk in chunks))
         return [t for chunk in results for t in chunk]
 
-    async def _match_chunk(self, incidents: Sequence[Incident], owner: str | None) -> list[Transition]:
+    async def _match_chunk(
+        self, incidents: Sequence[Incident | IncidentRef], owner: str | None
+    ) -> list[Transition]:
         try:
             found = await self.client.lookup([i.token_hash for i in incidents])
         except CallFailed as exc:
@@ -127,6 +129,7 @@ class Steps:
                 return []
             transitions = []
             for incident in incidents:
+                assert isinstance(incident, Incident), "the worker path passes whole incidents"
                 t = self._retry(incident, owner, "lookup_failed", exc.reason, exc.retry_after)
                 if exc.reason == CallReason.UNAUTHORIZED:
                     self._page(

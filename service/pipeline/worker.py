@@ -200,19 +200,29 @@ class Worker:
         worker, so a slow Supermemory delays the answer's completeness, never the alert.
         """
         labels = {r.token_hash: r.label for r in refs if r.label is not None}
-        pending = [r.id for r in refs if r.label is None and r.state is State.RECEIVED]
-        if pending and budget > 0:
-            try:
-                async with asyncio.timeout(budget):
-                    incidents = [i for i in await self.store.incidents(pending) if i.state is State.RECEIVED]
-                    transitions = await self.steps.match(incidents, None)
-                    if transitions:
-                        count(transitions, await self.store.apply(transitions))
-                        self.wake()
-            except (TimeoutError, StoreError) as exc:
-                log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
+        pending = [r for r in refs if r.label is None and r.state is State.RECEIVED]
+        if not pending or budget <= 0:
+            return labels
+        transitions: list[Transition] = []
+        applied: list[bool] = []
+        try:
+            async with asyncio.timeout(budget):
+                transitions = await self.steps.match(pending, None)
+                applied = await self.store.apply(transitions) if transitions else []
+        except (TimeoutError, StoreError) as exc:
+            log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
+            return labels
+        count(transitions, applied)
+        hashes = {r.id: r.token_hash for r in pending}
+        for t, ok in zip(transitions, applied, strict=True):
+            if ok:
+                labels[hashes[t.incident_id]] = t.set["label"]
+        if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
+            self.wake()
+        if not all(applied):
+            # Another path (a worker, a concurrent redelivery) got there first: read what it decided.
             with contextlib.suppress(StoreError):
-                for incident in await self.store.incidents(pending):
+                for incident in await self.store.incidents([t.incident_id for t in transitions]):
                     if incident.label is not None:
                         labels[incident.token_hash] = incident.label
         return labels
