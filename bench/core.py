@@ -34,6 +34,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def fresh_alerts(count: int) -> list[bytes]:
+    """Alerts of one fresh key-shaped token each, so every request commits a new incident and waits
+    for a real lookup: the full ack path, not a cache hit."""
+    """Alerts of one fresh key-shaped token each, so that every request commits a new incident and
+    waits for a real lookup: the full ack path, not a cache hit."""
+    return [build_alert([f"sm_bench{secrets.token_hex(16)}"], url="https://x.test/a") for _ in range(count)]
+
+
 def _load(url: str, github: GitHubSandbox, bodies: list[bytes], concurrency: int) -> dict[str, float]:
     """Send signed alerts at fixed concurrency from a process of their own.
 
@@ -111,31 +119,35 @@ class _Bare:
         self.proc.wait()
 
 
-def bench_ack(requests: int = 2000, concurrency: int = 16) -> dict[str, Any]:
+def bench_ack(requests: int = 2000, concurrency: int = 16, rounds: int = 3) -> dict[str, Any]:
+    """Rounds alternate between the two endpoints and each side keeps its best, so a burst of load
+    from elsewhere on the machine lands on both sides rather than on their ratio."""
     with Sandbox() as sandbox, tempfile.TemporaryDirectory() as tmp:
         service = Service(Path(tmp), {**sandbox.env(), "LEAK_RESPONDER_LOG_LEVEL": "WARNING"}).start()
         bare = _Bare(sandbox.keys_url)
+        ours_url, bare_url = f"{service.url}/v1/alerts/github", f"http://127.0.0.1:{bare.port}/alert"
         try:
-            # Each alert carries a fresh key-shaped token, so every request commits a new incident
-            # and waits for a real lookup: the full ack path, not a cache hit.
-            def bodies() -> list[bytes]:
-                return [
-                    build_alert([f"sm_bench{secrets.token_hex(16)}"], url="https://x.test/a")
-                    for _ in range(requests)
-                ]
-
-            _load(f"{service.url}/v1/alerts/github", sandbox.github, bodies()[:100], concurrency)
-            ours = _load(f"{service.url}/v1/alerts/github", sandbox.github, bodies(), concurrency)
-            base = _load(f"http://127.0.0.1:{bare.port}/alert", sandbox.github, bodies(), concurrency)
+            _load(ours_url, sandbox.github, fresh_alerts(100), concurrency)
+            results = [
+                (
+                    _load(ours_url, sandbox.github, fresh_alerts(requests), concurrency),
+                    _load(bare_url, sandbox.github, fresh_alerts(requests), concurrency),
+                )
+                for _ in range(rounds)
+            ]
         finally:
             bare.stop()
             service.stop()
+    ours = max((r[0] for r in results), key=lambda r: r["rps"])
+    base = max((r[1] for r in results), key=lambda r: r["rps"])
     return {
         "concurrency": concurrency,
         "requests": requests,
+        "rounds": rounds,
         "service": ours,
         "bare": base,
         "throughput_ratio": ours["rps"] / base["rps"],
+        "ratio_per_round": [round(o["rps"] / b["rps"], 3) for o, b in results],
     }
 
 
