@@ -24,8 +24,9 @@ $(DEVSTAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/leak-responder dev
 
-## test: the whole suite (unit and integration)
+## test: the whole suite (unit and integration); installs PostgreSQL's server binaries first if missing
 test: $(DEVSTAMP)
+	scripts/ensure-postgres
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the code, the tests and the benchmarks

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import core, notify, scan
+from bench import core, notify, pg, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": core.bench_ack,
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "big": core.bench_big,
     "scan": scan.run,
     "notify": notify.run,
+    "pg": pg.run,
 }
 
 

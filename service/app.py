@@ -207,8 +207,9 @@ async def readyz(request: Request) -> Response:
     try:
         await rt.store.ping()
         checks["store"] = True
+        checks["migrations"] = not await rt.store.pending_migrations()
     except StoreError:
-        checks["store"] = False
+        checks["store"] = checks["migrations"] = False
     ok = all(checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503

@@ -34,6 +34,18 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+def _store_or_exit(settings: Settings) -> None:
+    """Refuse to serve, with one line, on a store that cannot be opened: unreachable, or a
+    PostgreSQL database with migrations pending (the service never migrates it by itself)."""
+    from service.store import StoreError, check_store
+
+    try:
+        asyncio.run(check_store(settings))
+    except StoreError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class _Server(uvicorn.Server):
     """SIGTERM and SIGINT stop it gracefully and the process then exits 0.
 
@@ -81,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.observability import configure_logging
 
     settings = _settings()
+    _store_or_exit(settings)
     configure_logging(settings.log_level, settings.log_format)
     server = _Server(_uvicorn_config(create_app(settings), args.host, args.port))
     server.run()
@@ -92,6 +105,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in settings.describe())
     for name, value in settings.describe():
         print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the database's schema to this release's; safe to run again, and from several replicas
+    at once (they serialise on an advisory lock)."""
+    from service.store import StoreError, migrate
+
+    settings = _settings()
+    try:
+        applied = asyncio.run(migrate(settings))
+    except StoreError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        return 1
+    if applied:
+        print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    elif settings.sqlite_path is not None:
+        print("SQLite schema is current (SQLite is migrated whenever it is opened)")
+    else:
+        print("database schema is current: no migration pending")
     return 0
 
 
@@ -150,6 +183,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
     settings = _settings()
+    _store_or_exit(settings)
     configure_logging(settings.log_level, settings.log_format)
     exe = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "leak-responder"
     service = _Server(_uvicorn_config(create_app(settings), host, args.port))
@@ -401,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="print the effective settings, secrets masked")
     check.set_defaults(func=cmd_check_config)
+
+    migrate = sub.add_parser("migrate", help="apply pending database migrations (PostgreSQL; safe to re-run)")
+    migrate.set_defaults(func=cmd_migrate)
 
     sandbox = sub.add_parser("sandbox", help="run the Supermemory and GitHub stand-ins on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")

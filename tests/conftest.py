@@ -1,11 +1,33 @@
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Sandbox, Service
+from tests.pgserver import PostgresServer
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session, started on first use.
+
+    Deliberately no skip: the project installs PostgreSQL itself (`make test` runs
+    scripts/ensure-postgres), so a server that cannot start is a failure, not a reason to test less.
+    """
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """A fresh, empty database of the session's cluster (no migrations applied)."""
+    return pg_server.create_database(f"test_{next(_databases)}")
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Real parts for integration tests: the service as a uvicorn subprocess on loopback, the sandbox's
-Supermemory and GitHub as real HTTP servers, and read-only looks into the SQLite file.
+Supermemory and GitHub as real HTTP servers, and read-only looks into its database (SQLite or
+PostgreSQL, through one query interface so that each helper is written once).
 
 The service runs in its own process so that a test can kill it with SIGKILL mid-pipeline and start
 it again on the same database, exactly as a crash in production would go.
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from aiosmtpd.controller import Controller
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -106,6 +108,38 @@ class Sandbox:
         }
 
 
+class PgRow:
+    """A PostgreSQL row that reads like sqlite3.Row: by position, by column name, and into dict()."""
+
+    def __init__(self, names: list[str], values: tuple[Any, ...]) -> None:
+        self._names = names
+        self._values = values
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._values[key if isinstance(key, int) else self._names.index(key)]
+
+
+class PgReader:
+    """A read-only PostgreSQL session with sqlite3's calling convention (`?` markers, Row-like rows)."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> psycopg.Cursor[PgRow]:
+        def rows(cursor: psycopg.Cursor[Any]) -> Callable[[tuple[Any, ...]], PgRow]:
+            names = [c.name for c in cursor.description or []]
+            return lambda values: PgRow(names, values)
+
+        cursor = self.conn.cursor(row_factory=rows)
+        return cursor.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Service:
     """`leak-responder serve` in a subprocess, its JSON log captured to a file for the canary test."""
 
@@ -130,14 +164,36 @@ class Service:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready: bool = True) -> Service:
+    @property
+    def database_url(self) -> str:
+        return self.env["LEAK_RESPONDER_DATABASE_URL"]
+
+    @property
+    def postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    def _process_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LEAK_RESPONDER_", "SENTRY_"))}
         env.update(self.env)
+        return env
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A one-shot `leak-responder` command with this service's settings (e.g. `migrate`)."""
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            cwd=self.workdir,
+            env=self._process_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def start(self, ready: bool = True) -> Service:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
             cwd=self.workdir,
-            env=env,
+            env=self._process_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -202,9 +258,14 @@ class Service:
     # -- looking at its database (read-only) -----------------------------------------------------
 
     @contextlib.contextmanager
-    def db(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
-        conn.row_factory = sqlite3.Row
+    def db(self) -> Iterator[sqlite3.Connection | PgReader]:
+        """Its database, queried with sqlite3's conventions whichever backend it runs on."""
+        conn: sqlite3.Connection | PgReader
+        if self.postgres:
+            conn = PgReader(self.database_url)
+        else:
+            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+            conn.row_factory = sqlite3.Row
         try:
             yield conn
         finally:
@@ -233,7 +294,7 @@ class Service:
             ]
 
     def count(self, table: str) -> int:
-        if not self.db_path.exists():
+        if not self.postgres and not self.db_path.exists():
             return 0
         with self.db() as conn:
             return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]

@@ -53,12 +53,14 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume parked work that this configuration can now do, then start the loop."""
+        """Resume parked work that this configuration can now do, then start the loop, woken also
+        by commits of other processes on a shared store."""
         if not self.steps.policy.dry_run:
             await self.store.resume(State.MATCHED)
         if self.steps.notifier is not None:
             await self.store.resume(State.CONFIRMED)
             await self.store.resume(State.UNCONFIRMED)
+        await self.store.watch(self.wake)
         self._loop_task = asyncio.create_task(self._run(), name="pipeline-worker")
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -43,8 +43,30 @@ def open_store(settings: Settings) -> Store:
     """The backend named by DATABASE_URL (not yet opened)."""
     path = settings.sqlite_path
     if path is None:
-        raise StoreError("PostgreSQL is not supported by this release; use sqlite:///PATH")
+        # Imported here so that a SQLite deployment never loads the PostgreSQL driver.
+        from service.store.postgres import PostgresStore
+
+        return PostgresStore(settings.database_url, Sealer(data_key_for(settings)))
     return SqliteStore(path, Sealer(data_key_for(settings)))
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close the store once: StoreError when it is unreachable or behind on migrations,
+    so that a command can refuse to start with one line instead of a failed start-up's traceback."""
+    store = open_store(settings)
+    await store.open()
+    await store.close()
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Apply pending migrations; the ones this call applied. SQLite migrates whenever it is opened,
+    so for it this only opens the store."""
+    if settings.sqlite_path is None:
+        from service.store.migrations import migrate as migrate_postgres
+
+        return [m.label for m in await migrate_postgres(settings.database_url)]
+    await check_store(settings)
+    return []
 
 
 __all__ = [
@@ -71,5 +93,7 @@ __all__ = [
     "StoreStats",
     "TokenSighting",
     "Transition",
+    "check_store",
+    "migrate",
     "open_store",
 ]

@@ -6,7 +6,7 @@ without the pipeline changing: the pipeline decides, the store only records and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from service.store.models import (
@@ -35,6 +35,17 @@ class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    async def pending_migrations(self) -> list[str]:
+        """Migrations of this release the database lacks (readiness reports them; none once open)."""
+        ...
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when another process commits work that is due, until `close`.
+
+        Replicas share one database but not one event loop: this is how a commit in one wakes the
+        workers of all. A single-process backend has nothing to watch.
+        """
+        ...
 
     async def intake(
         self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float

@@ -11,10 +11,8 @@ the writer) and never see uncommitted work.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
-import secrets
 import sqlite3
 import threading
 import time
@@ -23,12 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.store import common
 from service.store.base import StoreError
+from service.store.common import Dialect, IntakePlan, Take
 from service.store.models import (
     AlertRecord,
     Delivery,
     DeliveryStatus,
-    Event,
     IdempotencyState,
     IdempotentRequest,
     Incident,
@@ -44,7 +43,6 @@ from service.store.models import (
     Transition,
 )
 from service.store.sealing import Sealer
-from service.tokens import is_key_shaped, redact, token_hash
 
 log = logging.getLogger("service.store")
 
@@ -53,30 +51,7 @@ _MAX_GROUP = 512
 
 T = TypeVar("T")
 
-# Columns a Transition may set; anything else is a programming error, caught before SQL is built.
-_SETTABLE = frozenset(
-    {
-        "label",
-        "key_id",
-        "org_id",
-        "key_name",
-        "recipients",
-        "matched_at",
-        "revoked_at",
-        "confirmed_at",
-        "notified_at",
-        "closed_at",
-        "attempts",
-        "step_started_at",
-        "revoke_reissued",
-        "last_reason",
-    }
-)
-
-
-def new_incident_id() -> str:
-    """Time-ordered so that listing by id is listing by arrival, and unguessable past the prefix."""
-    return f"inc_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+SQLITE = Dialect(mark="?", json=common.dumps)
 
 
 class SqliteStore:
@@ -217,21 +192,14 @@ class SqliteStore:
     ) -> list[IncidentRef]:
         """Record an alert, one incident per distinct token and a sighting per item, atomically.
 
-        Key-shaped tokens are sealed and wait `match_after` seconds for the request's own lookup
-        before a worker takes them; anything else is a false positive at once, stored hash-only.
+        A token already known adds a sighting only (see `common.IntakePlan` for what a new one is).
         """
         now = self._clock()
-        prepared: dict[str, tuple[TokenSighting, bytes | None]] = {}
-        for item in items:
-            digest = token_hash(item.token)
-            if digest not in prepared:
-                sealed = self._sealer.seal(item.token, digest) if is_key_shaped(item.token) else None
-                prepared[digest] = (item, sealed)
-        hashes = [token_hash(i.token) for i in items]
+        plan = IntakePlan.prepare(items, self._sealer, now, match_after)
 
         def work(conn: sqlite3.Connection) -> list[IncidentRef]:
             refs: dict[str, IncidentRef] = {}
-            for digest, (first, sealed) in prepared.items():
+            for digest, new in plan.candidates.items():
                 row = conn.execute(
                     "SELECT id, state, label, redacted FROM incidents WHERE token_hash = ?", (digest,)
                 ).fetchone()
@@ -239,69 +207,35 @@ class SqliteStore:
                     refs[digest] = IncidentRef(
                         row["id"],
                         digest,
-                        first.token_type,
+                        new.token_type,
                         row["redacted"],
                         State(row["state"]),
                         Label(row["label"]) if row["label"] else None,
                         created=False,
                     )
                     continue
-                incident_id = new_incident_id()
-                shaped = sealed is not None
-                state = State.RECEIVED if shaped else State.FALSE_POSITIVE
-                label = None if shaped else Label.FALSE_POSITIVE
-                redacted = redact(first.token)
                 conn.execute(
                     "INSERT INTO incidents (id, token_hash, redacted, token_sealed, token_type, state, label,"
                     " created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        incident_id,
-                        digest,
-                        redacted,
-                        sealed,
-                        first.token_type,
-                        state,
-                        label,
-                        now,
-                        now + match_after if shaped else None,
-                        None if shaped else "shape_gate",
-                    ),
-                )
-                _event(conn, incident_id, now, "received", State.RECEIVED, {"reporter": alert.reporter})
-                if not shaped:
-                    _event(conn, incident_id, now, "false_positive", state, {"reason": "shape_gate"})
+                    (new.id, digest, new.redacted, new.sealed, new.token_type, str(new.state),
+                     common.plain(new.label), now, new.next_run_at, new.last_reason),
+                )  # fmt: skip
+                for kind, state, detail in new.events(alert):
+                    _event(conn, new.id, now, kind, state, detail)
                 refs[digest] = IncidentRef(
-                    incident_id, digest, first.token_type, redacted, state, label, True
+                    new.id, digest, new.token_type, new.redacted, new.state, new.label, True
                 )
-            new = sum(r.created for r in refs.values())
+            created = sum(r.created for r in refs.values())
             alert_id = conn.execute(
                 "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
                 " VALUES (?,?,?,?,?,?)",
-                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, new),
+                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
             ).lastrowid
-            seen: set[tuple[str, str | None, str | None]] = set()
-            rows = []
-            for digest, item in zip(hashes, items, strict=True):
-                if (digest, item.url, item.source) in seen:
-                    continue
-                seen.add((digest, item.url, item.source))
-                rows.append(
-                    (
-                        refs[digest].id,
-                        alert_id,
-                        item.reporter,
-                        item.operator,
-                        item.url,
-                        item.source,
-                        item.token_type,
-                        now,
-                        item.note,
-                    )
-                )
+            assert alert_id is not None
             conn.executemany(
                 "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source, token_type,"
                 " seen_at, note) VALUES (?,?,?,?,?,?,?,?,?)",
-                rows,
+                plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),
             )
             return list(refs.values())
 
@@ -321,17 +255,14 @@ class SqliteStore:
                 " RETURNING *",
                 (owner, now + lease, now, now, limit),
             ).fetchall()
-            return [_incident(r) for r in rows]
+            return [common.incident_from(r) for r in rows]
 
         return await self._write(work)
 
     async def apply(self, transitions: Sequence[Transition]) -> list[bool]:
         """Apply step outcomes; each one only if its incident is still as the step found it."""
         now = self._clock()
-        for t in transitions:
-            unknown = set(t.set) - _SETTABLE
-            if unknown:
-                raise ValueError(f"transition may not set {sorted(unknown)}")
+        common.check_transitions(transitions)
 
         def work(conn: sqlite3.Connection) -> list[bool]:
             return [_apply_one(conn, t, now) for t in transitions]
@@ -389,7 +320,7 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> list[Incident]:
             marks = ",".join("?" * len(ids))
             rows = conn.execute(f"SELECT * FROM incidents WHERE id IN ({marks})", list(ids)).fetchall()  # noqa: S608
-            by_id = {r["id"]: _incident(r) for r in rows}
+            by_id = {r["id"]: common.incident_from(r) for r in rows}
             return [by_id[i] for i in ids if i in by_id]
 
         return await self._read(work) if ids else []
@@ -400,47 +331,24 @@ class SqliteStore:
             if row is None:
                 return None
             events = [
-                Event(e["at"], e["kind"], State(e["state"]) if e["state"] else None, json.loads(e["detail"]))
+                common.event_from(e)
                 for e in conn.execute(
                     "SELECT * FROM events WHERE incident_id = ? ORDER BY id", (incident_id,)
                 )
             ]
             sightings = [
-                _sighting(s)
+                common.sighting_from(s)
                 for s in conn.execute(
                     "SELECT * FROM sightings WHERE incident_id = ? ORDER BY id", (incident_id,)
                 )
             ]
-            return IncidentDetail(_incident(row), events, sightings)
+            return IncidentDetail(common.incident_from(row), events, sightings)
 
         return await self._read(work)
 
     async def list_incidents(self, where: IncidentFilter) -> list[Incident]:
-        clauses, args = [], []
-        if where.state is not None:
-            clauses.append("state = ?")
-            args.append(str(where.state))
-        if where.org_id is not None:
-            clauses.append("org_id = ?")
-            args.append(where.org_id)
-        if where.reporter is not None:
-            clauses.append("id IN (SELECT incident_id FROM sightings WHERE reporter = ?)")
-            args.append(where.reporter)
-        if where.since is not None:
-            clauses.append("created_at >= ?")
-            args.append(where.since)
-        if where.until is not None:
-            clauses.append("created_at < ?")
-            args.append(where.until)
-        if where.before_id is not None:
-            clauses.append("id < ?")
-            args.append(where.before_id)
-        sql = "SELECT * FROM incidents"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(where.limit)
-        return await self._read(lambda conn: [_incident(r) for r in conn.execute(sql, args)])
+        sql, args = common.incident_filter(where, SQLITE)
+        return await self._read(lambda conn: [common.incident_from(r) for r in conn.execute(sql, args)])
 
     # -- telling owners --------------------------------------------------------------------------
 
@@ -471,7 +379,7 @@ class SqliteStore:
                 alerts,
             )
             for row in rows:
-                by_alert[row["first_alert"]].append(_incident(row))
+                by_alert[row["first_alert"]].append(common.incident_from(row))
             return {i: by_alert[a] for i, a in firsts.items()}
 
         return await self._read(work) if incident_ids else {}
@@ -484,7 +392,7 @@ class SqliteStore:
                 f"SELECT * FROM sightings WHERE incident_id IN ({marks}) ORDER BY id",  # noqa: S608
                 list(incident_ids),
             ):
-                found[s["incident_id"]].append(_sighting(s))
+                found[s["incident_id"]].append(common.sighting_from(s))
             return found
 
         return await self._read(work) if incident_ids else {}
@@ -510,7 +418,7 @@ class SqliteStore:
                 f"SELECT * FROM deliveries WHERE incident_id IN ({marks})",  # noqa: S608
                 list(incident_ids),
             )
-            return [_delivery(r) for r in rows]
+            return [common.delivery_from(r) for r in rows]
 
         return await self._read(work) if incident_ids else []
 
@@ -540,9 +448,8 @@ class SqliteStore:
                     )
                     taken.append(incident_id)
                     continue
-                status = DeliveryStatus(row["status"])
-                held = status is DeliveryStatus.SENDING and (row["held_until"] or 0) >= now
-                if status in (DeliveryStatus.SENT, DeliveryStatus.REFUSED) or held:
+                take = common.delivery_take(DeliveryStatus(row["status"]), row["held_until"], now)
+                if take is Take.LEAVE:
                     continue
                 conn.execute(
                     "UPDATE deliveries SET status = ?, holder = ?, held_until = ?, attempts = attempts + 1,"
@@ -550,7 +457,7 @@ class SqliteStore:
                     (DeliveryStatus.SENDING, holder, now + hold, now, incident_id, recipient, purpose),
                 )
                 taken.append(incident_id)
-                if status is DeliveryStatus.SENDING:
+                if take is Take.TAKE_UNCERTAIN:
                     uncertain.append(incident_id)
             return Reservation(taken, uncertain)
 
@@ -600,11 +507,8 @@ class SqliteStore:
             row = conn.execute(
                 "SELECT * FROM idempotency WHERE operator = ? AND key = ?", (operator, key)
             ).fetchone()
-            running = row is not None and row["state"] == IdempotencyState.RUNNING
-            if row is not None and not (running and row["started_at"] < now - stale_after):
-                return IdempotentRequest(
-                    row["fingerprint"], IdempotencyState(row["state"]), row["status"], row["response"]
-                )
+            if row is not None and (earlier := common.idempotent_earlier(row, now, stale_after)) is not None:
+                return earlier
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (operator, key, fingerprint, state, started_at,"
                 " expires_at) VALUES (?,?,?,?,?,?)",
@@ -643,15 +547,8 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> int:
             now = self._clock()
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT s.incident_id FROM sightings s JOIN incidents i ON i.id = s.incident_id"
-                    " WHERE s.url IS NOT NULL AND ((i.state = ? AND i.closed_at < ?)"
-                    " OR (i.state = ? AND i.created_at < ?))",
-                    (State.CLOSED, finished_before, State.FALSE_POSITIVE, finished_before),
-                )
-            ]
+            sql, args = common.purge_candidates(finished_before, SQLITE)
+            ids = [r[0] for r in conn.execute(sql, args)]
             for incident_id in ids:
                 cur = conn.execute(
                     "UPDATE sightings SET url = NULL WHERE incident_id = ? AND url IS NOT NULL",
@@ -683,6 +580,13 @@ class SqliteStore:
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
+    async def pending_migrations(self) -> list[str]:
+        """None: `open` migrates (one process owns the file, so nothing can race it)."""
+        return []
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Nothing to watch: one process, whose commits wake its worker in-process."""
+
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
@@ -704,84 +608,13 @@ def _event(
 ) -> None:
     conn.execute(
         "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)",
-        (incident_id, at, kind, state, json.dumps(detail, separators=(",", ":"))),
+        common.event_args(SQLITE, incident_id, at, kind, state, detail),
     )
 
 
 def _apply_one(conn: sqlite3.Connection, t: Transition, now: float) -> bool:
-    assignments = ["next_run_at = ?", "lease_owner = NULL", "lease_until = NULL"]
-    args: list[Any] = [t.next_run_at]
-    if t.state is not None:
-        assignments.append("state = ?")
-        args.append(str(t.state))
-    for column, value in t.set.items():
-        assignments.append(f"{column} = ?")
-        args.append(json.dumps(value) if column == "recipients" else value)
-    if t.wipe_token:
-        assignments.append("token_sealed = NULL")
-    if t.page:
-        assignments.append("pages = CASE WHEN pages = '' THEN ? ELSE pages || ',' || ? END")
-        args += [t.page, t.page]
-    fence = "id = ? AND state = ?"
-    args += [t.incident_id, str(t.expected_state)]
-    if t.lease_owner is not None:
-        fence += " AND lease_owner = ?"
-        args.append(t.lease_owner)
-    cur = conn.execute(f"UPDATE incidents SET {', '.join(assignments)} WHERE {fence}", args)  # noqa: S608
-    if cur.rowcount != 1:
+    sql, args = common.fenced_update(t, SQLITE)
+    if conn.execute(sql, args).rowcount != 1:
         return False
     _event(conn, t.incident_id, now, t.event, t.state, t.detail)
     return True
-
-
-def _sighting(row: sqlite3.Row) -> Sighting:
-    return Sighting(
-        row["reporter"],
-        row["url"],
-        row["source"],
-        row["token_type"],
-        row["operator"],
-        row["seen_at"],
-        row["note"],
-    )
-
-
-def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(
-        incident_id=row["incident_id"],
-        recipient=row["recipient"],
-        purpose=row["purpose"],
-        status=DeliveryStatus(row["status"]),
-        attempts=row["attempts"],
-        message_id=row["message_id"],
-        detail=row["detail"],
-        updated_at=row["updated_at"],
-    )
-
-
-def _incident(row: sqlite3.Row) -> Incident:
-    return Incident(
-        id=row["id"],
-        token_hash=row["token_hash"],
-        redacted=row["redacted"],
-        token_type=row["token_type"],
-        state=State(row["state"]),
-        label=Label(row["label"]) if row["label"] else None,
-        key_id=row["key_id"],
-        org_id=row["org_id"],
-        key_name=row["key_name"],
-        recipients=json.loads(row["recipients"]),
-        created_at=row["created_at"],
-        matched_at=row["matched_at"],
-        revoked_at=row["revoked_at"],
-        confirmed_at=row["confirmed_at"],
-        notified_at=row["notified_at"],
-        closed_at=row["closed_at"],
-        next_run_at=row["next_run_at"],
-        attempts=row["attempts"],
-        step_started_at=row["step_started_at"],
-        revoke_reissued=bool(row["revoke_reissued"]),
-        pages=frozenset(filter(None, row["pages"].split(","))),
-        last_reason=row["last_reason"],
-        has_token=row["token_sealed"] is not None,
-    )

@@ -1,0 +1,355 @@
+"""What the SQLite and PostgreSQL backends share: the pure logic between the pipeline's requests and
+the SQL each backend runs.
+
+Kept apart from both so that the semantics (which columns a transition may set and how its write is
+fenced, what a new incident looks like, which incidents a purge touches, when a delivery or an
+Idempotency-Key may be taken over, how a row becomes a model) are written once and cannot drift.
+SQL stays per backend, except where it only differs by its parameter marker and how JSON is passed,
+which a `Dialect` carries.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.store.models import (
+    AlertRecord,
+    Delivery,
+    DeliveryStatus,
+    Event,
+    IdempotencyState,
+    IdempotentRequest,
+    Incident,
+    IncidentFilter,
+    Label,
+    Sighting,
+    State,
+    TokenSighting,
+    Transition,
+)
+from service.store.sealing import Sealer
+from service.tokens import is_key_shaped, redact, token_hash
+
+# Columns a Transition may set; anything else is a programming error, caught before SQL is built.
+SETTABLE = frozenset(
+    {
+        "label",
+        "key_id",
+        "org_id",
+        "key_name",
+        "recipients",
+        "matched_at",
+        "revoked_at",
+        "confirmed_at",
+        "notified_at",
+        "closed_at",
+        "attempts",
+        "step_started_at",
+        "revoke_reissued",
+        "last_reason",
+    }
+)
+
+# A row as either driver hands it out: sqlite3.Row and psycopg's dict rows both index by column name.
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a backend spells a parameter, and how it wants a JSON value passed."""
+
+    mark: str
+    json: Callable[[Any], Any]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def loads(value: Any) -> Any:
+    """JSON columns come back as text from SQLite and already decoded from PostgreSQL's jsonb."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def plain(value: Any) -> Any:
+    """Enum members as their values: drivers must never see (or guess at) an enum's name."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def new_incident_id() -> str:
+    """Time-ordered so that listing by id is listing by arrival, and unguessable past the prefix."""
+    return f"inc_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+# -- intake ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewIncident:
+    """The first sighting of a token, as it is inserted: key-shaped tokens are sealed and wait
+    `match_after` seconds for the request's own lookup; anything else is a false positive at once,
+    stored hash-only."""
+
+    id: str
+    token_hash: str
+    redacted: str
+    sealed: bytes | None
+    token_type: str
+    state: State
+    label: Label | None
+    next_run_at: float | None
+    last_reason: str | None
+
+    def events(self, alert: AlertRecord) -> list[tuple[str, State, dict[str, Any]]]:
+        """(kind, state, detail) of the audit events its creation writes."""
+        found: list[tuple[str, State, dict[str, Any]]] = [
+            ("received", State.RECEIVED, {"reporter": alert.reporter})
+        ]
+        if self.state is State.FALSE_POSITIVE:
+            found.append(("false_positive", self.state, {"reason": "shape_gate"}))
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class IntakePlan:
+    """An intake prepared outside the transaction (sealing is CPU work): one candidate incident per
+    distinct token in order of first appearance, and each item's hash."""
+
+    candidates: dict[str, NewIncident]
+    hashes: list[str]
+
+    @classmethod
+    def prepare(
+        cls, items: Sequence[TokenSighting], sealer: Sealer, now: float, match_after: float
+    ) -> IntakePlan:
+        candidates: dict[str, NewIncident] = {}
+        hashes = []
+        for item in items:
+            digest = token_hash(item.token)
+            hashes.append(digest)
+            if digest in candidates:
+                continue
+            shaped = is_key_shaped(item.token)
+            candidates[digest] = NewIncident(
+                id=new_incident_id(),
+                token_hash=digest,
+                redacted=redact(item.token),
+                sealed=sealer.seal(item.token, digest) if shaped else None,
+                token_type=item.token_type,
+                state=State.RECEIVED if shaped else State.FALSE_POSITIVE,
+                label=None if shaped else Label.FALSE_POSITIVE,
+                next_run_at=now + match_after if shaped else None,
+                last_reason=None if shaped else "shape_gate",
+            )
+        return cls(candidates, hashes)
+
+    def sighting_rows(
+        self, items: Sequence[TokenSighting], ids: Mapping[str, str], alert_id: int, now: float
+    ) -> list[tuple[Any, ...]]:
+        """(incident_id, alert_id, reporter, operator, url, source, token_type, seen_at, note) per
+        distinct (token, url, source) of the alert: a repeated item adds nothing."""
+        seen: set[tuple[str, str | None, str | None]] = set()
+        rows = []
+        for digest, item in zip(self.hashes, items, strict=True):
+            if (digest, item.url, item.source) in seen:
+                continue
+            seen.add((digest, item.url, item.source))
+            rows.append(
+                (ids[digest], alert_id, item.reporter, item.operator, item.url, item.source,
+                 item.token_type, now, item.note)
+            )  # fmt: skip
+        return rows
+
+
+# -- fenced transitions ------------------------------------------------------------------------------
+
+
+def check_transitions(transitions: Sequence[Transition]) -> None:
+    for t in transitions:
+        unknown = set(t.set) - SETTABLE
+        if unknown:
+            raise ValueError(f"transition may not set {sorted(unknown)}")
+
+
+def fenced_update(t: Transition, d: Dialect) -> tuple[str, list[Any]]:
+    """The UPDATE that applies `t` only if the incident is still in `t.expected_state` and, for a
+    worker's step, still leased to it; it hands the lease back either way it applies.
+
+    Exactly one row changes when the transition applies, none when it was superseded.
+    """
+    m = d.mark
+    assignments = [f"next_run_at = {m}", "lease_owner = NULL", "lease_until = NULL"]
+    args: list[Any] = [t.next_run_at]
+    if t.state is not None:
+        assignments.append(f"state = {m}")
+        args.append(str(t.state))
+    for column, value in t.set.items():
+        if column == "recipients":
+            assignments.append(f"recipients = {m}")
+            args.append(d.json(value))
+        else:
+            assignments.append(f"{column} = {m}")
+            args.append(plain(value))
+    if t.wipe_token:
+        assignments.append("token_sealed = NULL")
+    if t.page:
+        assignments.append(f"pages = CASE WHEN pages = '' THEN {m} ELSE pages || ',' || {m} END")
+        args += [t.page, t.page]
+    fence = f"id = {m} AND state = {m}"
+    args += [t.incident_id, str(t.expected_state)]
+    if t.lease_owner is not None:
+        fence += f" AND lease_owner = {m}"
+        args.append(t.lease_owner)
+    return f"UPDATE incidents SET {', '.join(assignments)} WHERE {fence}", args  # noqa: S608
+
+
+def event_args(
+    d: Dialect, incident_id: str, at: float, kind: str, state: State | None, detail: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Parameters of `INSERT INTO events (incident_id, at, kind, state, detail)`."""
+    return (incident_id, at, kind, None if state is None else str(state), d.json(detail))
+
+
+# -- reads -------------------------------------------------------------------------------------------
+
+
+def incident_filter(where: IncidentFilter, d: Dialect) -> tuple[str, list[Any]]:
+    """The operator API's listing: newest first, keyset-paginated by id."""
+    m = d.mark
+    clauses, args = [], []
+    if where.state is not None:
+        clauses.append(f"state = {m}")
+        args.append(str(where.state))
+    if where.org_id is not None:
+        clauses.append(f"org_id = {m}")
+        args.append(where.org_id)
+    if where.reporter is not None:
+        clauses.append(f"id IN (SELECT incident_id FROM sightings WHERE reporter = {m})")  # noqa: S608
+        args.append(where.reporter)
+    if where.since is not None:
+        clauses.append(f"created_at >= {m}")
+        args.append(where.since)
+    if where.until is not None:
+        clauses.append(f"created_at < {m}")
+        args.append(where.until)
+    if where.before_id is not None:
+        clauses.append(f"id < {m}")
+        args.append(where.before_id)
+    sql = "SELECT * FROM incidents"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += f" ORDER BY id DESC LIMIT {m}"
+    args.append(where.limit)
+    return sql, args
+
+
+# -- housekeeping ------------------------------------------------------------------------------------
+
+
+def purge_candidates(finished_before: float, d: Dialect) -> tuple[str, list[Any]]:
+    """Incidents whose sightings still hold URLs and that have been over since `finished_before`:
+    closed then, or labelled a false positive (over from the moment it is labelled) by then."""
+    m = d.mark
+    return (
+        "SELECT DISTINCT s.incident_id FROM sightings s JOIN incidents i ON i.id = s.incident_id"  # noqa: S608
+        f" WHERE s.url IS NOT NULL AND ((i.state = {m} AND i.closed_at < {m})"
+        f" OR (i.state = {m} AND i.created_at < {m})) ORDER BY s.incident_id",
+        [str(State.CLOSED), finished_before, str(State.FALSE_POSITIVE), finished_before],
+    )
+
+
+# -- the outbox and Idempotency-Key ------------------------------------------------------------------
+
+
+class Take(enum.Enum):
+    """What a sender may do with an existing delivery row."""
+
+    LEAVE = "leave"  # finished, or held by a live sender
+    TAKE = "take"  # known not delivered
+    TAKE_UNCERTAIN = "take_uncertain"  # its sender's hold ran out mid-send: it may have gone out
+
+
+def delivery_take(status: DeliveryStatus, held_until: float | None, now: float) -> Take:
+    if status in (DeliveryStatus.SENT, DeliveryStatus.REFUSED):
+        return Take.LEAVE
+    if status is DeliveryStatus.SENDING:
+        return Take.LEAVE if (held_until or 0) >= now else Take.TAKE_UNCERTAIN
+    return Take.TAKE
+
+
+def idempotent_earlier(row: Row, now: float, stale_after: float) -> IdempotentRequest | None:
+    """What an existing Idempotency-Key row answers, or None when it may be taken over: a claim
+    still running after `stale_after` seconds belongs to a process that died mid-request."""
+    state = IdempotencyState(row["state"])
+    if state is IdempotencyState.RUNNING and row["started_at"] < now - stale_after:
+        return None
+    response = row["response"]
+    return IdempotentRequest(
+        row["fingerprint"], state, row["status"], None if response is None else bytes(response)
+    )
+
+
+# -- rows to models ----------------------------------------------------------------------------------
+
+
+def incident_from(row: Row) -> Incident:
+    return Incident(
+        id=row["id"],
+        token_hash=row["token_hash"],
+        redacted=row["redacted"],
+        token_type=row["token_type"],
+        state=State(row["state"]),
+        label=Label(row["label"]) if row["label"] else None,
+        key_id=row["key_id"],
+        org_id=row["org_id"],
+        key_name=row["key_name"],
+        recipients=loads(row["recipients"]),
+        created_at=row["created_at"],
+        matched_at=row["matched_at"],
+        revoked_at=row["revoked_at"],
+        confirmed_at=row["confirmed_at"],
+        notified_at=row["notified_at"],
+        closed_at=row["closed_at"],
+        next_run_at=row["next_run_at"],
+        attempts=row["attempts"],
+        step_started_at=row["step_started_at"],
+        revoke_reissued=bool(row["revoke_reissued"]),
+        pages=frozenset(filter(None, row["pages"].split(","))),
+        last_reason=row["last_reason"],
+        has_token=row["token_sealed"] is not None,
+    )
+
+
+def sighting_from(row: Row) -> Sighting:
+    return Sighting(
+        row["reporter"],
+        row["url"],
+        row["source"],
+        row["token_type"],
+        row["operator"],
+        row["seen_at"],
+        row["note"],
+    )
+
+
+def event_from(row: Row) -> Event:
+    return Event(row["at"], row["kind"], State(row["state"]) if row["state"] else None, loads(row["detail"]))
+
+
+def delivery_from(row: Row) -> Delivery:
+    return Delivery(
+        incident_id=row["incident_id"],
+        recipient=row["recipient"],
+        purpose=row["purpose"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        message_id=row["message_id"],
+        detail=row["detail"],
+        updated_at=row["updated_at"],
+    )

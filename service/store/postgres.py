@@ -1,0 +1,646 @@
+"""The PostgreSQL store, for several replicas on one database (psycopg 3, async, pooled).
+
+Same contract as the SQLite store, with the concurrency SQLite never had to face made explicit:
+
+- **Intake** dedupes with `INSERT … ON CONFLICT (token_hash) DO NOTHING`: two replicas taking the
+  same token at once make one incident (the second waits on the first's uncommitted row, then reads
+  it). Candidate rows go in token-hash order, so two intakes with overlapping tokens lock them in the
+  same order and cannot deadlock each other.
+- **Claims** take due rows with `FOR UPDATE SKIP LOCKED`, so replicas never take the same incident
+  and never wait on each other's claims; transitions stay fenced by expected state and lease owner.
+- **Wake-ups** cross replicas by `NOTIFY` in a transaction that makes work due now (delivered at
+  commit, never before): every process `LISTEN`s on one connection of its own and wakes its worker,
+  which then claims. A process ignores its own notifications (it woke its worker in-process already),
+  and intake notifies nobody: its tokens wait for the request's own lookup, whose commit does. A
+  missed notification costs at most the worker's idle poll.
+- Commits are durable (`synchronous_commit` stays on, the server's default). Deadlocks and
+  serialization failures are retried a few times, since the transaction is simply run again; any
+  other driver error is a `StoreError`, which the app answers with 503.
+
+Times are epoch seconds as double precision, like SQLite's REAL, stamped by this process's clock
+(the migration's header says why). JSON columns are jsonb, tokens bytea sealed by the same `Sealer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from service.store import common, migrations
+from service.store.base import StoreError
+from service.store.common import Dialect, IntakePlan, Take
+from service.store.models import (
+    AlertRecord,
+    Delivery,
+    DeliveryStatus,
+    IdempotencyState,
+    IdempotentRequest,
+    Incident,
+    IncidentDetail,
+    IncidentFilter,
+    IncidentRef,
+    Label,
+    Reservation,
+    Sighting,
+    State,
+    StoreStats,
+    TokenSighting,
+    Transition,
+)
+from service.store.sealing import Sealer
+
+log = logging.getLogger("service.store")
+
+POSTGRES = Dialect(mark="%s", json=Jsonb)
+CHANNEL = "leak_responder_due"
+_RETRIES = 4
+_CONNECT_TIMEOUT = 10.0
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+_EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (%s, %s, %s, %s, %s)"
+
+
+class PostgresStore:
+    def __init__(
+        self, url: str, sealer: Sealer, clock: Callable[[], float] = time.time, pool_size: int = 10
+    ) -> None:
+        self._url = url
+        self._sealer = sealer
+        self._clock = clock
+        self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=_CONNECT_TIMEOUT,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            name="leak-responder",
+        )
+        self._listener: asyncio.Task[None] | None = None
+        # The payload of this process's notifications, so that its listener can skip them.
+        self._instance = secrets.token_hex(8)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and refuse a database this release's migrations have not all been applied to."""
+        try:
+            await self._pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            await self._pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        missing = await self.pending_migrations()
+        if missing:
+            await self._pool.close()
+            raise StoreError(
+                f"the database needs migration(s) {', '.join(missing)}: run `leak-responder migrate`"
+            )
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1"))
+
+    async def pending_migrations(self) -> list[str]:
+        async def work(conn: Conn) -> list[str]:
+            return [m.label for m in await migrations.pending(conn)]
+
+        return await self._read(work)
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` whenever any process commits work that is due (NOTIFY on `CHANNEL`)."""
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(wake), name="store-listen")
+
+    async def _listen(self, wake: Callable[[], None]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=int(_CONNECT_TIMEOUT)
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    # Whatever was committed while nobody listened is picked up by this wake.
+                    wake()
+                    delay = 0.5
+                    async for note in conn.notifies():
+                        if note.payload != self._instance:
+                            wake()
+            except psycopg.Error as exc:
+                log.warning(
+                    "store wake-up channel lost; reconnecting",
+                    extra={"reason": "store_listen_lost", "detail": type(exc).__name__},
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- running SQL -----------------------------------------------------------------------------
+
+    async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run `work` in one transaction, again if the server chose it as a deadlock's victim."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                if attempt == _RETRIES - 1:
+                    raise StoreError(f"write failed: {exc}") from exc
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
+            except psycopg.Error as exc:
+                raise StoreError(f"write failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _read(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        try:
+            async with self._pool.connection() as conn:
+                return await work(conn)
+        except psycopg.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    async def _notify(self, conn: Conn) -> None:
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._instance))
+
+    @staticmethod
+    async def _rows(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = await conn.execute(sql, args)  # type: ignore[arg-type]
+        return await cur.fetchall()
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    async def intake(
+        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
+    ) -> list[IncidentRef]:
+        """Record an alert, one incident per distinct token and a sighting per item, atomically."""
+        now = self._clock()
+        plan = IntakePlan.prepare(items, self._sealer, now, match_after)
+
+        async def work(conn: Conn) -> list[IncidentRef]:
+            news = sorted(plan.candidates.values(), key=lambda n: n.token_hash)
+            inserted = await self._rows(
+                conn,
+                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, token_type, state, label,"
+                " created_at, next_run_at, last_reason)"
+                " SELECT id, token_hash, redacted, token_sealed, token_type, state, label, %s, next_run_at,"
+                " last_reason FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[],"
+                " %s::text[], %s::text[], %s::float8[], %s::text[]) AS n (id, token_hash, redacted,"
+                " token_sealed, token_type, state, label, next_run_at, last_reason) ORDER BY token_hash"
+                " ON CONFLICT (token_hash) DO NOTHING RETURNING token_hash",
+                [
+                    now,
+                    [n.id for n in news],
+                    [n.token_hash for n in news],
+                    [n.redacted for n in news],
+                    [n.sealed for n in news],
+                    [n.token_type for n in news],
+                    [str(n.state) for n in news],
+                    [common.plain(n.label) for n in news],
+                    [n.next_run_at for n in news],
+                    [n.last_reason for n in news],
+                ],
+            )
+            created = {r["token_hash"] for r in inserted}
+            known = {
+                r["token_hash"]: r
+                for r in await self._rows(
+                    conn,
+                    "SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%s)",
+                    [[d for d in plan.candidates if d not in created]],
+                )
+            }
+            refs: dict[str, IncidentRef] = {}
+            events = []
+            for digest, new in plan.candidates.items():
+                if digest in created:
+                    refs[digest] = IncidentRef(
+                        new.id, digest, new.token_type, new.redacted, new.state, new.label, True
+                    )
+                    events += [
+                        common.event_args(POSTGRES, new.id, now, kind, state, detail)
+                        for kind, state, detail in new.events(alert)
+                    ]
+                    continue
+                row = known[digest]
+                refs[digest] = IncidentRef(
+                    row["id"],
+                    digest,
+                    new.token_type,
+                    row["redacted"],
+                    State(row["state"]),
+                    Label(row["label"]) if row["label"] else None,
+                    created=False,
+                )
+            (alert_row,) = await self._rows(
+                conn,
+                "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
+                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, len(created)),
+            )
+            async with conn.cursor() as cur:
+                if events:
+                    await cur.executemany(_EVENT_INSERT, events)
+                await cur.executemany(
+                    "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
+                    " token_type, seen_at, note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_row["id"], now),
+                )
+            return list(refs.values())
+
+        return await self._write(work)
+
+    # -- work ------------------------------------------------------------------------------------
+
+    async def claim(self, owner: str, limit: int, lease: float) -> list[Incident]:
+        """Lease up to `limit` due incidents no other claim holds. An expired lease is fair game."""
+
+        async def work(conn: Conn) -> list[Incident]:
+            now = self._clock()
+            rows = await self._rows(
+                conn,
+                "UPDATE incidents SET lease_owner = %s, lease_until = %s WHERE id IN ("
+                " SELECT id FROM incidents WHERE next_run_at IS NOT NULL AND next_run_at <= %s"
+                " AND (lease_until IS NULL OR lease_until < %s) ORDER BY next_run_at LIMIT %s"
+                " FOR UPDATE SKIP LOCKED) RETURNING *",
+                (owner, now + lease, now, now, limit),
+            )
+            return [common.incident_from(r) for r in rows]
+
+        return await self._write(work)
+
+    async def apply(self, transitions: Sequence[Transition]) -> list[bool]:
+        """Apply step outcomes; each one only if its incident is still as the step found it.
+
+        Each transition is one statement (the fenced UPDATE feeding its event's INSERT), all sent in
+        one pipeline: a batch of a thousand costs about one round trip, not a thousand.
+        """
+        now = self._clock()
+        common.check_transitions(transitions)
+        if not transitions:
+            return []
+
+        async def work(conn: Conn) -> list[bool]:
+            cursors = []
+            async with conn.pipeline():
+                for t in transitions:
+                    update, args = common.fenced_update(t, POSTGRES)
+                    _, *event = common.event_args(POSTGRES, t.incident_id, now, t.event, t.state, t.detail)
+                    cur = conn.cursor()
+                    await cur.execute(
+                        f"WITH applied AS ({update} RETURNING id) INSERT INTO events"  # noqa: S608
+                        " (incident_id, at, kind, state, detail) SELECT id, %s, %s, %s, %s FROM applied",
+                        [*args, *event],
+                    )
+                    cursors.append(cur)
+            applied = [cur.rowcount == 1 for cur in cursors]
+            due = [
+                ok and t.next_run_at is not None and t.next_run_at <= now
+                for t, ok in zip(transitions, applied, strict=True)
+            ]
+            if any(due):
+                await self._notify(conn)
+            return applied
+
+        return await self._write(work)
+
+    async def release(self, owner: str) -> None:
+        """Hand back every lease of a process that is shutting down, and tell the others."""
+
+        async def work(conn: Conn) -> None:
+            cur = await conn.execute(
+                "UPDATE incidents SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s", (owner,)
+            )
+            if cur.rowcount:
+                await self._notify(conn)
+
+        await self._write(work)
+
+    async def resume(self, state: State) -> int:
+        """Schedule incidents that were parked in `state` (dry-run, or waiting for a notifier)."""
+
+        async def work(conn: Conn) -> int:
+            cur = await conn.execute(
+                "UPDATE incidents SET next_run_at = %s WHERE state = %s AND next_run_at IS NULL",
+                (self._clock(), str(state)),
+            )
+            if cur.rowcount:
+                await self._notify(conn)
+            return cur.rowcount
+
+        return await self._write(work)
+
+    async def reveal_token(self, incident_id: str) -> str | None:
+        """The raw token, for the probe only. None once it was wiped at close."""
+        rows = await self._read(
+            lambda conn: self._rows(
+                conn, "SELECT token_sealed, token_hash FROM incidents WHERE id = %s", (incident_id,)
+            )
+        )
+        if not rows or rows[0]["token_sealed"] is None:
+            return None
+        return self._sealer.open(bytes(rows[0]["token_sealed"]), rows[0]["token_hash"])
+
+    async def next_due(self) -> float | None:
+        rows = await self._read(
+            lambda conn: self._rows(
+                conn,
+                "SELECT min(greatest(next_run_at, coalesce(lease_until, 0))) AS due FROM incidents"
+                " WHERE next_run_at IS NOT NULL",
+            )
+        )
+        return rows[0]["due"]
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def incidents(self, ids: Sequence[str]) -> list[Incident]:
+        if not ids:
+            return []
+        rows = await self._read(
+            lambda conn: self._rows(conn, "SELECT * FROM incidents WHERE id = ANY(%s)", [list(ids)])
+        )
+        by_id = {r["id"]: common.incident_from(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    async def detail(self, incident_id: str) -> IncidentDetail | None:
+        async def work(conn: Conn) -> IncidentDetail | None:
+            rows = await self._rows(conn, "SELECT * FROM incidents WHERE id = %s", (incident_id,))
+            if not rows:
+                return None
+            events = await self._rows(
+                conn, "SELECT * FROM events WHERE incident_id = %s ORDER BY id", (incident_id,)
+            )
+            sightings = await self._rows(
+                conn, "SELECT * FROM sightings WHERE incident_id = %s ORDER BY id", (incident_id,)
+            )
+            return IncidentDetail(
+                common.incident_from(rows[0]),
+                [common.event_from(e) for e in events],
+                [common.sighting_from(s) for s in sightings],
+            )
+
+        return await self._read(work)
+
+    async def list_incidents(self, where: IncidentFilter) -> list[Incident]:
+        sql, args = common.incident_filter(where, POSTGRES)
+        rows = await self._read(lambda conn: self._rows(conn, sql, args))
+        return [common.incident_from(r) for r in rows]
+
+    # -- telling owners --------------------------------------------------------------------------
+
+    async def alert_siblings(self, incident_ids: Sequence[str]) -> dict[str, list[Incident]]:
+        """For each incident, the incidents first reported by the same alert (itself included)."""
+        if not incident_ids:
+            return {}
+
+        async def work(conn: Conn) -> dict[str, list[Incident]]:
+            firsts = {
+                r["incident_id"]: r["alert_id"]
+                for r in await self._rows(
+                    conn,
+                    "SELECT incident_id, min(alert_id) AS alert_id FROM sightings"
+                    " WHERE incident_id = ANY(%s) GROUP BY incident_id",
+                    [list(incident_ids)],
+                )
+            }
+            by_alert: dict[int, list[Incident]] = {a: [] for a in set(firsts.values())}
+            rows = await self._rows(
+                conn,
+                "SELECT DISTINCT s.alert_id AS first_alert, i.* FROM sightings s"
+                " JOIN incidents i ON i.id = s.incident_id WHERE s.alert_id = ANY(%s)"
+                " AND s.alert_id = (SELECT min(alert_id) FROM sightings t WHERE t.incident_id = i.id)",
+                [sorted(by_alert)],
+            )
+            for row in rows:
+                by_alert[row["first_alert"]].append(common.incident_from(row))
+            return {i: by_alert[a] for i, a in firsts.items()}
+
+        return await self._read(work)
+
+    async def sightings(self, incident_ids: Sequence[str]) -> dict[str, list[Sighting]]:
+        if not incident_ids:
+            return {}
+        rows = await self._read(
+            lambda conn: self._rows(
+                conn,
+                "SELECT * FROM sightings WHERE incident_id = ANY(%s) ORDER BY id",
+                [list(incident_ids)],
+            )
+        )
+        found: dict[str, list[Sighting]] = {i: [] for i in incident_ids}
+        for row in rows:
+            found[row["incident_id"]].append(common.sighting_from(row))
+        return found
+
+    async def wake(self, incident_ids: Sequence[str]) -> None:
+        """Make incidents scheduled for later due now (work another step finished for them)."""
+        if not incident_ids:
+            return
+
+        async def work(conn: Conn) -> None:
+            now = self._clock()
+            cur = await conn.execute(
+                "UPDATE incidents SET next_run_at = %s WHERE id = ANY(%s) AND next_run_at > %s",
+                (now, sorted(incident_ids), now),
+            )
+            if cur.rowcount:
+                await self._notify(conn)
+
+        await self._write(work)
+
+    async def deliveries(self, incident_ids: Sequence[str]) -> list[Delivery]:
+        if not incident_ids:
+            return []
+        rows = await self._read(
+            lambda conn: self._rows(
+                conn, "SELECT * FROM deliveries WHERE incident_id = ANY(%s)", [list(incident_ids)]
+            )
+        )
+        return [common.delivery_from(r) for r in rows]
+
+    async def reserve_deliveries(
+        self, holder: str, recipient: str, purpose: str, incident_ids: Sequence[str], hold: float
+    ) -> Reservation:
+        """Hold the rows nobody else holds and nobody finished; new rows are created held.
+
+        New rows go in with `ON CONFLICT DO NOTHING` and existing ones are locked before they are
+        judged (`common.delivery_take`), so two replicas reserving the same rows never both win.
+        """
+
+        async def work(conn: Conn) -> Reservation:
+            now = self._clock()
+            ids = sorted(set(incident_ids))
+            inserted = await self._rows(
+                conn,
+                "INSERT INTO deliveries (incident_id, recipient, purpose, status, holder, held_until,"
+                " attempts, updated_at) SELECT i, %s, %s, %s, %s, %s, 1, %s FROM unnest(%s::text[]) AS i"
+                " ORDER BY i ON CONFLICT DO NOTHING RETURNING incident_id",
+                (recipient, purpose, str(DeliveryStatus.SENDING), holder, now + hold, now, ids),
+            )
+            taken = {r["incident_id"] for r in inserted}
+            existing = await self._rows(
+                conn,
+                "SELECT incident_id, status, held_until FROM deliveries WHERE recipient = %s"
+                " AND purpose = %s AND incident_id = ANY(%s) ORDER BY incident_id FOR UPDATE",
+                (recipient, purpose, [i for i in ids if i not in taken]),
+            )
+            uncertain = set()
+            for row in existing:
+                take = common.delivery_take(DeliveryStatus(row["status"]), row["held_until"], now)
+                if take is Take.LEAVE:
+                    continue
+                taken.add(row["incident_id"])
+                if take is Take.TAKE_UNCERTAIN:
+                    uncertain.add(row["incident_id"])
+            retaken = [r["incident_id"] for r in existing if r["incident_id"] in taken]
+            if retaken:
+                await conn.execute(
+                    "UPDATE deliveries SET status = %s, holder = %s, held_until = %s,"
+                    " attempts = attempts + 1, updated_at = %s WHERE recipient = %s AND purpose = %s"
+                    " AND incident_id = ANY(%s)",
+                    (str(DeliveryStatus.SENDING), holder, now + hold, now, recipient, purpose, retaken),
+                )
+            return Reservation(
+                [i for i in incident_ids if i in taken], [i for i in incident_ids if i in uncertain]
+            )
+
+        return await self._write(work)
+
+    async def finish_deliveries(
+        self,
+        holder: str,
+        recipient: str,
+        purpose: str,
+        incident_ids: Sequence[str],
+        status: DeliveryStatus,
+        message_id: str | None,
+        detail: str | None,
+    ) -> None:
+        """Record an attempt's outcome, only on the rows this holder still holds."""
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE deliveries SET status = %s, holder = NULL, held_until = NULL, message_id = %s,"
+                " detail = %s, updated_at = %s WHERE incident_id = ANY(%s) AND recipient = %s"
+                " AND purpose = %s AND holder = %s AND status = %s",
+                (str(status), message_id, detail, self._clock(), sorted(incident_ids), recipient, purpose,
+                 holder, str(DeliveryStatus.SENDING)),
+            )  # fmt: skip
+
+        await self._write(work)
+
+    # -- Idempotency-Key ---------------------------------------------------------------------------
+
+    async def begin_idempotent(
+        self, operator: str, key: str, fingerprint: str, ttl: float, stale_after: float
+    ) -> IdempotentRequest | None:
+        """Claim `key` for a new request (None), or return what the earlier request left.
+
+        The claim is an insert that either wins or meets the existing row, which is then locked and
+        judged (`common.idempotent_earlier`): two replicas racing on one key never both run it.
+        """
+
+        async def work(conn: Conn) -> IdempotentRequest | None:
+            now = self._clock()
+            await conn.execute("DELETE FROM idempotency WHERE expires_at < %s", (now,))
+            inserted = await self._rows(
+                conn,
+                "INSERT INTO idempotency (operator, key, fingerprint, state, started_at, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING key",
+                (operator, key, fingerprint, str(IdempotencyState.RUNNING), now, now + ttl),
+            )
+            if inserted:
+                return None
+            (row,) = await self._rows(
+                conn, "SELECT * FROM idempotency WHERE operator = %s AND key = %s FOR UPDATE", (operator, key)
+            )
+            earlier = common.idempotent_earlier(row, now, stale_after)
+            if earlier is None:
+                await conn.execute(
+                    "UPDATE idempotency SET fingerprint = %s, state = %s, status = NULL, response = NULL,"
+                    " started_at = %s, expires_at = %s WHERE operator = %s AND key = %s",
+                    (fingerprint, str(IdempotencyState.RUNNING), now, now + ttl, operator, key),
+                )
+            return earlier
+
+        return await self._write(work)
+
+    async def finish_idempotent(self, operator: str, key: str, status: int, response: bytes) -> None:
+        async def work(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE idempotency SET state = %s, status = %s, response = %s WHERE operator = %s"
+                " AND key = %s",
+                (str(IdempotencyState.DONE), status, response, operator, key),
+            )
+
+        await self._write(work)
+
+    async def drop_idempotent(self, operator: str, key: str) -> None:
+        """Forget a claim whose request failed on our side, so that its retry runs afresh."""
+
+        async def work(conn: Conn) -> None:
+            await conn.execute("DELETE FROM idempotency WHERE operator = %s AND key = %s", (operator, key))
+
+        await self._write(work)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def purge_reporter_metadata(self, finished_before: float) -> int:
+        """Forget sighting URLs of incidents long over (see `common.purge_candidates`), each purge
+        an audit event; expired Idempotency-Key records go in the same sweep."""
+
+        async def work(conn: Conn) -> int:
+            now = self._clock()
+            sql, args = common.purge_candidates(finished_before, POSTGRES)
+            ids = [r["incident_id"] for r in await self._rows(conn, sql, args)]
+            for incident_id in ids:
+                cur = await conn.execute(
+                    "UPDATE sightings SET url = NULL WHERE incident_id = %s AND url IS NOT NULL",
+                    (incident_id,),
+                )
+                detail = {"sightings": cur.rowcount}
+                await conn.execute(
+                    _EVENT_INSERT,
+                    common.event_args(POSTGRES, incident_id, now, "reporter_metadata_purged", None, detail),
+                )
+            await conn.execute("DELETE FROM idempotency WHERE expires_at < %s", (now,))
+            return len(ids)
+
+        return await self._write(work)
+
+    async def stats(self) -> StoreStats:
+        async def work(conn: Conn) -> StoreStats:
+            now = self._clock()
+            by_state = {
+                r["state"]: r["n"]
+                for r in await self._rows(conn, "SELECT state, count(*) AS n FROM incidents GROUP BY state")
+            }
+            (row,) = await self._rows(
+                conn,
+                "SELECT count(*) FILTER (WHERE state NOT IN (%s, %s)) AS pending,"
+                " min(created_at) FILTER (WHERE state NOT IN (%s, %s)) AS oldest,"
+                " count(*) FILTER (WHERE next_run_at IS NOT NULL AND next_run_at <= %s) AS due"
+                " FROM incidents",
+                (str(State.CLOSED), str(State.FALSE_POSITIVE)) * 2 + (now,),
+            )
+            oldest = row["oldest"]
+            return StoreStats(by_state, row["pending"], 0.0 if oldest is None else now - oldest, row["due"])
+
+        return await self._read(work)

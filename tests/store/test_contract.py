@@ -1,0 +1,491 @@
+"""The store's contract, held by SQLite and PostgreSQL alike: what the app and the pipeline rely on.
+
+Concurrency is part of the contract: two stores opened on one database stand for two replicas, and
+must never make two incidents of one token, take one incident twice, or both win one delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable
+
+import pytest
+
+from service.store import (
+    AlertRecord,
+    DeliveryStatus,
+    IdempotencyState,
+    IncidentFilter,
+    Label,
+    Sealer,
+    State,
+    Store,
+    StoreError,
+    TokenSighting,
+    Transition,
+)
+from service.store.migrations import migrate
+from service.store.postgres import PostgresStore
+from service.tokens import token_hash
+from tests.store.conftest import Backend
+
+ALERT = AlertRecord("github", "0" * 64, 1)
+
+
+def key() -> str:
+    return f"sm_{secrets.token_hex(20)}"
+
+
+def sighting(token: str, url: str | None = "https://github.com/o/r/blob/main/.env") -> TokenSighting:
+    return TokenSighting(token, "supermemory_api_key", url, "content", "github")
+
+
+def run(body: Awaitable[None]) -> None:
+    asyncio.run(body)  # type: ignore[arg-type]
+
+
+async def due_now(store: Store, tokens: list[str]) -> list[str]:
+    """Intake `tokens` scheduled at once (no request budget to wait for); their incident ids."""
+    refs = await store.intake(ALERT, [sighting(t) for t in tokens], match_after=0)
+    return [r.id for r in refs]
+
+
+# -- intake ----------------------------------------------------------------------------------------
+
+
+def test_intake_makes_one_incident_per_distinct_token(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            a, b = key(), key()
+            items = [
+                sighting(a),
+                sighting("not-a-key"),
+                sighting(a),
+                sighting(a, url="https://x.test/2"),
+                sighting(b),
+            ]
+            refs = await store.intake(ALERT, items, match_after=5)
+            assert [r.token_hash for r in refs] == [token_hash(t) for t in (a, "not-a-key", b)]
+            assert [r.created for r in refs] == [True, True, True]
+            assert refs[0].state is State.RECEIVED and refs[0].label is None
+            assert refs[1].state is State.FALSE_POSITIVE and refs[1].label is Label.FALSE_POSITIVE
+            assert refs[0].redacted == f"{a[:7]}…{a[-4:]}"
+
+            again = await store.intake(ALERT, [sighting(a)], match_after=5)
+            assert again[0].id == refs[0].id and not again[0].created
+
+            detail = await store.detail(refs[0].id)
+            assert detail is not None
+            # The repeated (token, url, source) of the first alert added nothing; the redelivery did.
+            assert [s.url for s in detail.sightings] == [
+                "https://github.com/o/r/blob/main/.env",
+                "https://x.test/2",
+                "https://github.com/o/r/blob/main/.env",
+            ]
+            assert [e.kind for e in detail.events] == ["received"]
+            assert detail.incident.has_token and detail.incident.next_run_at == backend.clock() + 5
+            fp = await store.detail(refs[1].id)
+            assert fp is not None and not fp.incident.has_token
+            assert [e.kind for e in fp.events] == ["received", "false_positive"]
+
+    run(body())
+
+
+def test_two_replicas_taking_the_same_tokens_at_once_make_one_incident_each(backend: Backend) -> None:
+    async def body() -> None:
+        tokens = [key() for _ in range(40)]
+        async with backend.opened(2) as (one, two):
+            results = await asyncio.gather(
+                *(
+                    store.intake(ALERT, [sighting(t) for t in order], match_after=5)
+                    for store, order in ((one, tokens), (two, tokens[::-1])) * 3
+                )
+            )
+            by_hash: dict[str, set[str]] = {}
+            created: dict[str, int] = {}
+            for refs in results:
+                for r in refs:
+                    by_hash.setdefault(r.token_hash, set()).add(r.id)
+                    created[r.token_hash] = created.get(r.token_hash, 0) + r.created
+            assert len(by_hash) == len(tokens)
+            assert all(len(ids) == 1 for ids in by_hash.values())
+            assert set(created.values()) == {1}
+            stats = await one.stats()
+            assert stats.incidents_by_state == {"received": len(tokens)}
+
+    run(body())
+
+
+# -- claims and leases -----------------------------------------------------------------------------
+
+
+def test_claim_takes_due_work_under_a_lease_and_an_expired_lease_is_retaken(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            (incident_id,) = [r.id for r in await store.intake(ALERT, [sighting(key())], match_after=5)]
+            assert await store.claim("a", 10, lease=30) == []
+            assert await store.next_due() == pytest.approx(clock() + 5)
+            clock.advance(5)
+            (claimed,) = await store.claim("a", 10, lease=30)
+            assert claimed.id == incident_id and claimed.state is State.RECEIVED
+            assert await store.claim("b", 10, lease=30) == []
+            assert await store.next_due() == pytest.approx(clock() + 30)
+
+            clock.advance(31)
+            (retaken,) = await store.claim("b", 10, lease=30)
+            assert retaken.id == incident_id
+            late = Transition(incident_id, State.RECEIVED, "matched", lease_owner="a", state=State.MATCHED)
+            assert await store.apply([late]) == [False]
+            mine = Transition(incident_id, State.RECEIVED, "matched", lease_owner="b", state=State.MATCHED)
+            assert await store.apply([mine]) == [True]
+
+    run(body())
+
+
+def test_concurrent_claimers_never_take_the_same_incident(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened(2) as (one, two):
+            ids = await due_now(one, [key() for _ in range(150)])
+            taken: dict[str, list[str]] = {"one": [], "two": []}
+
+            async def claimer(store: Store, owner: str) -> None:
+                while batch := await store.claim(owner, 7, lease=60):
+                    taken[owner] += [i.id for i in batch]
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(*(claimer(s, o) for s, o in ((one, "one"), (two, "two"), (one, "one"))))
+            assert not set(taken["one"]) & set(taken["two"])
+            everything = taken["one"] + taken["two"]
+            assert sorted(everything) == sorted(ids)
+
+    run(body())
+
+
+def test_release_hands_leases_back_and_resume_schedules_parked_work(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            ids = await due_now(store, [key(), key()])
+            assert len(await store.claim("a", 10, lease=60)) == 2
+            await store.release("a")
+            assert len(await store.claim("b", 10, lease=60)) == 2
+
+            # Parked: applied with no next run (dry-run, or no notifier configured).
+            parked = [
+                Transition(i, State.RECEIVED, "matched", lease_owner="b", state=State.MATCHED) for i in ids
+            ]
+            assert await store.apply(parked) == [True, True]
+            assert await store.claim("b", 10, lease=60) == []
+            assert await store.resume(State.MATCHED) == 2
+            assert {i.id for i in await store.claim("b", 10, lease=60)} == set(ids)
+
+    run(body())
+
+
+# -- fenced transitions and the audit trail ----------------------------------------------------------
+
+
+def test_apply_is_fenced_by_state_and_lease_and_records_an_event(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            token = key()
+            (incident_id,) = await due_now(store, [token])
+            await store.claim("w", 1, lease=60)
+            recipients = [{"email": "owner@example.test", "name": "Owner"}]
+            match = Transition(
+                incident_id,
+                State.RECEIVED,
+                "matched",
+                lease_owner="w",
+                state=State.MATCHED,
+                next_run_at=clock(),
+                set={"label": Label.TRUE_POSITIVE, "key_id": "key_1", "recipients": recipients,
+                     "matched_at": clock(), "revoke_reissued": True},
+                detail={"key_id": "key_1"},
+                page="revocation_failed",
+            )  # fmt: skip
+            wrong_state = Transition(incident_id, State.REVOKED, "revoked", state=State.CONFIRMED)
+            wrong_owner = Transition(
+                incident_id, State.RECEIVED, "matched", lease_owner="x", state=State.MATCHED
+            )
+            assert await store.apply([wrong_state, wrong_owner, match]) == [False, False, True]
+            # Applied once: the same step's outcome a second time is superseded.
+            assert await store.apply([match]) == [False]
+
+            (incident,) = await store.incidents([incident_id])
+            assert incident.state is State.MATCHED and incident.label is Label.TRUE_POSITIVE
+            assert incident.recipients == recipients and incident.key_id == "key_1"
+            assert incident.revoke_reissued and incident.pages == {"revocation_failed"}
+            assert incident.next_run_at == clock()
+            another_page = Transition(incident_id, State.MATCHED, "paged", page="unconfirmed")
+            assert await store.apply([another_page]) == [True]
+            (incident,) = await store.incidents([incident_id])
+            assert incident.pages == {"revocation_failed", "unconfirmed"}
+
+            detail = await store.detail(incident_id)
+            assert detail is not None
+            assert [(e.kind, e.state) for e in detail.events] == [
+                ("received", State.RECEIVED),
+                ("matched", State.MATCHED),
+                ("paged", None),
+            ]
+            assert detail.events[1].detail == {"key_id": "key_1"}
+            with pytest.raises(ValueError, match="may not set"):
+                await store.apply([Transition(incident_id, State.MATCHED, "x", set={"token_hash": "x"})])
+
+    run(body())
+
+
+def test_reveal_token_until_close_wipes_it(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            token = key()
+            (incident_id,) = await due_now(store, [token])
+            assert await store.reveal_token(incident_id) == token
+            assert await store.reveal_token("inc_missing") is None
+            close = Transition(incident_id, State.RECEIVED, "closed", state=State.CLOSED, wipe_token=True)
+            assert await store.apply([close]) == [True]
+            assert await store.reveal_token(incident_id) is None
+            (incident,) = await store.incidents([incident_id])
+            assert not incident.has_token and incident.token_hash == token_hash(token)
+
+    run(body())
+
+
+@pytest.mark.parametrize("statement", ["UPDATE events SET kind = 'forged'", "DELETE FROM events"])
+def test_events_are_append_only_in_the_database_itself(backend: Backend, statement: str) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            await due_now(store, [key()])
+
+    run(body())
+    with pytest.raises(Exception, match="append-only"):
+        backend.execute(statement)
+
+
+# -- telling owners ------------------------------------------------------------------------------------
+
+
+def test_alert_siblings_sightings_and_wake(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            first = await due_now(store, [key(), key()])
+            later = await due_now(store, [key()])
+            # A later alert repeating a token does not pull it into that alert's group.
+            await store.intake(ALERT, [sighting(k) for k in [key()]], match_after=0)
+            siblings = await store.alert_siblings([first[0], later[0]])
+            assert {i.id for i in siblings[first[0]]} == set(first)
+            assert [i.id for i in siblings[later[0]]] == later
+            assert await store.alert_siblings([]) == {}
+
+            found = await store.sightings([first[0], "inc_missing"])
+            assert len(found[first[0]]) == 1 and found["inc_missing"] == []
+
+            wait = Transition(first[1], State.RECEIVED, "waiting", next_run_at=clock() + 100)
+            assert await store.apply([wait]) == [True]
+            await store.wake([first[1]])
+            (incident,) = await store.incidents([first[1]])
+            assert incident.next_run_at == clock()
+
+    run(body())
+
+
+def test_deliveries_are_held_by_one_sender_and_an_expired_hold_is_uncertain(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            a, b = await due_now(store, [key(), key()])
+            to = "owner@example.test"
+            first = await store.reserve_deliveries("s1", to, "owner", [a, b], hold=30)
+            assert first.taken == [a, b] and first.uncertain == []
+            assert (await store.reserve_deliveries("s2", to, "owner", [a, b], hold=30)).taken == []
+            # Another purpose or recipient is another row.
+            assert (await store.reserve_deliveries("s2", to, "refusal", [a], hold=30)).taken == [a]
+
+            await store.finish_deliveries("s1", to, "owner", [a], DeliveryStatus.SENT, "<m@x>", None)
+            await store.finish_deliveries("s2", to, "owner", [b], DeliveryStatus.SENT, "<m@y>", None)
+            rows = {(d.incident_id, d.purpose): d for d in await store.deliveries([a, b])}
+            assert rows[(a, "owner")].status is DeliveryStatus.SENT
+            assert rows[(a, "owner")].message_id == "<m@x>"
+            # Only the holder records an outcome: s2 never held b's owner row.
+            assert rows[(b, "owner")].status is DeliveryStatus.SENDING
+
+            clock.advance(31)
+            again = await store.reserve_deliveries("s3", to, "owner", [a, b], hold=30)
+            assert again.taken == [b] and again.uncertain == [b]
+            await store.finish_deliveries("s3", to, "owner", [b], DeliveryStatus.PENDING, None, "smtp_down")
+            retry = await store.reserve_deliveries("s4", to, "owner", [b], hold=30)
+            assert retry.taken == [b] and retry.uncertain == []
+            (row,) = [d for d in await store.deliveries([b]) if d.purpose == "owner"]
+            assert row.attempts == 3 and row.status is DeliveryStatus.SENDING
+
+    run(body())
+
+
+def test_two_replicas_reserving_the_same_deliveries_split_them(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened(2) as (one, two):
+            ids = await due_now(one, [key() for _ in range(30)])
+            results = await asyncio.gather(
+                *(
+                    store.reserve_deliveries(holder, "owner@example.test", "owner", order, hold=30)
+                    for store, holder, order in ((one, "h1", ids), (two, "h2", ids[::-1]), (one, "h3", ids))
+                )
+            )
+            taken = [i for r in results for i in r.taken]
+            assert sorted(taken) == sorted(ids)
+
+    run(body())
+
+
+# -- Idempotency-Key ---------------------------------------------------------------------------------
+
+
+def test_idempotency_keys(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened(2) as (store, other):
+            assert await store.begin_idempotent("ops", "k1", "fp", ttl=3600, stale_after=60) is None
+            running = await store.begin_idempotent("ops", "k1", "fp", ttl=3600, stale_after=60)
+            assert running is not None and running.state is IdempotencyState.RUNNING
+            await store.finish_idempotent("ops", "k1", 200, b'{"ok":true}')
+            done = await other.begin_idempotent("ops", "k1", "fp", ttl=3600, stale_after=60)
+            assert done is not None and (done.state, done.status, done.response) == (
+                IdempotencyState.DONE,
+                200,
+                b'{"ok":true}',
+            )
+            # Another operator's key of the same name is another key.
+            assert await store.begin_idempotent("sec", "k1", "fp", ttl=3600, stale_after=60) is None
+
+            await store.drop_idempotent("ops", "k1")
+            assert await store.begin_idempotent("ops", "k1", "fp2", ttl=3600, stale_after=60) is None
+            clock.advance(61)
+            # Still running after stale_after: its process died mid-request, so it is taken over.
+            assert await store.begin_idempotent("ops", "k1", "fp2", ttl=3600, stale_after=60) is None
+            clock.advance(3600)
+            assert await store.begin_idempotent("ops", "k1", "fp3", ttl=3600, stale_after=60) is None
+
+            racing = await asyncio.gather(
+                *(
+                    s.begin_idempotent("ops", "race", "fp", ttl=3600, stale_after=60)
+                    for s in (store, other) * 3
+                )
+            )
+            assert sum(r is None for r in racing) == 1
+
+    run(body())
+
+
+# -- housekeeping, reads and metrics ---------------------------------------------------------------------
+
+
+def test_purge_forgets_urls_of_incidents_long_over(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            closed, still_open = await due_now(store, [key(), key()])
+            false_positive = (await store.intake(ALERT, [sighting("nope")], match_after=0))[0].id
+            await store.begin_idempotent("ops", "old", "fp", ttl=10, stale_after=5)
+            close = Transition(
+                closed, State.RECEIVED, "closed", state=State.CLOSED, set={"closed_at": clock()}
+            )
+            assert await store.apply([close]) == [True]
+
+            assert await store.purge_reporter_metadata(finished_before=clock() - 1) == 0
+            clock.advance(100)
+            assert await store.purge_reporter_metadata(finished_before=clock() - 50) == 2
+            for incident_id, purged in ((closed, True), (false_positive, True), (still_open, False)):
+                detail = await store.detail(incident_id)
+                assert detail is not None
+                assert all((s.url is None) == purged for s in detail.sightings)
+                assert ("reporter_metadata_purged" in [e.kind for e in detail.events]) == purged
+            assert await store.purge_reporter_metadata(finished_before=clock()) == 0
+            # The expired Idempotency-Key went in the same sweep.
+            assert await store.begin_idempotent("ops", "old", "other", ttl=10, stale_after=5) is None
+
+    run(body())
+
+
+def test_stats_next_due_and_listing(backend: Backend) -> None:
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            assert await store.next_due() is None
+            empty = await store.stats()
+            assert (empty.incidents_by_state, empty.pending, empty.oldest_pending_age, empty.due) == (
+                {},
+                0,
+                0.0,
+                0,
+            )
+            ids = await due_now(store, [key(), key()])
+            await store.intake(ALERT, [sighting("nope")], match_after=0)
+            later = (
+                await store.intake(AlertRecord("gitlab", "1" * 64, 1), [sighting(key())], match_after=60)
+            )[0]
+            clock.advance(10)
+            stats = await store.stats()
+            assert stats.incidents_by_state == {"received": 3, "false_positive": 1}
+            assert stats.pending == 3 and stats.due == 2
+            assert stats.oldest_pending_age == pytest.approx(10)
+            assert await store.next_due() == pytest.approx(clock() - 10)
+
+            newest_first = await store.list_incidents(IncidentFilter(state=State.RECEIVED))
+            assert [i.id for i in newest_first] == sorted([*ids, later.id], reverse=True)
+            page = await store.list_incidents(IncidentFilter(state=State.RECEIVED, limit=1))
+            rest = await store.list_incidents(IncidentFilter(state=State.RECEIVED, before_id=page[0].id))
+            assert [i.id for i in page + rest] == [i.id for i in newest_first]
+            assert [i.id for i in await store.list_incidents(IncidentFilter(reporter="gitlab"))] == []
+            assert await store.list_incidents(IncidentFilter(since=clock())) == []
+            assert await store.incidents([]) == [] and await store.detail("inc_missing") is None
+            await store.ping()
+
+    run(body())
+
+
+# -- PostgreSQL only: migrations and wake-ups across processes ---------------------------------------------
+
+
+# SQLite has one process: it migrates at open and wakes its worker in-process.
+
+
+def test_watch_wakes_other_replicas_when_a_commit_makes_work_due(postgres: Backend) -> None:
+    async def body() -> None:
+        async with postgres.opened(2) as (one, two):
+            woken = {"one": asyncio.Event(), "two": asyncio.Event()}
+            await one.watch(woken["one"].set)
+            await two.watch(woken["two"].set)
+            for event in woken.values():
+                await asyncio.wait_for(event.wait(), 10)  # the wake that follows (re)connecting
+                event.clear()
+            (ref,) = await one.intake(ALERT, [sighting(key())], match_after=60)
+            matched = Transition(
+                ref.id, State.RECEIVED, "matched", state=State.MATCHED, next_run_at=postgres.clock()
+            )
+            assert await one.apply([matched]) == [True]
+            await asyncio.wait_for(woken["two"].wait(), 10)
+            # Its own commit woke `one` in-process already: its notification is not echoed back.
+            await asyncio.sleep(0.2)
+            assert not woken["one"].is_set()
+
+    run(body())
+
+
+def test_postgres_refuses_to_open_with_migrations_pending(pg_url: str) -> None:
+    async def body() -> None:
+        store = PostgresStore(pg_url, Sealer(b"k" * 32))
+        with pytest.raises(StoreError, match=r"0001_initial.*leak-responder migrate"):
+            await store.open()
+        applied = await asyncio.gather(migrate(pg_url), migrate(pg_url), migrate(pg_url))
+        assert sorted(len(a) for a in applied) == [0, 0, 1]
+        assert await migrate(pg_url) == []
+        store = PostgresStore(pg_url, Sealer(b"k" * 32))
+        await store.open()
+        assert await store.pending_migrations() == []
+        await store.close()
+
+    run(body())
