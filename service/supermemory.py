@@ -127,6 +127,9 @@ class SupermemoryClient:
                 raise CallFailed(CallReason.TIMEOUT) from None
             except httpx.TransportError:
                 raise CallFailed(CallReason.CONNECTION_ERROR) from None
+            except httpx.RequestError:
+                # An answer that arrived but cannot be read (a bad Content-Encoding, a redirect loop).
+                raise CallFailed(CallReason.BAD_RESPONSE) from None
 
     async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
         """Which of these hashes are Supermemory keys. A hash absent from the answer is not one."""

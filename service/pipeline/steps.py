@@ -371,7 +371,13 @@ class Steps:
         )
 
 
-def count(transitions: Sequence[Transition], applied: Sequence[bool]) -> None:
+def recorded(transitions: Sequence[Transition], applied: Sequence[bool]) -> None:
+    """Count and log what the store applied, whichever path (worker, request, operator) applied it."""
     for t, ok in zip(transitions, applied, strict=True):
-        if ok and t.state is not None:
+        if not ok:
+            log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
+        elif t.state is not None:
             TRANSITIONS.labels(state=str(t.state)).inc()
+            log.info(
+                f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
+            )

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 
 from service.observability import failure
 from service.pipeline.retry import retry_transition
-from service.pipeline.steps import Steps, count
+from service.pipeline.steps import Steps, recorded
 from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
 
 log = logging.getLogger("service.pipeline")
@@ -182,14 +182,7 @@ class Worker:
                 level=logging.ERROR,
             )
             return
-        count(transitions, applied)
-        for t, ok in zip(transitions, applied, strict=True):
-            if not ok:
-                log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
-            elif t.state is not None:
-                log.info(
-                    f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
-                )
+        recorded(transitions, applied)
         if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
             self._wake.set()
 
@@ -214,7 +207,7 @@ class Worker:
         except (TimeoutError, StoreError) as exc:
             log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
             return labels
-        count(transitions, applied)
+        recorded(transitions, applied)
         hashes = {r.id: r.token_hash for r in pending}
         for t, ok in zip(transitions, applied, strict=True):
             if ok:
@@ -238,7 +231,7 @@ class Worker:
         if transition is None:
             return False
         applied = await self.store.apply([transition])
-        count([transition], applied)
+        recorded([transition], applied)
         if applied[0]:
             log.info("incident retry requested", extra={"incident_id": incident.id, "operator": operator})
             self.wake()

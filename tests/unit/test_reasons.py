@@ -32,7 +32,9 @@ def reasons_in_code() -> set[str]:
     found: set[str] = set()
     for enum in (InboundReason, ReportReason, OperatorReason, CallReason, SendReason, PageCode):
         found |= {m.value for m in enum}
-    found |= {f"probe_{r}" for r in (CallReason.TIMEOUT, CallReason.CONNECTION_ERROR)}
+    found |= {
+        f"probe_{r}" for r in (CallReason.TIMEOUT, CallReason.CONNECTION_ERROR, CallReason.BAD_RESPONSE)
+    }
     for path in (ROOT / "service").rglob("*.py"):
         if "sandbox" in path.parts:
             continue

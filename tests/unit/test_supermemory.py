@@ -164,6 +164,16 @@ def test_lookup_failures(handler, reason):
         assert caught.value.retry_after == 3
 
 
+def test_an_unreadable_answer_is_a_bad_response_not_a_crash():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+
+    with pytest.raises(CallFailed) as caught:
+        run(lookup_with(handler, ["a" * 64]))
+    assert caught.value.reason == CallReason.BAD_RESPONSE
+    assert run(probe_with(handler)).reason == "probe_bad_response"
+
+
 def test_lookup_refuses_more_than_100():
     with pytest.raises(ValueError, match="at most 100"):
         run(lookup_with(answer(200, {"keys": []}), ["a" * 64] * 101))
