@@ -111,3 +111,20 @@ def test_health(service):
     assert httpx.get(f"{service.url}/livez").json() == {"status": "ok"}
     ready = httpx.get(f"{service.url}/readyz").json()
     assert ready["status"] == "ok" and all(ready["checks"].values())
+
+
+def test_logs_are_json_with_the_request_id_on_every_line(sandbox, service):
+    accepted = service.post_alert(sandbox.github, [sandbox.tokens[0]])
+    refused = httpx.post(f"{service.url}/v1/alerts/github", content=b"[]", timeout=10)
+    service.wait_state(sandbox.tokens[0], "confirmed")
+    records = service.log_records()
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    for response, message in ((accepted, "alert accepted"), (refused, None)):
+        rid = response.headers["x-request-id"]
+        lines = [r for r in records if r.get("request_id") == rid]
+        assert lines, f"no log line carries request id {rid}"
+        if message:
+            assert any(r["message"] == message for r in lines)
+        else:
+            assert [r["reason"] for r in lines if "reason" in r] == ["signature_missing"]
+    assert accepted.headers["x-request-id"] != refused.headers["x-request-id"]
