@@ -229,3 +229,28 @@ def test_store_that_cannot_commit_is_503_then_redelivery_succeeds(sandbox, servi
         conn.execute("DROP TRIGGER fail_alerts")
     assert service.post_alert(sandbox.github, [token]).json()[0]["label"] == "true_positive"
     service.wait_state(token, "confirmed")
+
+
+@pytest.mark.parametrize(("reporter", "prefix"), [("gitlab", "Gitlab"), ("depsdev", "GOSST")])
+def test_other_partners_use_their_own_headers(sandbox, make_service, reporter, prefix):
+    """GitLab and deps.dev send GitHub's format under their own header names and keys URLs."""
+    service = make_service({f"LEAK_RESPONDER_{reporter.upper()}_KEYS_URL": sandbox.keys_url})
+    token = sandbox.tokens[0]
+    body = build_alert([token], url="https://gitlab.example/leak")
+    signed = {
+        f"{prefix}-Public-Key-Identifier": sandbox.github.key_identifier,
+        f"{prefix}-Public-Key-Signature": sandbox.github.sign(body),
+    }
+    response = httpx.post(f"{service.url}/v1/alerts/{reporter}", content=body, headers=signed, timeout=30)
+    assert response.json() == [
+        {"token_hash": token_hash(token), "token_type": "supermemory_api_key", "label": "true_positive"}
+    ]
+    service.wait_state(token, "confirmed")
+    with service.db() as conn:
+        assert [r[0] for r in conn.execute("SELECT reporter FROM sightings")] == [reporter]
+    # GitHub's header names are not this reporter's: refused as unsigned.
+    github_headers = {k.replace(prefix, "Github"): v for k, v in signed.items()}
+    refused = httpx.post(
+        f"{service.url}/v1/alerts/{reporter}", content=body, headers=github_headers, timeout=30
+    )
+    assert refused.status_code == 401 and refused.json()["error"] == "signature_missing"
