@@ -145,6 +145,7 @@ _I = int
 # field name -> how it is read. `None` as default means required (checked after parsing).
 _SPECS: dict[str, _Spec] = {
     "database_url": _Spec("DATABASE_URL", _database_url, "sqlite:///./data/leak-responder.db"),
+    "database_pool_size": _Spec("DATABASE_POOL_SIZE", _positive(_I), "10"),
     "data_key": _Spec("DATA_KEY", _data_key, "", secret=True),
     "github_keys_url": _Spec(
         "GITHUB_KEYS_URL", _optional_url, "https://api.github.com/meta/public_keys/secret_scanning"
@@ -201,6 +202,7 @@ def env_name(field: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     database_url: str
+    database_pool_size: int
     data_key: bytes | None
     github_keys_url: str | None
     github_token: str

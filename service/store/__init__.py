@@ -46,7 +46,9 @@ def open_store(settings: Settings) -> Store:
         # Imported here so that a SQLite deployment never loads the PostgreSQL driver.
         from service.store.postgres import PostgresStore
 
-        return PostgresStore(settings.database_url, Sealer(data_key_for(settings)))
+        return PostgresStore(
+            settings.database_url, Sealer(data_key_for(settings)), pool_size=settings.database_pool_size
+        )
     return SqliteStore(path, Sealer(data_key_for(settings)))
 
 
