@@ -18,13 +18,16 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from service.store.models import StoreStats
 from service.tokens import redact
+
+if TYPE_CHECKING:
+    # A hint only: the store reports its own failures through this module, so it cannot be imported.
+    from service.store.models import StoreStats
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -109,11 +112,16 @@ def failure(
     message: str,
     *,
     level: int = logging.WARNING,
+    exc_info: BaseException | None = None,
     **fields: Any,
 ) -> None:
-    """Report a failure: one log line carrying `reason`, and the failures counter by stage and reason."""
+    """Report a failure: one log line carrying `reason`, and the failures counter by stage and reason.
+
+    `exc_info` is the logger's own argument, not an extra field: a LogRecord refuses extras that
+    shadow its attributes, and the line would be lost with the traceback it was meant to carry.
+    """
     FAILURES.labels(stage=stage, reason=str(reason)).inc()
-    logger.log(level, message, extra={"reason": str(reason), "stage": stage, **fields})
+    logger.log(level, message, exc_info=exc_info, extra={"reason": str(reason), "stage": stage, **fields})
 
 
 def scrub(text: str) -> str:

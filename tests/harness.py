@@ -8,12 +8,14 @@ it again on the same database, exactly as a crash in production would go.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import email.policy
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -70,6 +72,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics exposition, by name and labels in any order."""
+    for line in text.splitlines():
+        found = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? ([0-9.e+-]+)", line)
+        if (
+            found
+            and found.group(1) == name
+            and dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or "")) == labels
+        ):
+            return float(found.group(3))
+    raise AssertionError(f"{name}{labels} not in metrics")
+
+
 class Sandbox:
     """Both stand-ins, served for one test."""
 
@@ -108,6 +123,16 @@ class Sandbox:
         }
 
 
+def postgres_env(sandbox: Sandbox, pg_url: str) -> dict[str, str]:
+    """The sandbox's settings on PostgreSQL; replicas share the data key as they share the rows."""
+    return {
+        **sandbox.env(),
+        "LEAK_RESPONDER_DATABASE_URL": pg_url,
+        "LEAK_RESPONDER_DATA_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "LEAK_RESPONDER_LOG_LEVEL": "INFO",
+    }
+
+
 class PgRow:
     """A PostgreSQL row that reads like sqlite3.Row: by position, by column name, and into dict()."""
 
@@ -123,7 +148,7 @@ class PgRow:
 
 
 class PgReader:
-    """A read-only PostgreSQL session with sqlite3's calling convention (`?` markers, Row-like rows)."""
+    """A PostgreSQL session (autocommit) with sqlite3's calling convention (`?` markers, Row-like rows)."""
 
     def __init__(self, url: str) -> None:
         self.conn = psycopg.connect(url, autocommit=True)
@@ -236,6 +261,15 @@ class Service:
                 records.append(json.loads(line))
         return records
 
+    def logged(self, reason: str) -> list[dict[str, Any]]:
+        """The log lines carrying `reason`: what an operator greps for after a page."""
+        return [r for r in self.log_records() if r.get("reason") == reason]
+
+    def failures(self, stage: str, reason: str) -> float:
+        """`leak_responder_failures_total{stage,reason}` from /metrics: what a dashboard shows."""
+        text = self.http.get(f"{self.url}/metrics").text
+        return metric(text, "leak_responder_failures_total", stage=stage, reason=reason)
+
     # -- talking to it ---------------------------------------------------------------------------
 
     def post_alert(
@@ -258,16 +292,23 @@ class Service:
     # -- looking at its database (read-only) -----------------------------------------------------
 
     @contextlib.contextmanager
-    def db(self) -> Iterator[sqlite3.Connection | PgReader]:
-        """Its database, queried with sqlite3's conventions whichever backend it runs on."""
+    def db(self, writable: bool = False) -> Iterator[sqlite3.Connection | PgReader]:
+        """Its database, queried with sqlite3's conventions whichever backend it runs on.
+
+        Read-only unless `writable`: a write behind the service's back is how a test puts a row
+        there that the code does not expect (a bug elsewhere, a careless operator), committed on exit.
+        """
         conn: sqlite3.Connection | PgReader
         if self.postgres:
             conn = PgReader(self.database_url)
         else:
-            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+            mode = "rw" if writable else "ro"
+            conn = sqlite3.connect(f"file:{self.db_path}?mode={mode}", uri=True, timeout=10)
             conn.row_factory = sqlite3.Row
         try:
             yield conn
+            if isinstance(conn, sqlite3.Connection) and conn.in_transaction:
+                conn.commit()
         finally:
             conn.close()
 
@@ -322,22 +363,29 @@ class Service:
 class SmtpSink:
     """A real SMTP server (aiosmtpd) on loopback that keeps every message it accepted.
 
-    `refuse` holds addresses answered 550 at RCPT (refused for good); `stop()` and `start()` take the
-    server down and bring it back on the same port; `on_message` runs inside the server's DATA
-    handler before it answers, with the message already received, which is where a test kills the
-    service to open the window between a send and its commit.
+    `refuse` holds addresses answered 550 at RCPT (refused for good); `reply` answers a whole command
+    (`MAIL`, `RCPT` or `DATA`) with the given line instead, as a relay refusing our sender or
+    deferring mail does; AUTH is offered without TLS and always refused (535), so credentials in the
+    URL meet a relay that does not take them. `stop()` and `start()` take the server down and bring
+    it back on the same port; `on_message` runs inside the server's DATA handler before it answers,
+    with the message already received, which is where a test kills the service to open the window
+    between a send and its commit.
     """
 
     def __init__(self) -> None:
         self.port = free_port()
         self.messages: list[Message] = []
         self.refuse: set[str] = set()
+        self.reply: dict[str, str] = {}
         self.on_message: Callable[[Message], None] | None = None
         self._lock = threading.Lock()
         self._controller: Controller | None = None
 
     def start(self) -> SmtpSink:
-        self._controller = Controller(_SmtpHandler(self), hostname="127.0.0.1", port=self.port)
+        # No authenticator: aiosmtpd's default refuses every login.
+        self._controller = Controller(
+            _SmtpHandler(self), hostname="127.0.0.1", port=self.port, auth_require_tls=False
+        )
         self._controller.start()
         return self
 
@@ -352,9 +400,11 @@ class SmtpSink:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def env(self, contact: str = "security@example.test") -> dict[str, str]:
+    def env(self, contact: str = "security@example.test", login: str = "") -> dict[str, str]:
+        """Settings to send through this sink; `login` ("user:password") makes the service AUTH."""
+        userinfo = f"{login}@" if login else ""
         return {
-            "LEAK_RESPONDER_SMTP_URL": f"smtp://127.0.0.1:{self.port}",
+            "LEAK_RESPONDER_SMTP_URL": f"smtp://{userinfo}127.0.0.1:{self.port}",
             "LEAK_RESPONDER_MAIL_FROM": "leak-responder@example.test",
             "LEAK_RESPONDER_SECURITY_CONTACT": contact,
         }
@@ -385,13 +435,24 @@ class _SmtpHandler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options) -> str:
+        if "MAIL" in self.sink.reply:
+            return self.sink.reply["MAIL"]
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if "RCPT" in self.sink.reply:
+            return self.sink.reply["RCPT"]
         if address in self.sink.refuse:
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
+        if "DATA" in self.sink.reply:
+            return self.sink.reply["DATA"]
         raw = bytes(envelope.original_content or envelope.content)
         parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
         message = Message(envelope.mail_from, list(envelope.rcpt_tos), raw, parsed)  # type: ignore[arg-type]

@@ -228,6 +228,14 @@ class Steps:
         assert incident.revoked_at is not None
         token = await self.store.reveal_token(incident.id)
         if token is None:
+            failure(
+                log,
+                "confirm",
+                "token_unavailable",
+                "cannot probe: the sealed token is gone",
+                level=logging.ERROR,
+                incident_id=incident.id,
+            )
             return self._unconfirmed(
                 incident, owner, "token_unavailable", None, "cannot probe: the token is gone"
             )
@@ -369,6 +377,17 @@ class Steps:
             wipe_token=True,
             set={"closed_at": self._clock()},
         )
+
+
+def gated(refs: Sequence[IncidentRef]) -> None:
+    """Log the tokens the intake's shape gate made false positives, as `recorded` logs those of the
+    lookup: they never reach a step, so without this line no log would say why they were dropped."""
+    for ref in refs:
+        if ref.created and ref.state is State.FALSE_POSITIVE:
+            log.info(
+                "incident false_positive",
+                extra={"incident_id": ref.id, "event": "false_positive", "reason": "shape_gate"},
+            )
 
 
 def recorded(transitions: Sequence[Transition], applied: Sequence[bool]) -> None:

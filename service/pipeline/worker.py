@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 
 from service.observability import failure
 from service.pipeline.retry import retry_transition
-from service.pipeline.steps import Steps, recorded
+from service.pipeline.steps import Steps, gated, recorded
 from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
 
 log = logging.getLogger("service.pipeline")
@@ -192,8 +192,10 @@ class Worker:
         """Labels for an intake's tokens, looking up those not yet known within `budget` seconds.
 
         A token whose lookup does not finish in time gets no label; it is already scheduled for a
-        worker, so a slow Supermemory delays the answer's completeness, never the alert.
+        worker, so a slow Supermemory delays the answer's completeness, never the alert. Every intake
+        passes here, so this is where the shape gate's own decisions are logged.
         """
+        gated(refs)
         labels = {r.token_hash: r.label for r in refs if r.label is not None}
         pending = [r for r in refs if r.label is None and r.state is State.RECEIVED]
         if not pending or budget <= 0:

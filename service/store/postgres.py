@@ -38,6 +38,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from service.observability import failure
 from service.store import common, migrations
 from service.store.base import StoreError
 from service.store.common import Dialect, IntakePlan, Take
@@ -147,9 +148,12 @@ class PostgresStore:
                         if note.payload != self._instance:
                             wake()
             except psycopg.Error as exc:
-                log.warning(
+                failure(
+                    log,
+                    "store",
+                    "store_listen_lost",
                     "store wake-up channel lost; reconnecting",
-                    extra={"reason": "store_listen_lost", "detail": type(exc).__name__},
+                    detail=type(exc).__name__,
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.observability import failure
 from service.store import common
 from service.store.base import StoreError
 from service.store.common import Dialect, IntakePlan, Take
@@ -154,7 +155,14 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            log.error("store commit failed", extra={"reason": "store_commit_failed", "detail": str(exc)})
+            failure(
+                log,
+                "store",
+                "store_commit_failed",
+                "store commit failed",
+                level=logging.ERROR,
+                detail=str(exc),
+            )
             outcomes = [(False, StoreError(f"commit failed: {exc}"))] * len(group)
         for (_, future), (ok, value) in zip(group, outcomes, strict=True):
             loop = future.get_loop()

@@ -3,10 +3,12 @@ through SMTP outages, redeliveries, refusals and a SIGKILL between a send and it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
+from service.sandbox import SandboxKey, seeded_keys
 from service.tokens import redact
 from tests.harness import wait_until
 
@@ -169,3 +171,72 @@ def test_without_smtp_incidents_wait_then_resume(sandbox, make_service, smtp, tm
     restarted = make_service(smtp.env(), workdir=tmp_path)
     restarted.wait_state(token, "closed")
     assert len(smtp.to("owner1@example.test")) == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "reply", "login", "level"),
+    [
+        ("smtp_auth_failed", {}, "leak-responder:wrong-password", "error"),
+        ("smtp_sender_refused", {"MAIL": "550 5.7.1 sender not allowed to relay"}, "", "error"),
+        ("smtp_temporary_failure", {"RCPT": "451 4.7.1 greylisted, try again later"}, "", "warning"),
+    ],
+)
+def test_refusals_that_are_not_the_owners_fault_are_retried_until_fixed(
+    sandbox, make_service, smtp, tmp_path, reason, reply, login, level
+):
+    """Our credentials or sender refused (a configuration problem, logged as an error) and a 4xx:
+    the owner's email waits, retried with backoff, and goes out once the relay takes it."""
+    smtp.reply = dict(reply)
+    service = make_service(smtp.env(login=login))
+    token = sandbox.tokens[1]
+    service.post_alert(sandbox.github, [token])
+    wait_until(lambda: service.events(token).count("notify_pending") >= 2)
+    assert service.state(token) == "confirmed"
+    assert service.incident(token)["last_reason"] == reason
+    record = service.logged(reason)[0]
+    assert (record["stage"], record["level"], record["recipient"]) == ("notify", level, "o***@example.test")
+    assert service.failures("notify", reason) >= 2
+    assert smtp.received() == []
+
+    smtp.reply.clear()
+    if login:  # credentials are settings: fixed by a restart with the right ones (here, none)
+        service.stop()
+        service = make_service(smtp.env(), workdir=tmp_path)
+    service.wait_state(token, "closed")
+    assert len(smtp.to("owner1@example.test")) == 1
+    assert len(smtp.received()) == 1
+
+
+def owned_by(sandbox, seed: str, owner_email: str) -> SandboxKey:
+    """A new sandbox key whose lookup gives `owner_email` as its owner's address and no notify list."""
+    key = dataclasses.replace(seeded_keys(1, seed=seed)[0], owner_email=owner_email, notify=[])
+    sandbox.supermemory.add_keys([key])
+    return key
+
+
+def test_malformed_owner_address_is_skipped_and_the_contact_told(sandbox, make_service, smtp):
+    key = owned_by(sandbox, "bad-address", "owner-at-example.test")
+    service = make_service(smtp.env())
+    service.post_alert(sandbox.github, [key.token])
+    service.wait_state(key.token, "closed")
+    (record,) = service.logged("bad_recipient_address")
+    assert record["stage"] == "notify" and record["recipient"] == "o***@"
+    assert service.failures("notify", "bad_recipient_address") == 1
+    # Nothing was handed to SMTP for the owner; the security contact hears why.
+    (notice,) = smtp.received()
+    assert notice.rcpt_tos == ["security@example.test"]
+    assert "owner-at-example.test" in notice.email["Subject"]
+    assert "bad_recipient_address" in notice.part("plain")
+    assert "owner_unreachable" in service.incident(key.token)["pages"]
+
+
+def test_nobody_to_tell_is_no_recipient(sandbox, make_service, smtp):
+    key = owned_by(sandbox, "no-owner", "")
+    service = make_service(smtp.env(contact=""))
+    service.post_alert(sandbox.github, [key.token])
+    service.wait_state(key.token, "closed")
+    (record,) = service.logged("no_recipient")
+    assert record["stage"] == "notify" and record["incident_id"] == service.incident(key.token)["id"]
+    assert service.failures("notify", "no_recipient") == 1
+    assert smtp.received() == []
+    assert "owner_unreachable" in service.incident(key.token)["pages"]

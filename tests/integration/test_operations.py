@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.tokens import token_hash
-from tests.harness import wait_until
+from tests.harness import metric, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,19 +53,6 @@ def test_open_incidents_keep_their_urls(sandbox, make_service):
     time.sleep(3)  # past the retention, over several sweeps
     assert urls(service, key) == ["https://x.test/leak"]
     assert "reporter_metadata_purged" not in service.events(key)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value, by name and labels in any order."""
-    for line in text.splitlines():
-        found = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? ([0-9.e+-]+)", line)
-        if (
-            found
-            and found.group(1) == name
-            and dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or "")) == labels
-        ):
-            return float(found.group(3))
-    raise AssertionError(f"{name}{labels} not in metrics")
 
 
 def test_metrics_follow_the_pipeline(sandbox, service):

@@ -3,6 +3,8 @@ Supermemory the sandbox can produce."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from service.sandbox import SandboxKey
@@ -47,6 +49,13 @@ def test_not_a_key_is_false_positive_without_revoke(sandbox, service):
     assert stats["lookup_batches"] == [1]
     assert service.incident(shaped_unknown)["token_sealed"] is None
     assert service.incident(unshaped)["token_sealed"] is None
+    # Each says why, in its row and in one log line: the lookup did not know one, the other was
+    # never asked about. A redelivery decides nothing new and logs nothing again.
+    assert service.post_alert(sandbox.github, [shaped_unknown, unshaped]).status_code == 200
+    for token, reason in ((shaped_unknown, "not_a_key"), (unshaped, "shape_gate")):
+        incident = service.incident(token)
+        assert incident["last_reason"] == reason
+        assert [r["incident_id"] for r in service.logged(reason)] == [incident["id"]]
 
 
 def test_key_already_revoked_upstream_is_true_positive(sandbox, service):
@@ -111,8 +120,68 @@ def test_key_that_stays_alive_ends_unconfirmed_and_pages(sandbox, service):
     # Revoked once, re-issued once halfway through the probe schedule.
     assert sandbox.supermemory.stats()["revoke_calls"] == {key_id: 2}
     assert "revocation_unconfirmed" in service.incident(token)["pages"]
-    pages = [r for r in service.log_records() if r.get("reason") == "revocation_unconfirmed"]
-    assert pages and pages[0]["level"] == "critical"
+    pages = service.logged("revocation_unconfirmed")
+    assert pages and pages[0]["level"] == "critical" and pages[0]["page"] is True
+    # No SENTRY_DSN: that log line is the whole page, as the start-up notice warned.
+    (notice,) = service.logged("pager_log_only")
+    assert notice["level"] == "warning"
+
+
+def test_token_gone_before_the_probe_ends_unconfirmed(sandbox, make_service):
+    """A sealed token wiped behind the service's back leaves nothing to probe with: the revoke can
+    never be proven, so the incident ends unconfirmed and pages, rather than waiting forever."""
+    sandbox.supermemory.set_knobs(propagation_delay_s=600)
+    # The second probe is an hour away: the incident waits at `revoked` for as long as the test needs.
+    service = make_service({"LEAK_RESPONDER_PROBE_SCHEDULE": "0,3600"})
+    key = sandbox.supermemory.keys[0]
+    service.post_alert(sandbox.github, [key.token])
+    wait_until(lambda: "probe_alive" in service.events(key.token))
+    assert service.state(key.token) == "revoked"
+    # A probe would now get its 401: only the token is missing. The probe is brought forward to now.
+    sandbox.supermemory.set_knobs(propagation_delay_s=0)
+    with service.db(writable=True) as conn:
+        conn.execute(
+            "UPDATE incidents SET token_sealed = NULL, next_run_at = ? WHERE token_hash = ?",
+            (time.time(), token_hash(key.token)),
+        )
+    service.wait_state(key.token, "unconfirmed")
+    incident = service.incident(key.token)
+    assert incident["last_reason"] == "token_unavailable"
+    assert "revocation_unconfirmed" in incident["pages"]
+    # The failure's own line, then the transition's.
+    failed, moved = service.logged("token_unavailable")
+    assert (failed["stage"], failed["level"], failed["incident_id"]) == ("confirm", "error", incident["id"])
+    assert (moved["message"], moved["incident_id"]) == ("incident unconfirmed", incident["id"])
+    (page,) = service.logged("revocation_unconfirmed")
+    assert page["incident_id"] == incident["id"] and page["level"] == "critical"
+    assert service.failures("confirm", "token_unavailable") == 1
+    assert service.failures("alerting", "revocation_unconfirmed") == 1
+    assert sandbox.supermemory.stats()["probe_calls"] == {key.id: 1}, "no probe without a token"
+
+
+def test_a_step_that_raises_is_step_crashed_and_the_others_go_on(sandbox, make_service, tmp_path):
+    keys = sandbox.supermemory.keys[:3]
+    parked = make_service({"LEAK_RESPONDER_MODE": "dry-run"})
+    parked.post_alert(sandbox.github, [k.token for k in keys])
+    for key in keys:
+        wait_until(lambda key=key: "revoke_skipped" in parked.events(key.token))
+    parked.stop()
+    broken = keys[0]
+    # Matched, yet without the key id a revoke needs: a row no step expects (a bug, a hand edit).
+    with parked.db(writable=True) as conn:
+        conn.execute("UPDATE incidents SET key_id = NULL WHERE token_hash = ?", (token_hash(broken.token),))
+
+    service = make_service(workdir=tmp_path)  # enforcing: the parked revokes resume
+    for key in keys[1:]:
+        service.wait_state(key.token, "confirmed")
+    # The broken step's lease runs out and it runs (and raises) again: a line and a count each time.
+    wait_until(lambda: len(service.logged("step_crashed")) >= 2)
+    record = service.logged("step_crashed")[0]
+    assert (record["stage"], record["level"]) == ("worker", "error")
+    assert "AssertionError" in record["exception"]
+    assert service.failures("worker", "step_crashed") >= 2
+    assert service.state(broken.token) == "matched"
+    assert sandbox.supermemory.stats()["effective_revokes"] == {k.id: 1 for k in keys[1:]}
 
 
 @pytest.mark.parametrize(

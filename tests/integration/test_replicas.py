@@ -4,8 +4,6 @@ recipient told of each of its keys once."""
 
 from __future__ import annotations
 
-import base64
-import os
 import threading
 
 import httpx
@@ -13,21 +11,11 @@ import pytest
 
 from service.sandbox import build_alert, seeded_keys
 from service.tokens import redact
-from tests.harness import Service, wait_until
+from tests.harness import Service, postgres_env, wait_until
 
 pytestmark = pytest.mark.integration
 
 KEYS = 1000
-
-
-def postgres_env(sandbox, pg_url: str) -> dict[str, str]:
-    """The sandbox's settings on PostgreSQL; replicas share the data key as they share the rows."""
-    return {
-        **sandbox.env(),
-        "LEAK_RESPONDER_DATABASE_URL": pg_url,
-        "LEAK_RESPONDER_DATA_KEY": base64.b64encode(os.urandom(32)).decode(),
-        "LEAK_RESPONDER_LOG_LEVEL": "INFO",
-    }
 
 
 def test_a_replica_refuses_to_start_until_migrated_then_is_ready(sandbox, make_service, pg_url, tmp_path):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 import sentry_sdk
 
@@ -17,7 +18,7 @@ from service.runtime import Runtime
 from service.sandbox import ServerThread, build_alert
 from service.settings import Settings
 from service.tokens import redact, token_hash
-from tests.harness import SentrySink, wait_until
+from tests.harness import SentrySink, Service, postgres_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -98,11 +99,37 @@ def test_refused_owner_pages_owner_unreachable(sandbox, make_service, sentry, sm
 
 
 def test_pipeline_checks_in_with_the_cron_monitor(sandbox, make_service, sentry):
-    make_service(sentry.env(LEAK_RESPONDER_SENTRY_CHECKIN_INTERVAL="0.3"))
+    service = make_service(sentry.env(LEAK_RESPONDER_SENTRY_CHECKIN_INTERVAL="0.3"))
     check_ins = wait_until(lambda: len(sentry.items("check_in")) >= 2 and sentry.items("check_in"))
     assert {c["monitor_slug"] for c in check_ins} == {"leak-responder-pipeline"}
     assert {c["status"] for c in check_ins} == {"ok"}
     assert check_ins[0]["monitor_config"]["schedule"]["type"] == "interval"
+    assert service.logged("pager_log_only") == [], "pages reach Sentry: no start-up notice"
+
+
+def test_worker_loop_stuck_on_its_store_is_pipeline_stalled(sandbox, make_service, sentry, pg_url, tmp_path):
+    """A table lock held elsewhere (a long migration, a hand-run `LOCK`) blocks the worker loop's
+    next store call; silent for 30 s, it checks in `error` with a log line and a count, and `ok`
+    again once the lock is gone."""
+    env = {**postgres_env(sandbox, pg_url), **sentry.env(LEAK_RESPONDER_SENTRY_CHECKIN_INTERVAL="0.5")}
+    assert Service(tmp_path, env).cli("migrate").returncode == 0
+    service = make_service(env)
+
+    def statuses() -> list[str]:
+        return [c["status"] for c in sentry.items("check_in")]
+
+    wait_until(lambda: "ok" in statuses())
+    lock = psycopg.connect(pg_url)
+    try:
+        lock.execute("LOCK TABLE incidents IN ACCESS EXCLUSIVE MODE")
+        record = wait_until(lambda: service.logged("pipeline_stalled"), timeout=60)[0]
+        wait_until(lambda: "error" in statuses())
+    finally:
+        lock.close()  # ends the transaction, and with it the lock
+    assert (record["stage"], record["level"]) == ("alerting", "error")
+    assert record["silent_for"] > 30
+    wait_until(lambda: statuses()[-1] == "ok")
+    assert service.failures("alerting", "pipeline_stalled") >= 1
 
 
 @pytest.fixture(params=["refusing", "hanging"])

@@ -7,10 +7,16 @@ must never make two incidents of one token, take one incident twice, or both win
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import sqlite3
+import threading
 from collections.abc import Awaitable
+from pathlib import Path
 
+import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from service.store import (
     AlertRecord,
@@ -26,7 +32,8 @@ from service.store import (
     Transition,
 )
 from service.store.migrations import migrate
-from service.store.postgres import PostgresStore
+from service.store.postgres import CHANNEL, PostgresStore
+from service.store.sqlite import SqliteStore
 from service.tokens import token_hash
 from tests.store.conftest import Backend
 
@@ -447,6 +454,64 @@ def test_stats_next_due_and_listing(backend: Backend) -> None:
     run(body())
 
 
+def failures(stage: str, reason: str) -> float:
+    """This process's `leak_responder_failures_total` for one stage and reason."""
+    labels = {"stage": stage, "reason": reason}
+    return REGISTRY.get_sample_value("leak_responder_failures_total", labels) or 0.0
+
+
+def reported(caplog: pytest.LogCaptureFixture, reason: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "reason", None) == reason]
+
+
+# -- SQLite only: the group commit -------------------------------------------------------------------------
+
+
+def test_a_failed_commit_refuses_every_write_of_its_group(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deferred foreign key still violated at the end of a group makes SQLite refuse the COMMIT
+    itself, after every write's savepoint went through: the whole group is rolled back, each of its
+    writes is refused (the app answers 503, a reporter redelivers), and the next group commits."""
+    sqlite = Backend("sqlite", tmp_path, None)
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        # Keeps the single writer busy until both writes below are queued: they make one group.
+        holding.set()
+        gate.wait(10)
+
+    def orphan(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(
+            "INSERT INTO sightings (incident_id, alert_id, reporter, token_type, seen_at)"
+            " VALUES ('inc_missing', 0, 'github', 'supermemory_api_key', 0)"
+        )
+
+    async def body() -> None:
+        async with sqlite.opened() as (store,):
+            assert isinstance(store, SqliteStore)
+            first = asyncio.create_task(store._write(hold))
+            await asyncio.to_thread(holding.wait, 10)
+            intake = asyncio.create_task(store.intake(ALERT, [sighting(key())], match_after=5))
+            broken = asyncio.create_task(store._write(orphan))
+            await asyncio.sleep(0)  # each queues its write before its first await
+            gate.set()
+            await first
+            for write in (intake, broken):
+                with pytest.raises(StoreError, match="commit failed: FOREIGN KEY constraint failed"):
+                    await write
+            assert (await store.stats()).incidents_by_state == {}
+            await store.intake(ALERT, [sighting(key())], match_after=5)
+            assert (await store.stats()).incidents_by_state == {"received": 1}
+
+    before = failures("store", "store_commit_failed")
+    run(body())
+    (record,) = reported(caplog, "store_commit_failed")
+    assert (record.stage, record.levelname) == ("store", "ERROR")
+    assert failures("store", "store_commit_failed") == before + 1
+
+
 # -- PostgreSQL only: migrations and wake-ups across processes ---------------------------------------------
 
 
@@ -473,6 +538,38 @@ def test_watch_wakes_other_replicas_when_a_commit_makes_work_due(postgres: Backe
             assert not woken["one"].is_set()
 
     run(body())
+
+
+def test_a_lost_listen_connection_is_store_listen_lost_and_wake_ups_resume(
+    postgres: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with postgres.opened(2) as (one, two):
+            woken = asyncio.Event()
+            await two.watch(woken.set)
+            await asyncio.wait_for(woken.wait(), 10)  # listening
+            woken.clear()
+            async with await psycopg.AsyncConnection.connect(postgres.url, autocommit=True) as admin:
+                ended = await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query = %s",
+                    (f"LISTEN {CHANNEL}",),
+                )
+                assert await ended.fetchall() == [(True,)]
+            await asyncio.wait_for(woken.wait(), 10)  # listening again, and catching up
+            woken.clear()
+            (ref,) = await one.intake(ALERT, [sighting(key())], match_after=60)
+            matched = Transition(
+                ref.id, State.RECEIVED, "matched", state=State.MATCHED, next_run_at=postgres.clock()
+            )
+            assert await one.apply([matched]) == [True]
+            await asyncio.wait_for(woken.wait(), 10)  # another replica's commit wakes it again
+
+    before = failures("store", "store_listen_lost")
+    run(body())
+    (record,) = reported(caplog, "store_listen_lost")
+    assert (record.stage, record.levelname) == ("store", "WARNING")
+    assert failures("store", "store_listen_lost") == before + 1
 
 
 def test_postgres_refuses_to_open_with_migrations_pending(pg_url: str) -> None:

@@ -28,9 +28,12 @@ LITERALS = [
 NOT_REASONS = {"probe_alive", "probe_inconclusive", "probe_calls", "probe_path", "probe_schedule"}
 
 
+ENUMS = (InboundReason, ReportReason, OperatorReason, CallReason, SendReason, PageCode)
+
+
 def reasons_in_code() -> set[str]:
     found: set[str] = set()
-    for enum in (InboundReason, ReportReason, OperatorReason, CallReason, SendReason, PageCode):
+    for enum in ENUMS:
         found |= {m.value for m in enum}
     found |= {
         f"probe_{r}" for r in (CallReason.TIMEOUT, CallReason.CONNECTION_ERROR, CallReason.BAD_RESPONSE)
@@ -62,3 +65,20 @@ def test_the_scan_finds_reasons_outside_enums():
         "token_unavailable",
     ):
         assert literal in found
+
+
+def test_every_reason_is_in_a_test():
+    """A reason no test mentions is one nobody has seen the code produce: its log line, its metric
+    or the failure itself may be broken without anyone noticing. A test names it as the word
+    itself (a string, as the log and the metric carry it) or as its enum member."""
+    tests = "\n".join(
+        path.read_text() for path in (ROOT / "tests").rglob("*.py") if path != Path(__file__).resolve()
+    )
+    members = {m.value: f"{enum.__name__}.{m.name}" for enum in ENUMS for m in enum}
+    missing = sorted(
+        reason
+        for reason in reasons_in_code()
+        if not re.search(rf"\b{reason}\b", tests)
+        and not (reason in members and re.search(rf"\b{re.escape(members[reason])}\b", tests))
+    )
+    assert not missing, f"no test mentions {missing}"
