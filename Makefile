@@ -29,10 +29,11 @@ test: $(DEVSTAMP)
 	scripts/ensure-postgres
 	$(BIN)/python -m pytest
 
-## lint: ruff over the code, the tests and the benchmarks
+## lint: ruff over the code, the tests and the benchmarks; mypy (strict) over the service
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy
 
 ## bench: the benchmarks of BENCHMARKS.md (`make bench ARGS=ack` for one), ratios against a baseline in the same run
 bench: $(DEVSTAMP)

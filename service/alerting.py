@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sentry_sdk
 from sentry_sdk.crons import capture_checkin
@@ -29,40 +28,39 @@ from sentry_sdk.crons.consts import MonitorStatus
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
+if TYPE_CHECKING:
+    from sentry_sdk._types import LogLevelStr, MonitorConfig
+
 from service.observability import PAGES, failure, scrub
+from service.reasons import Reason
 from service.store import IncidentDetail, Store, StoreError
 
 log = logging.getLogger("service.alerting")
 
 
-class PageCode(enum.StrEnum):
-    REVOCATION_UNCONFIRMED = "revocation_unconfirmed"
-    REVOCATION_FAILED = "revocation_failed"
-    LOOKUP_UNAUTHORIZED = "lookup_unauthorized"
-    REPORTER_KEYS_UNAVAILABLE = "reporter_keys_unavailable"
-    SIGNING_KEY_CHANGED = "signing_key_changed"
-    OWNER_UNREACHABLE = "owner_unreachable"
-
-
-LEVELS: dict[PageCode, int] = {
-    PageCode.REVOCATION_UNCONFIRMED: logging.CRITICAL,
-    PageCode.REVOCATION_FAILED: logging.CRITICAL,
-    PageCode.LOOKUP_UNAUTHORIZED: logging.CRITICAL,
-    PageCode.REPORTER_KEYS_UNAVAILABLE: logging.ERROR,
-    PageCode.SIGNING_KEY_CHANGED: logging.WARNING,
-    PageCode.OWNER_UNREACHABLE: logging.WARNING,
+LEVELS: dict[Reason, int] = {
+    Reason.REVOCATION_UNCONFIRMED: logging.CRITICAL,
+    Reason.REVOCATION_FAILED: logging.CRITICAL,
+    Reason.LOOKUP_UNAUTHORIZED: logging.CRITICAL,
+    Reason.REPORTER_KEYS_UNAVAILABLE: logging.ERROR,
+    Reason.SIGNING_KEY_CHANGED: logging.WARNING,
+    Reason.OWNER_UNREACHABLE: logging.WARNING,
 }
 
 
 class Pager:
     """Logs every page with its reason code and counts it; delivery channels build on this."""
 
-    def page(self, code: PageCode, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
+    def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
         PAGES.labels(event=str(code)).inc()
-        failure(log, "alerting", code, message, level=LEVELS[code], page=True, **dict(tags))
+        failure(log, "alerting", code, message, level=LEVELS[code], page=True, context=tags)
 
 
-SENTRY_LEVELS = {logging.CRITICAL: "fatal", logging.ERROR: "error", logging.WARNING: "warning"}
+SENTRY_LEVELS: dict[int, LogLevelStr] = {
+    logging.CRITICAL: "fatal",
+    logging.ERROR: "error",
+    logging.WARNING: "warning",
+}
 MONITOR_SLUG = "leak-responder-pipeline"
 FILTERED = "[Filtered]"
 
@@ -75,7 +73,7 @@ _HARMLESS_KEY = re.compile(r"hash|type|prefix|count", re.I)
 _MAX_SILENCE = 30.0
 
 
-def runbook_link(base: str, code: PageCode) -> str:
+def runbook_link(base: str, code: Reason) -> str:
     return f"{base}#{code}"
 
 
@@ -125,7 +123,7 @@ class SentryPager(Pager):
         self.runbook_url = runbook_url
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def page(self, code: PageCode, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
+    def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
         super().page(code, message, tags, context)
         try:
             loop = asyncio.get_running_loop()
@@ -144,7 +142,7 @@ class SentryPager(Pager):
         await asyncio.to_thread(client.flush, grace)
 
     async def _enrich(
-        self, code: PageCode, message: str, tags: dict[str, str], context: dict[str, Any]
+        self, code: Reason, message: str, tags: dict[str, str], context: dict[str, Any]
     ) -> None:
         detail = None
         if tags.get("incident_id"):
@@ -154,7 +152,7 @@ class SentryPager(Pager):
 
     def _capture(
         self,
-        code: PageCode,
+        code: Reason,
         message: str,
         tags: Mapping[str, str],
         context: Mapping[str, Any],
@@ -203,7 +201,7 @@ class PipelineMonitor:
         self._interval = interval
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._config = {
+        self._config: MonitorConfig = {
             "schedule": {"type": "interval", "value": max(1, round(interval / 60)), "unit": "minute"},
             "checkin_margin": 2,
             "max_runtime": 1,
@@ -225,7 +223,7 @@ class PipelineMonitor:
             failure(
                 log,
                 "alerting",
-                "pipeline_stalled",
+                Reason.PIPELINE_STALLED,
                 "the pipeline worker loop stopped beating",
                 level=logging.ERROR,
                 silent_for=round(silent, 1),

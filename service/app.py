@@ -16,16 +16,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.alerting import PageCode
-from service.inbound import InboundError, InboundReason, parse_alert, read_limited, verify_request
+from service.inbound import InboundError, parse_alert, read_limited, verify_request
 from service.inbound.reports import parse_report, read_report
 from service.observability import ALERTS, exposition, failure, request_id
 from service.openapi import openapi_document
 from service.operators import (
     OperatorError,
-    OperatorReason,
     authenticate,
     detail_json,
     finding_json,
@@ -35,6 +33,7 @@ from service.operators import (
     incident_filter,
     incident_page,
 )
+from service.reasons import Reason
 from service.refusal import Refusal
 from service.runtime import Runtime
 from service.settings import Settings
@@ -43,7 +42,9 @@ from service.store import AlertRecord, StoreError, TokenSighting
 log = logging.getLogger("service.app")
 
 
-def error(status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error(
+    status: int, reason: Reason, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": str(reason), "message": message}, status_code=status, headers=headers)
 
 
@@ -54,7 +55,7 @@ async def receive_alert(request: Request) -> Response:
     name = request.path_params["reporter"]
     reporter, cache = rt.reporters.get(name), rt.caches.get(name)
     if reporter is None or cache is None:
-        return error(404, "reporter_disabled", f"reporter {name!r} is not enabled here")
+        return error(404, Reason.REPORTER_DISABLED, f"reporter {name!r} is not enabled here")
     try:
         body = await read_limited(request.stream(), rt.settings.body_limit)
         await verify_request(reporter, cache, request.headers, body)
@@ -62,8 +63,8 @@ async def receive_alert(request: Request) -> Response:
     except InboundError as exc:
         ALERTS.labels(reporter=name, outcome=exc.reason).inc()
         failure(log, "inbound", exc.reason, exc.message, reporter=name, status=exc.status)
-        if exc.reason is InboundReason.KEYS_UNAVAILABLE:
-            rt.pager.page(PageCode.REPORTER_KEYS_UNAVAILABLE, "no verification keys", {"reporter": name}, {})
+        if exc.reason is Reason.KEYS_UNAVAILABLE:
+            rt.pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no verification keys", {"reporter": name}, {})
         return error(exc.status, exc.reason, exc.message)
     sightings = [TokenSighting(i.token, i.type, i.url, i.source, name) for i in items]
     record = AlertRecord(name, hashlib.sha256(body).hexdigest(), len(items))
@@ -72,8 +73,8 @@ async def receive_alert(request: Request) -> Response:
         refs = await rt.store.intake(record, sightings, match_after=budget)
     except StoreError as exc:
         ALERTS.labels(reporter=name, outcome="store_unavailable").inc()
-        failure(log, "intake", "store_unavailable", str(exc), level=logging.ERROR, reporter=name)
-        return error(503, "store_unavailable", "the alert could not be recorded; retry later")
+        failure(log, "intake", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR, reporter=name)
+        return error(503, Reason.STORE_UNAVAILABLE, "the alert could not be recorded; retry later")
     # No wake-up here: intake holds new tokens for this request's own lookup, which wakes the
     # worker once a key is matched; the worker's timer takes over whatever the budget leaves.
     labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
@@ -109,11 +110,11 @@ def operator_route(view: OperatorView) -> Callable[[Request], Awaitable[Response
             extra["operator"] = operator
             return await view(request, operator)
         except Refusal as exc:
-            failure(log, "operators", exc.reason, exc.message, status=exc.status, **extra)
+            failure(log, "operators", exc.reason, exc.message, status=exc.status, context=extra)
             return error(exc.status, exc.reason, exc.message, exc.headers)
         except StoreError as exc:
-            failure(log, "operators", "store_unavailable", str(exc), level=logging.ERROR, **extra)
-            return error(503, "store_unavailable", "the store is unavailable; retry later")
+            failure(log, "operators", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR, context=extra)
+            return error(503, Reason.STORE_UNAVAILABLE, "the store is unavailable; retry later")
 
     return route
 
@@ -170,7 +171,7 @@ async def show_incident(request: Request, operator: str) -> Response:
     rt: Runtime = request.app.state.runtime
     detail = await rt.store.detail(request.path_params["incident_id"])
     if detail is None:
-        raise OperatorError(OperatorReason.INCIDENT_NOT_FOUND, "no such incident")
+        raise OperatorError(Reason.INCIDENT_NOT_FOUND, "no such incident")
     return JSONResponse(detail_json(detail))
 
 
@@ -181,10 +182,10 @@ async def retry_incident(request: Request, operator: str) -> Response:
     incident_id = request.path_params["incident_id"]
     found = await rt.store.incidents([incident_id])
     if not found:
-        raise OperatorError(OperatorReason.INCIDENT_NOT_FOUND, "no such incident")
+        raise OperatorError(Reason.INCIDENT_NOT_FOUND, "no such incident")
     if not await rt.worker.retry(found[0], operator):
         raise OperatorError(
-            OperatorReason.INCIDENT_NOT_RETRYABLE,
+            Reason.INCIDENT_NOT_RETRYABLE,
             f"incident is {found[0].state} with {found[0].attempts} failed attempts: nothing to retry",
         )
     detail = await rt.store.detail(incident_id)
@@ -221,8 +222,8 @@ async def metrics(request: Request) -> Response:
     try:
         stats = await rt.store.stats()
     except StoreError as exc:
-        failure(log, "metrics", "store_unavailable", str(exc), level=logging.ERROR)
-        return error(503, "store_unavailable", "the store could not be read")
+        failure(log, "metrics", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR)
+        return error(503, Reason.STORE_UNAVAILABLE, "the store could not be read")
     caches = {
         name: {"hits": c.hits, "misses": c.misses, "fetches": c.fetches, "fetch_failures": c.fetch_failures}
         for name, c in rt.caches.items()
@@ -244,7 +245,7 @@ class RequestIdMiddleware:
         rid = secrets.token_hex(8)
         token = request_id.set(rid)
 
-        async def send_with_id(message: dict) -> None:  # type: ignore[type-arg]
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)

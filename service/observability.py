@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from service.reasons import Reason
 from service.tokens import redact
 
 if TYPE_CHECKING:
@@ -108,20 +109,27 @@ def exposition(stats: StoreStats, key_caches: Mapping[str, Mapping[str, int]]) -
 def failure(
     logger: logging.Logger,
     stage: str,
-    reason: str,
+    reason: Reason,
     message: str,
     *,
     level: int = logging.WARNING,
     exc_info: BaseException | None = None,
+    context: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> None:
     """Report a failure: one log line carrying `reason`, and the failures counter by stage and reason.
 
     `exc_info` is the logger's own argument, not an extra field: a LogRecord refuses extras that
     shadow its attributes, and the line would be lost with the traceback it was meant to carry.
+    `context` carries fields gathered in a mapping (tags, request details) beside the keyword ones.
     """
     FAILURES.labels(stage=stage, reason=str(reason)).inc()
-    logger.log(level, message, exc_info=exc_info, extra={"reason": str(reason), "stage": stage, **fields})
+    logger.log(
+        level,
+        message,
+        exc_info=exc_info,
+        extra={"reason": str(reason), "stage": stage, **(context or {}), **fields},
+    )
 
 
 def scrub(text: str) -> str:

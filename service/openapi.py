@@ -113,7 +113,7 @@ _FINDING = {
     },
 }
 _INCIDENT_ID = {"name": "incident_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_OPERATOR = [{"operator": []}]
+_OPERATOR: list[dict[str, list[str]]] = [{"operator": []}]
 
 
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import enum
 import hashlib
 import hmac
 import re
@@ -22,6 +21,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.responses import Response
 
 from service.inbound.reports import ReportItem
+from service.reasons import Reason
 from service.refusal import Refusal
 from service.store import (
     IdempotencyState,
@@ -33,20 +33,8 @@ from service.store import (
     StoreError,
 )
 
-
-class OperatorReason(enum.StrEnum):
-    AUTH_MISSING = "auth_missing"
-    AUTH_FORBIDDEN = "auth_forbidden"
-    IDEMPOTENCY_KEY_INVALID = "idempotency_key_invalid"
-    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
-    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
-    QUERY_INVALID = "query_invalid"
-    INCIDENT_NOT_FOUND = "incident_not_found"
-    INCIDENT_NOT_RETRYABLE = "incident_not_retryable"
-
-
-R = OperatorReason
-STATUS: dict[OperatorReason, int] = {
+R = Reason
+STATUS: dict[Reason, int] = {
     R.AUTH_MISSING: 401,
     R.AUTH_FORBIDDEN: 403,
     R.IDEMPOTENCY_KEY_INVALID: 400,

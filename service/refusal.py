@@ -6,17 +6,18 @@ metric label, so a refusal can be followed from the caller's 4xx to the dashboar
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import ClassVar
+
+from service.reasons import Reason
 
 
 class Refusal(Exception):
     """The message goes back to the caller, so it must never carry a token or quote a body."""
 
-    STATUS: ClassVar[Mapping[enum.StrEnum, int]]
+    STATUS: ClassVar[Mapping[Reason, int]]
 
-    def __init__(self, reason: enum.StrEnum, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, reason: Reason, message: str, headers: Mapping[str, str] | None = None) -> None:
         # Reason and message go to args so the exception pickles and copies like any other.
         super().__init__(reason, message)
         self.reason = reason

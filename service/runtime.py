@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.alerting import PageCode, Pager, PipelineMonitor, SentryPager, init_sentry
-from service.inbound import InboundReason, KeyCache, Reporter, reporters
+from service.alerting import Pager, PipelineMonitor, SentryPager, init_sentry
+from service.inbound import KeyCache, Reporter, reporters
 from service.notify import EmailNotifier, Letter, SmtpSender
 from service.observability import failure
 from service.pipeline import Policy, Steps, Sweeper, Worker
+from service.reasons import Reason
 from service.settings import Settings
 from service.store import Store, open_store
 from service.supermemory import SupermemoryClient
@@ -91,16 +92,16 @@ class Runtime:
             )
         return runtime
 
-    def _key_event(self, reason: InboundReason, data: dict[str, str]) -> None:
-        if reason is InboundReason.SIGNING_KEY_CHANGED:
+    def _key_event(self, reason: Reason, data: dict[str, str]) -> None:
+        if reason is Reason.SIGNING_KEY_CHANGED:
             self.pager.page(
-                PageCode.SIGNING_KEY_CHANGED,
+                Reason.SIGNING_KEY_CHANGED,
                 "a reporter's verification key changed under a known identifier",
                 data,
                 {},
             )
         else:
-            failure(log, "inbound", reason, "reporter keys fetch failed", **data)
+            failure(log, "inbound", reason, "reporter keys fetch failed", context=data)
 
     async def start(self) -> None:
         await self.store.open()
@@ -111,15 +112,17 @@ class Runtime:
         if self.monitor is not None:
             self.monitor.start()
         if self.settings.dry_run:
-            log.warning("dry-run mode: matched keys are NOT revoked", extra={"reason": "dry_run"})
+            log.warning("dry-run mode: matched keys are NOT revoked", extra={"reason": Reason.DRY_RUN})
         if self.worker.steps.notifier is None:
             log.warning(
                 "SMTP is not configured: owners will NOT be emailed; confirmed incidents wait in the"
                 " notify state until LEAK_RESPONDER_SMTP_URL is set",
-                extra={"reason": "notify_disabled"},
+                extra={"reason": Reason.NOTIFY_DISABLED},
             )
         if not self.settings.sentry_dsn:
-            log.warning("SENTRY_DSN is not set: pages go to the log only", extra={"reason": "pager_log_only"})
+            log.warning(
+                "SENTRY_DSN is not set: pages go to the log only", extra={"reason": Reason.PAGER_LOG_ONLY}
+            )
 
     async def stop(self) -> None:
         if self.monitor is not None:

@@ -265,6 +265,8 @@ class Settings:
         for field, spec in _SPECS.items():
             name = env_name(field)
             raw = merged.get(name, spec.default)
+            if raw is None:
+                raise SettingsError(name, "required")
             try:
                 values[field] = spec.parse(raw.strip())
             except ValueError as exc:

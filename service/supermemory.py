@@ -20,17 +20,10 @@ from urllib.parse import quote
 
 import httpx
 
+from service.reasons import Reason
+
 LOOKUP_BATCH = 100
 _CONNECTIONS_PER_POOL = 8
-
-
-class CallReason(enum.StrEnum):
-    UNAUTHORIZED = "admin_unauthorized"
-    RATE_LIMITED = "rate_limited"
-    SERVER_ERROR = "server_error"
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    BAD_RESPONSE = "bad_response"
 
 
 class ProbeVerdict(enum.StrEnum):
@@ -42,9 +35,7 @@ class ProbeVerdict(enum.StrEnum):
 class CallFailed(Exception):
     """A lookup or revoke that did not get an answer we can act on. Never carries a token."""
 
-    def __init__(
-        self, reason: CallReason, status: int | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, reason: Reason, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"{reason}" + (f" (HTTP {status})" if status else ""))
         self.reason = reason
         self.status = status
@@ -64,7 +55,7 @@ class KeyInfo:
 @dataclass(frozen=True, slots=True)
 class Probe:
     verdict: ProbeVerdict
-    reason: str
+    reason: Reason
     status: int | None = None
     retry_after: float | None = None
 
@@ -124,12 +115,12 @@ class SupermemoryClient:
             try:
                 return await next(self._next_pool).request(method, url, **kwargs)
             except httpx.TimeoutException:
-                raise CallFailed(CallReason.TIMEOUT) from None
+                raise CallFailed(Reason.TIMEOUT) from None
             except httpx.TransportError:
-                raise CallFailed(CallReason.CONNECTION_ERROR) from None
+                raise CallFailed(Reason.CONNECTION_ERROR) from None
             except httpx.RequestError:
                 # An answer that arrived but cannot be read (a bad Content-Encoding, a redirect loop).
-                raise CallFailed(CallReason.BAD_RESPONSE) from None
+                raise CallFailed(Reason.BAD_RESPONSE) from None
 
     async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
         """Which of these hashes are Supermemory keys. A hash absent from the answer is not one."""
@@ -161,7 +152,7 @@ class SupermemoryClient:
                     recipients=recipients,
                 )
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise CallFailed(CallReason.BAD_RESPONSE, response.status_code) from None
+            raise CallFailed(Reason.BAD_RESPONSE, response.status_code) from None
         return {h: found[h] for h in hashes if h in found}
 
     async def revoke(self, key_id: str) -> RevokeResult:
@@ -180,19 +171,21 @@ class SupermemoryClient:
                 "GET", self._api_url + self._probe_path, headers={"Authorization": f"Bearer {token}"}
             )
         except CallFailed as exc:
-            return Probe(ProbeVerdict.INCONCLUSIVE, f"probe_{exc.reason}")
+            return Probe(ProbeVerdict.INCONCLUSIVE, Reason(f"probe_{exc.reason}"))
         status = response.status_code
         if status == 401:
             if any(word in response.text.lower() for word in _QUOTA_WORDS):
-                return Probe(ProbeVerdict.INCONCLUSIVE, "probe_rate_limited", status, _retry_after(response))
-            return Probe(ProbeVerdict.DEAD, "probe_unauthorized", status)
+                return Probe(
+                    ProbeVerdict.INCONCLUSIVE, Reason.PROBE_RATE_LIMITED, status, _retry_after(response)
+                )
+            return Probe(ProbeVerdict.DEAD, Reason.PROBE_UNAUTHORIZED, status)
         if 200 <= status < 300 or status in (402, 403):
-            return Probe(ProbeVerdict.ALIVE, "probe_key_alive", status)
+            return Probe(ProbeVerdict.ALIVE, Reason.PROBE_KEY_ALIVE, status)
         if status == 429:
-            return Probe(ProbeVerdict.INCONCLUSIVE, "probe_rate_limited", status, _retry_after(response))
+            return Probe(ProbeVerdict.INCONCLUSIVE, Reason.PROBE_RATE_LIMITED, status, _retry_after(response))
         if status >= 500:
-            return Probe(ProbeVerdict.INCONCLUSIVE, "probe_server_error", status)
-        return Probe(ProbeVerdict.INCONCLUSIVE, "probe_unexpected_status", status)
+            return Probe(ProbeVerdict.INCONCLUSIVE, Reason.PROBE_SERVER_ERROR, status)
+        return Probe(ProbeVerdict.INCONCLUSIVE, Reason.PROBE_UNEXPECTED_STATUS, status)
 
 
 def _raise_for_admin(response: httpx.Response) -> None:
@@ -200,12 +193,12 @@ def _raise_for_admin(response: httpx.Response) -> None:
     if 200 <= status < 300:
         return
     if status in (401, 403):
-        raise CallFailed(CallReason.UNAUTHORIZED, status)
+        raise CallFailed(Reason.ADMIN_UNAUTHORIZED, status)
     if status == 429:
-        raise CallFailed(CallReason.RATE_LIMITED, status, _retry_after(response))
+        raise CallFailed(Reason.RATE_LIMITED, status, _retry_after(response))
     if status >= 500:
-        raise CallFailed(CallReason.SERVER_ERROR, status)
-    raise CallFailed(CallReason.BAD_RESPONSE, status)
+        raise CallFailed(Reason.SERVER_ERROR, status)
+    raise CallFailed(Reason.BAD_RESPONSE, status)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

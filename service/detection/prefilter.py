@@ -25,7 +25,7 @@ from typing import ClassVar, Protocol
 try:
     import hyperscan
 except ImportError:  # Not installed on this machine: see the platform marker in pyproject.toml.
-    hyperscan = None
+    hyperscan = None  # type: ignore[assignment]
 
 Span = tuple[int, int]
 
@@ -72,7 +72,8 @@ class RegexLines:
         return sorted(found)
 
 
-def _collect_end(_id: int, _start: int, end: int, _flags: int, ends: list[int]) -> None:
+def _collect_end(_id: int, _start: int, end: int, _flags: int, ends: object) -> None:
+    assert isinstance(ends, list)
     ends.append(end)
 
 

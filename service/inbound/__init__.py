@@ -3,15 +3,15 @@
 from service.inbound.alerts import AlertItem, parse_alert
 from service.inbound.body import read_limited
 from service.inbound.keys import KeyCache
-from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reasons import InboundError
 from service.inbound.reporters import Reporter, reporters
 from service.inbound.verify import verify_request, verify_signature
 
 __all__ = [
     "AlertItem",
     "InboundError",
-    "InboundReason",
     "KeyCache",
+    "Reason",
     "Reporter",
     "parse_alert",
     "read_limited",

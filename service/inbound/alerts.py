@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reasons import InboundError
+from service.reasons import Reason
 from service.tokens import redact
 
 
@@ -34,23 +35,23 @@ def parse_alert(body: bytes) -> list[AlertItem]:
         document = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: a deeply nested array is not an alert, and must not become a 500.
-        raise InboundError(InboundReason.BODY_NOT_JSON, "body is not UTF-8 JSON") from None
+        raise InboundError(Reason.BODY_NOT_JSON, "body is not UTF-8 JSON") from None
     if not isinstance(document, list):
-        raise InboundError(InboundReason.BODY_NOT_LIST, "body is not a JSON array")
+        raise InboundError(Reason.BODY_NOT_LIST, "body is not a JSON array")
     if not document:
-        raise InboundError(InboundReason.BODY_EMPTY, "body is an empty array")
+        raise InboundError(Reason.BODY_EMPTY, "body is an empty array")
     return [_item(index, raw) for index, raw in enumerate(document)]
 
 
 def _item(index: int, raw: object) -> AlertItem:
     if not isinstance(raw, dict):
-        raise InboundError(InboundReason.ITEM_NOT_OBJECT, f"item {index}: not an object")
+        raise InboundError(Reason.ITEM_NOT_OBJECT, f"item {index}: not an object")
     token = _optional_string(raw, "token", index)
     if not token:
-        raise InboundError(InboundReason.ITEM_MISSING_TOKEN, f"item {index}: missing token")
+        raise InboundError(Reason.ITEM_MISSING_TOKEN, f"item {index}: missing token")
     type_ = _optional_string(raw, "type", index)
     if not type_:
-        raise InboundError(InboundReason.ITEM_MISSING_TYPE, f"item {index}: missing type")
+        raise InboundError(Reason.ITEM_MISSING_TYPE, f"item {index}: missing type")
     source = _optional_string(raw, "source", index)
     return AlertItem(
         token=token,
@@ -67,4 +68,4 @@ def _optional_string(raw: dict[str, object], field: str, index: int) -> str | No
     value = raw.get(field)
     if value is None or isinstance(value, str):
         return value
-    raise InboundError(InboundReason.ITEM_BAD_FIELD, f"item {index}: field {field!r} must be a string")
+    raise InboundError(Reason.ITEM_BAD_FIELD, f"item {index}: field {field!r} must be a string")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reasons import InboundError
+from service.reasons import Reason
 
 
 async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
@@ -16,6 +17,6 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     received = bytearray()
     async for chunk in chunks:
         if len(received) + len(chunk) > limit:
-            raise InboundError(InboundReason.BODY_TOO_LARGE, f"body exceeds the limit of {limit} bytes")
+            raise InboundError(Reason.BODY_TOO_LARGE, f"body exceeds the limit of {limit} bytes")
         received += chunk
     return bytes(received)

@@ -20,12 +20,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reasons import InboundError
 from service.inbound.reporters import Reporter
+from service.reasons import Reason
 
 logger = logging.getLogger("service.inbound")
 
-EventHook = Callable[[InboundReason, dict[str, str]], None]
+EventHook = Callable[[Reason, dict[str, str]], None]
 
 _DETAIL_MAX = 200
 
@@ -86,10 +87,10 @@ class KeyCache:
             return key
         if not self._keys:
             raise InboundError(
-                InboundReason.KEYS_UNAVAILABLE,
+                Reason.KEYS_UNAVAILABLE,
                 f"{self.reporter.name} verification keys are unavailable, retry later",
             )
-        raise InboundError(InboundReason.KEY_UNKNOWN, "unknown public key identifier")
+        raise InboundError(Reason.KEY_UNKNOWN, "unknown public key identifier")
 
     async def refresh(self) -> bool:
         """Fetch once, or join the fetch in flight; True when that fetch succeeded (304 included).
@@ -126,7 +127,7 @@ class KeyCache:
                 logger.exception(
                     "%s keys refresh crashed",
                     self.reporter.name,
-                    extra={"reason": InboundReason.KEYS_FETCH_FAILED.value, "reporter": self.reporter.name},
+                    extra={"reason": Reason.KEYS_FETCH_FAILED.value, "reporter": self.reporter.name},
                 )
             await asyncio.sleep(self._refresh_interval)
 
@@ -140,21 +141,21 @@ class KeyCache:
         try:
             response = await self._client.get(self._keys_url, headers=headers)
         except httpx.HTTPError as exc:
-            return self._failed(InboundReason.KEYS_FETCH_FAILED, f"{type(exc).__name__}: {exc}")
+            return self._failed(Reason.KEYS_FETCH_FAILED, f"{type(exc).__name__}: {exc}")
         if response.status_code == 304 and self._keys:
             return True
         if not response.is_success:
-            return self._failed(InboundReason.KEYS_FETCH_FAILED, f"HTTP {response.status_code}")
+            return self._failed(Reason.KEYS_FETCH_FAILED, f"HTTP {response.status_code}")
         try:
             keys = _parse_keys(response)
         except _BadResponse as exc:
-            return self._failed(InboundReason.KEYS_BAD_RESPONSE, str(exc))
+            return self._failed(Reason.KEYS_BAD_RESPONSE, str(exc))
         self._warn_changed(keys)
         self._keys = keys
         self._etag = response.headers.get("etag")
         return True
 
-    def _failed(self, reason: InboundReason, detail: str) -> bool:
+    def _failed(self, reason: Reason, detail: str) -> bool:
         self.fetch_failures += 1
         detail = detail[:_DETAIL_MAX]
         logger.warning(
@@ -177,14 +178,14 @@ class KeyCache:
                 "%s signing key %s changed its key material",
                 self.reporter.name,
                 identifier,
-                extra={"reason": InboundReason.SIGNING_KEY_CHANGED.value, "reporter": self.reporter.name},
+                extra={"reason": Reason.SIGNING_KEY_CHANGED.value, "reporter": self.reporter.name},
             )
             self._emit(
-                InboundReason.SIGNING_KEY_CHANGED,
+                Reason.SIGNING_KEY_CHANGED,
                 {"reporter": self.reporter.name, "key_identifier": identifier},
             )
 
-    def _emit(self, reason: InboundReason, data: dict[str, str]) -> None:
+    def _emit(self, reason: Reason, data: dict[str, str]) -> None:
         if self._on_event is not None:
             self._on_event(reason, data)
 

@@ -6,38 +6,15 @@ be followed from the sender's 4xx to our dashboards without translating between 
 
 from __future__ import annotations
 
-import enum
-
+from service.reasons import Reason
 from service.refusal import Refusal
 
-
-class InboundReason(enum.StrEnum):
-    SIGNATURE_MISSING = "signature_missing"
-    SIGNATURE_MALFORMED = "signature_malformed"
-    SIGNATURE_INVALID = "signature_invalid"
-    KEY_UNKNOWN = "key_unknown"
-    KEYS_UNAVAILABLE = "keys_unavailable"
-    BODY_TOO_LARGE = "body_too_large"
-    BODY_NOT_JSON = "body_not_json"
-    BODY_NOT_LIST = "body_not_list"
-    BODY_EMPTY = "body_empty"
-    ITEM_NOT_OBJECT = "item_not_object"
-    ITEM_MISSING_TOKEN = "item_missing_token"  # noqa: S105 (a reason name, not a secret)
-    ITEM_MISSING_TYPE = "item_missing_type"
-    ITEM_BAD_FIELD = "item_bad_field"
-    # Events of the key cache rather than refusals of a request; they share the vocabulary so the
-    # on-call hook and the logs speak the same words.
-    KEYS_FETCH_FAILED = "keys_fetch_failed"
-    KEYS_BAD_RESPONSE = "keys_bad_response"
-    SIGNING_KEY_CHANGED = "signing_key_changed"
-
-
-R = InboundReason
+R = Reason
 
 # The one place that decides what the sender sees. 401 and 4xx tell a partner its request is wrong
 # and must not be retried as is; 503 tells it the fault is ours and a retry will do. The cache
 # events are never raised by this package, but if one ever is, it is our side failing: 503.
-STATUS: dict[InboundReason, int] = {
+STATUS: dict[Reason, int] = {
     R.SIGNATURE_MISSING: 401,
     R.SIGNATURE_MALFORMED: 401,
     R.SIGNATURE_INVALID: 401,

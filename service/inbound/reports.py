@@ -12,15 +12,15 @@ offline `scan` and the service read reports the same way.
 
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from service.detection import Finding, scan_text
 from service.inbound.body import read_limited
 from service.inbound.reasons import InboundError
+from service.reasons import Reason
 from service.refusal import Refusal
 from service.tokens import KEY_SHAPE, redact, token_hash
 
@@ -30,20 +30,12 @@ REPORT_LIMIT = 1024 * 1024
 NOTE_LIMIT = 2000
 
 
-class ReportReason(enum.StrEnum):
-    TOO_LARGE = "report_too_large"
-    NOT_UTF8 = "report_not_utf8"
-    UNRECOGNISED = "report_unrecognised"
-    BAD_FIELD = "report_bad_field"
-    NOTE_HOLDS_KEY = "report_note_holds_key"
-
-
-STATUS: dict[ReportReason, int] = {
-    ReportReason.TOO_LARGE: 413,
-    ReportReason.NOT_UTF8: 400,
-    ReportReason.UNRECOGNISED: 400,
-    ReportReason.BAD_FIELD: 400,
-    ReportReason.NOTE_HOLDS_KEY: 400,
+STATUS: dict[Reason, int] = {
+    Reason.REPORT_TOO_LARGE: 413,
+    Reason.REPORT_NOT_UTF8: 400,
+    Reason.REPORT_UNRECOGNISED: 400,
+    Reason.REPORT_BAD_FIELD: 400,
+    Reason.REPORT_NOTE_HOLDS_KEY: 400,
 }
 
 
@@ -98,7 +90,7 @@ async def read_report(chunks: AsyncIterator[bytes], limit: int = REPORT_LIMIT) -
     try:
         return await read_limited(chunks, limit)
     except InboundError:
-        raise ReportError(ReportReason.TOO_LARGE, f"report exceeds the limit of {limit} bytes") from None
+        raise ReportError(Reason.REPORT_TOO_LARGE, f"report exceeds the limit of {limit} bytes") from None
 
 
 def parse_report(body: bytes, content_type: str | None) -> Report:
@@ -111,7 +103,7 @@ def parse_report(body: bytes, content_type: str | None) -> Report:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ReportError(ReportReason.NOT_UTF8, "report is not UTF-8") from None
+        raise ReportError(Reason.REPORT_NOT_UTF8, "report is not UTF-8") from None
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "text/plain":
         return _text(text, None, None)
@@ -120,7 +112,7 @@ def parse_report(body: bytes, content_type: str | None) -> Report:
         return report
     if media in _JSON_TYPES or media.endswith("+json"):
         raise ReportError(
-            ReportReason.UNRECOGNISED,
+            Reason.REPORT_UNRECOGNISED,
             'expected {"text": …}, {"tokens": […]}, a gitleaks JSON report or trufflehog JSON lines',
         )
     return _text(text, None, None)
@@ -153,7 +145,7 @@ def _text(text: str, url: str | None, note: str | None) -> Report:
 def _tokens(document: dict[str, Any]) -> Report:
     tokens = document["tokens"]
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
-        raise ReportError(ReportReason.BAD_FIELD, "field 'tokens' must be a non-empty array of strings")
+        raise ReportError(Reason.REPORT_BAD_FIELD, "field 'tokens' must be a non-empty array of strings")
     url, note = _string(document, "url"), _note(_string(document, "note"))
     items = [ReportItem(t, LISTED, None, None, None, None, None, url) for t in tokens]
     return Report("tokens", items, note)
@@ -223,13 +215,17 @@ def _detected(
     return ReportItem(finding.token, DETECTED, finding.confidence, line, column, finding.encoding, file, url)
 
 
+@overload
+def _string(document: dict[str, Any], field: str, *, required: Literal[True]) -> str: ...
+@overload
+def _string(document: dict[str, Any], field: str, *, required: Literal[False] = False) -> str | None: ...
 def _string(document: dict[str, Any], field: str, *, required: bool = False) -> str | None:
     """The field's string; other JSON types are refused by name only, as the value may be a key."""
     value = document.get(field)
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        raise ReportError(ReportReason.BAD_FIELD, f"field {field!r} must be a string")
+        raise ReportError(Reason.REPORT_BAD_FIELD, f"field {field!r} must be a string")
     return value if required else value or None
 
 
@@ -239,10 +235,10 @@ def _note(note: str | None) -> str | None:
     if note is None:
         return None
     if len(note) > NOTE_LIMIT:
-        raise ReportError(ReportReason.BAD_FIELD, f"field 'note' is longer than {NOTE_LIMIT} characters")
+        raise ReportError(Reason.REPORT_BAD_FIELD, f"field 'note' is longer than {NOTE_LIMIT} characters")
     if scan_text(note) or KEY_SHAPE.search(note):
         raise ReportError(
-            ReportReason.NOTE_HOLDS_KEY, "the note holds a key; send keys in 'text' or 'tokens'"
+            Reason.REPORT_NOTE_HOLDS_KEY, "the note holds a key; send keys in 'text' or 'tokens'"
         )
     return note
 

@@ -15,27 +15,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from service.inbound.keys import KeyCache
-from service.inbound.reasons import InboundError, InboundReason
+from service.inbound.reasons import InboundError
 from service.inbound.reporters import Reporter
+from service.reasons import Reason
 
 
 def verify_signature(public_key: ec.EllipticCurvePublicKey, body: bytes, signature_b64: str) -> None:
     try:
         der = base64.b64decode(signature_b64.strip(), validate=True)
     except ValueError:  # binascii.Error, and non-ASCII text
-        raise InboundError(InboundReason.SIGNATURE_MALFORMED, "signature is not valid base64") from None
+        raise InboundError(Reason.SIGNATURE_MALFORMED, "signature is not valid base64") from None
     try:
         # Checked apart from verify() so a sender with a broken encoder hears "malformed", not
         # "invalid", which would send it looking for a key problem.
         decode_dss_signature(der)
     except ValueError:
-        raise InboundError(
-            InboundReason.SIGNATURE_MALFORMED, "signature is not a DER ECDSA signature"
-        ) from None
+        raise InboundError(Reason.SIGNATURE_MALFORMED, "signature is not a DER ECDSA signature") from None
     try:
         public_key.verify(der, body, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise InboundError(InboundReason.SIGNATURE_INVALID, "signature does not match the body") from None
+        raise InboundError(Reason.SIGNATURE_INVALID, "signature does not match the body") from None
 
 
 async def verify_request(
@@ -47,7 +46,7 @@ async def verify_request(
     signature = _header(headers, reporter.signature_header)
     if not identifier or not signature:
         raise InboundError(
-            InboundReason.SIGNATURE_MISSING,
+            Reason.SIGNATURE_MISSING,
             f"{reporter.identifier_header} and {reporter.signature_header} headers are required",
         )
     public_key = await cache.get(identifier.strip())

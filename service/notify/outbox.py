@@ -28,8 +28,9 @@ from email.message import EmailMessage
 
 from service.notify.compose import Letter, owner_email, refusal_email
 from service.notify.result import NotifyResult
-from service.notify.smtp import SendOutcome, SendReason, SmtpSender
+from service.notify.smtp import SendOutcome, SmtpSender
 from service.observability import failure
+from service.reasons import Reason
 from service.store import (
     DELIVERY_FINAL,
     Delivery,
@@ -105,10 +106,12 @@ class EmailNotifier:
             await self._notify(incidents, result)
         except StoreError as exc:
             # Rows held by us come free when their hold runs out; nothing is lost, only delayed.
-            failure(log, "notify", "store_unavailable", f"outbox unavailable: {exc}", level=logging.ERROR)
+            failure(
+                log, "notify", Reason.STORE_UNAVAILABLE, f"outbox unavailable: {exc}", level=logging.ERROR
+            )
             for incident in incidents:
                 if incident.id not in result.done:
-                    result.pending[incident.id] = "store_unavailable"
+                    result.pending[incident.id] = Reason.STORE_UNAVAILABLE
         return result
 
     async def _notify(self, incidents: Sequence[Incident], result: NotifyResult) -> None:
@@ -192,7 +195,7 @@ class EmailNotifier:
             failure(
                 log,
                 "notify",
-                "bad_recipient_address",
+                Reason.BAD_RECIPIENT_ADDRESS,
                 "recipient address is malformed",
                 recipient=mask(address),
             )
@@ -228,7 +231,7 @@ class EmailNotifier:
             failure(
                 log,
                 "notify",
-                "resend_unknown_outcome",
+                Reason.RESEND_UNKNOWN_OUTCOME,
                 "sending again: an earlier attempt died before recording whether it was delivered",
                 recipient=mask(address),
                 purpose=purpose,
@@ -265,11 +268,11 @@ class EmailNotifier:
             return
         assert sent.reason is not None
         reason = (
-            "security_contact_refused"
+            Reason.SECURITY_CONTACT_REFUSED
             if to is not None and sent.outcome is SendOutcome.REFUSED
             else sent.reason
         )
-        config_problem = sent.reason in (SendReason.SMTP_AUTH_FAILED, SendReason.SENDER_REFUSED)
+        config_problem = sent.reason in (Reason.SMTP_AUTH_FAILED, Reason.SMTP_SENDER_REFUSED)
         failure(
             log,
             "notify",
@@ -282,7 +285,7 @@ class EmailNotifier:
         )
         if sent.outcome is SendOutcome.RETRY:
             for incident in incidents:
-                result.pending[incident.id] = str(sent.reason)
+                result.pending[incident.id] = sent.reason
 
     async def _finish(
         self,
@@ -305,7 +308,7 @@ class EmailNotifier:
                 failure(
                     log,
                     "notify",
-                    "no_recipient",
+                    Reason.NO_RECIPIENT,
                     "no owner address and no security contact",
                     incident_id=incident.id,
                 )
@@ -325,7 +328,7 @@ class EmailNotifier:
                 result.waiting.pop(incident.id, None)
                 result.pending.pop(incident.id, None)
             elif incident.id not in result.waiting:
-                result.pending.setdefault(incident.id, "delivery_held_elsewhere")
+                result.pending.setdefault(incident.id, Reason.DELIVERY_HELD_ELSEWHERE)
 
 
 def _index(deliveries: Sequence[Delivery]) -> _Rows:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from service.reasons import Reason
+
 
 @dataclass
 class NotifyResult:
@@ -15,5 +17,5 @@ class NotifyResult:
 
     done: set[str] = field(default_factory=set)
     waiting: dict[str, float] = field(default_factory=dict)
-    pending: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, Reason] = field(default_factory=dict)
     unreachable: dict[str, list[str]] = field(default_factory=dict)

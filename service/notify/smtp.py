@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
 
+from service.reasons import Reason
+
 
 class SendOutcome(enum.StrEnum):
     SENT = "sent"
@@ -23,18 +25,10 @@ class SendOutcome(enum.StrEnum):
     RETRY = "retry"
 
 
-class SendReason(enum.StrEnum):
-    RECIPIENT_REFUSED = "recipient_refused"
-    SMTP_UNAVAILABLE = "smtp_unavailable"
-    SMTP_TEMPORARY = "smtp_temporary_failure"
-    SMTP_AUTH_FAILED = "smtp_auth_failed"
-    SENDER_REFUSED = "smtp_sender_refused"
-
-
 @dataclass(frozen=True, slots=True)
 class SendResult:
     outcome: SendOutcome
-    reason: SendReason | None = None
+    reason: Reason | None = None
     detail: str = ""
 
 
@@ -68,27 +62,27 @@ class SmtpSender:
                 smtp.send_message(message, from_addr=sender, to_addrs=[recipient])
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = exc.recipients.get(recipient, (550, b""))
-            return _by_code(code, text, SendReason.RECIPIENT_REFUSED)
+            return _by_code(code, text, Reason.RECIPIENT_REFUSED)
         except smtplib.SMTPSenderRefused as exc:
             # Our MAIL FROM is refused: a configuration problem, not this owner's; keep retrying.
             return SendResult(
-                SendOutcome.RETRY, SendReason.SENDER_REFUSED, _text(exc.smtp_code, exc.smtp_error)
+                SendOutcome.RETRY, Reason.SMTP_SENDER_REFUSED, _text(exc.smtp_code, exc.smtp_error)
             )
         except smtplib.SMTPAuthenticationError as exc:
             return SendResult(
-                SendOutcome.RETRY, SendReason.SMTP_AUTH_FAILED, _text(exc.smtp_code, exc.smtp_error)
+                SendOutcome.RETRY, Reason.SMTP_AUTH_FAILED, _text(exc.smtp_code, exc.smtp_error)
             )
         except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
             # The server turned us away before any recipient came up: it, not the owner, is the problem.
             return SendResult(
-                SendOutcome.RETRY, SendReason.SMTP_UNAVAILABLE, _text(exc.smtp_code, exc.smtp_error)
+                SendOutcome.RETRY, Reason.SMTP_UNAVAILABLE, _text(exc.smtp_code, exc.smtp_error)
             )
         except smtplib.SMTPResponseException as exc:
             # A 5xx to DATA is the recipient's server refusing this message: as final as a RCPT 5xx.
-            return _by_code(exc.smtp_code, exc.smtp_error, SendReason.RECIPIENT_REFUSED)
+            return _by_code(exc.smtp_code, exc.smtp_error, Reason.RECIPIENT_REFUSED)
         except (OSError, smtplib.SMTPException) as exc:
             return SendResult(
-                SendOutcome.RETRY, SendReason.SMTP_UNAVAILABLE, f"{type(exc).__name__}: {exc}"[:_DETAIL_MAX]
+                SendOutcome.RETRY, Reason.SMTP_UNAVAILABLE, f"{type(exc).__name__}: {exc}"[:_DETAIL_MAX]
             )
         return SendResult(SendOutcome.SENT)
 
@@ -118,7 +112,7 @@ def _text(code: int, message: bytes | str) -> str:
     return f"{code} {message}"[:_DETAIL_MAX]
 
 
-def _by_code(code: int, message: bytes | str, permanent: SendReason) -> SendResult:
+def _by_code(code: int, message: bytes | str, permanent: Reason) -> SendResult:
     if 500 <= code < 600:
         return SendResult(SendOutcome.REFUSED, permanent, _text(code, message))
-    return SendResult(SendOutcome.RETRY, SendReason.SMTP_TEMPORARY, _text(code, message))
+    return SendResult(SendOutcome.RETRY, Reason.SMTP_TEMPORARY_FAILURE, _text(code, message))

@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.alerting import PageCode, Pager
+from service.alerting import Pager
 from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
+from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, State, Store, Transition
-from service.supermemory import LOOKUP_BATCH, CallFailed, CallReason, ProbeVerdict, SupermemoryClient
+from service.supermemory import LOOKUP_BATCH, CallFailed, ProbeVerdict, SupermemoryClient
 
 log = logging.getLogger("service.pipeline")
 
@@ -47,7 +48,7 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None, rn
     A server's Retry-After is a floor, not a suggestion: we wait at least that long.
     """
     ceiling = min(cap, base * 2 ** max(0, attempt - 1))
-    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+    delay: float = ceiling / 2 + rng.uniform(0, ceiling / 2)
     return max(delay, retry_after) if retry_after is not None else delay
 
 
@@ -73,7 +74,12 @@ class Steps:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _retry(
-        self, incident: Incident, owner: str | None, event: str, reason: str, retry_after: float | None = None
+        self,
+        incident: Incident,
+        owner: str | None,
+        event: str,
+        reason: Reason,
+        retry_after: float | None = None,
     ) -> Transition:
         attempts = incident.attempts + 1
         now = self._clock()
@@ -92,7 +98,7 @@ class Steps:
             detail={"reason": reason, "attempt": attempts, "retry_in": round(delay, 3)},
         )
 
-    def _page(self, incident: Incident, transition: Transition, code: PageCode, message: str) -> None:
+    def _page(self, incident: Incident, transition: Transition, code: Reason, message: str) -> None:
         """Page once per incident and code: the code is recorded with the transition."""
         if code in incident.pages:
             return
@@ -131,10 +137,8 @@ class Steps:
             for incident in incidents:
                 assert isinstance(incident, Incident), "the worker path passes whole incidents"
                 t = self._retry(incident, owner, "lookup_failed", exc.reason, exc.retry_after)
-                if exc.reason == CallReason.UNAUTHORIZED:
-                    self._page(
-                        incident, t, PageCode.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token"
-                    )
+                if exc.reason == Reason.ADMIN_UNAUTHORIZED:
+                    self._page(incident, t, Reason.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token")
                 transitions.append(t)
             return transitions
         SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
@@ -151,8 +155,8 @@ class Steps:
                         lease_owner=owner,
                         state=State.FALSE_POSITIVE,
                         wipe_token=True,
-                        set={"label": Label.FALSE_POSITIVE, "last_reason": "not_a_key", "attempts": 0},
-                        detail={"reason": "not_a_key"},
+                        set={"label": Label.FALSE_POSITIVE, "last_reason": Reason.NOT_A_KEY, "attempts": 0},
+                        detail={"reason": Reason.NOT_A_KEY},
                     )
                 )
                 continue
@@ -190,8 +194,8 @@ class Steps:
                 State.MATCHED,
                 "revoke_skipped",
                 lease_owner=owner,
-                set={"last_reason": "dry_run"},
-                detail={"reason": "dry_run"},
+                set={"last_reason": Reason.DRY_RUN},
+                detail={"reason": Reason.DRY_RUN},
             )
         assert incident.key_id is not None
         try:
@@ -201,11 +205,11 @@ class Steps:
             failure(log, "revoke", exc.reason, "revoke failed", incident_id=incident.id, status=exc.status)
             t = self._retry(incident, owner, "revoke_failed", exc.reason, exc.retry_after)
             started = incident.step_started_at or self._clock()
-            if exc.reason == CallReason.UNAUTHORIZED:
-                self._page(incident, t, PageCode.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token")
+            if exc.reason == Reason.ADMIN_UNAUTHORIZED:
+                self._page(incident, t, Reason.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token")
             elif self._clock() - started >= self.policy.revoke_retry_window:
                 self._page(
-                    incident, t, PageCode.REVOCATION_FAILED, "revoke still failing after its retry window"
+                    incident, t, Reason.REVOCATION_FAILED, "revoke still failing after its retry window"
                 )
             return t
         SUPERMEMORY_CALLS.labels(call="revoke", outcome=result).inc()
@@ -231,13 +235,13 @@ class Steps:
             failure(
                 log,
                 "confirm",
-                "token_unavailable",
+                Reason.TOKEN_UNAVAILABLE,
                 "cannot probe: the sealed token is gone",
                 level=logging.ERROR,
                 incident_id=incident.id,
             )
             return self._unconfirmed(
-                incident, owner, "token_unavailable", None, "cannot probe: the token is gone"
+                incident, owner, Reason.TOKEN_UNAVAILABLE, None, "cannot probe: the token is gone"
             )
         probe = await self.client.probe(token)
         del token
@@ -310,7 +314,7 @@ class Steps:
         self,
         incident: Incident,
         owner: str,
-        reason: str,
+        reason: Reason,
         status: int | None,
         message: str = "key still works after revoke",
     ) -> Transition:
@@ -324,7 +328,7 @@ class Steps:
             set={"last_reason": reason},
             detail={"reason": reason, "status": status},
         )
-        self._page(incident, t, PageCode.REVOCATION_UNCONFIRMED, message)
+        self._page(incident, t, Reason.REVOCATION_UNCONFIRMED, message)
         return t
 
     # -- notify and close ------------------------------------------------------------------------
@@ -359,10 +363,10 @@ class Steps:
                     detail={"until": round(until, 3)},
                 )
             else:
-                reason = result.pending.get(incident.id, "notify_pending")
+                reason = result.pending.get(incident.id, Reason.NOTIFY_PENDING)
                 t = self._retry(incident, owner, "notify_pending", reason)
             if incident.id in result.unreachable:
-                self._page(incident, t, PageCode.OWNER_UNREACHABLE, "a key owner could not be emailed")
+                self._page(incident, t, Reason.OWNER_UNREACHABLE, "a key owner could not be emailed")
             transitions.append(t)
         return transitions
 
@@ -386,7 +390,7 @@ def gated(refs: Sequence[IncidentRef]) -> None:
         if ref.created and ref.state is State.FALSE_POSITIVE:
             log.info(
                 "incident false_positive",
-                extra={"incident_id": ref.id, "event": "false_positive", "reason": "shape_gate"},
+                extra={"incident_id": ref.id, "event": "false_positive", "reason": Reason.SHAPE_GATE},
             )
 
 

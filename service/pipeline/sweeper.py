@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from service.observability import failure
+from service.reasons import Reason
 from service.store import Store, StoreError
 
 log = logging.getLogger("service.pipeline")
@@ -48,5 +49,5 @@ class Sweeper:
             try:
                 await self.sweep_once()
             except StoreError as exc:
-                failure(log, "sweeper", "store_unavailable", f"sweep failed: {exc}", level=logging.ERROR)
+                failure(log, "sweeper", Reason.STORE_UNAVAILABLE, f"sweep failed: {exc}", level=logging.ERROR)
             await asyncio.sleep(self.interval)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from service.observability import failure
 from service.pipeline.retry import retry_transition
 from service.pipeline.steps import Steps, gated, recorded
+from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
 
 log = logging.getLogger("service.pipeline")
@@ -99,7 +100,7 @@ class Worker:
             try:
                 claimed = await self.store.claim(self.owner, room, self._lease)
             except StoreError as exc:
-                failure(log, "worker", "store_unavailable", f"claim failed: {exc}", level=logging.ERROR)
+                failure(log, "worker", Reason.STORE_UNAVAILABLE, f"claim failed: {exc}", level=logging.ERROR)
             if claimed:
                 self._spawn(claimed)
                 continue
@@ -142,7 +143,7 @@ class Worker:
             failure(
                 log,
                 "worker",
-                "step_crashed",
+                Reason.STEP_CRASHED,
                 f"step raised {type(exc).__name__}",
                 level=logging.ERROR,
                 exc_info=exc,
@@ -177,7 +178,7 @@ class Worker:
             failure(
                 log,
                 "worker",
-                "store_unavailable",
+                Reason.STORE_UNAVAILABLE,
                 f"recording step outcomes failed: {exc}",
                 level=logging.ERROR,
             )

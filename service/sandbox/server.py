@@ -45,7 +45,7 @@ def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
         port=port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        timeout_graceful_shutdown=int(_GRACEFUL_SHUTDOWN_S),
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.reasons import Reason
 from service.store.models import (
     AlertRecord,
     Delivery,
@@ -112,7 +113,7 @@ class NewIncident:
             ("received", State.RECEIVED, {"reporter": alert.reporter})
         ]
         if self.state is State.FALSE_POSITIVE:
-            found.append(("false_positive", self.state, {"reason": "shape_gate"}))
+            found.append(("false_positive", self.state, {"reason": Reason.SHAPE_GATE}))
         return found
 
 
@@ -222,7 +223,8 @@ def event_args(
 def incident_filter(where: IncidentFilter, d: Dialect) -> tuple[str, list[Any]]:
     """The operator API's listing: newest first, keyset-paginated by id."""
     m = d.mark
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     if where.state is not None:
         clauses.append(f"state = {m}")
         args.append(str(where.state))

@@ -39,6 +39,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from service.observability import failure
+from service.reasons import Reason
 from service.store import common, migrations
 from service.store.base import StoreError
 from service.store.common import Dialect, IntakePlan, Take
@@ -151,7 +152,7 @@ class PostgresStore:
                 failure(
                     log,
                     "store",
-                    "store_listen_lost",
+                    Reason.STORE_LISTEN_LOST,
                     "store wake-up channel lost; reconnecting",
                     detail=type(exc).__name__,
                 )
@@ -186,7 +187,7 @@ class PostgresStore:
 
     @staticmethod
     async def _rows(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        cur = await conn.execute(sql, args)  # type: ignore[arg-type]
+        cur = await conn.execute(sql, args)
         return await cur.fetchall()
 
     # -- intake ----------------------------------------------------------------------------------
@@ -370,7 +371,8 @@ class PostgresStore:
                 " WHERE next_run_at IS NOT NULL",
             )
         )
-        return rows[0]["due"]
+        due: float | None = rows[0]["due"]
+        return due
 
     # -- reads -----------------------------------------------------------------------------------
 

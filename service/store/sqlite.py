@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.observability import failure
+from service.reasons import Reason
 from service.store import common
 from service.store.base import StoreError
 from service.store.common import Dialect, IntakePlan, Take
@@ -158,7 +159,7 @@ class SqliteStore:
             failure(
                 log,
                 "store",
-                "store_commit_failed",
+                Reason.STORE_COMMIT_FAILED,
                 "store commit failed",
                 level=logging.ERROR,
                 detail=str(exc),
@@ -315,10 +316,12 @@ class SqliteStore:
 
     async def next_due(self) -> float | None:
         def work(conn: sqlite3.Connection) -> float | None:
-            return conn.execute(
+            due: float | None
+            (due,) = conn.execute(
                 "SELECT min(max(next_run_at, coalesce(lease_until, 0))) FROM incidents"
                 " WHERE next_run_at IS NOT NULL"
-            ).fetchone()[0]
+            ).fetchone()
+            return due
 
         return await self._read(work)
 

@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-from service.inbound import AlertItem, InboundError, InboundReason, parse_alert, read_limited
+from service.inbound import AlertItem, InboundError, parse_alert, read_limited
+from service.reasons import Reason
 
 TOKEN = "sm_" + "A1b2" * 10
-R = InboundReason
+R = Reason
 
 
 def _body(*items: object) -> bytes:
@@ -63,7 +64,7 @@ def _item(**fields: object) -> dict:
         pytest.param(_body(_item(source=1)), R.ITEM_BAD_FIELD, None, id="source-number"),
     ],
 )
-def test_malformed_bodies(body: bytes, reason: InboundReason, message: str | None):
+def test_malformed_bodies(body: bytes, reason: Reason, message: str | None):
     with pytest.raises(InboundError) as caught:
         parse_alert(body)
     assert caught.value.reason is reason

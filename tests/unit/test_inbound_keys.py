@@ -7,7 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from service.inbound import InboundError, InboundReason, KeyCache, Reporter
+from service.inbound import InboundError, KeyCache, Reporter
+from service.reasons import Reason
 
 REPORTER = Reporter("github", "Github", "https://keys.example/secret_scanning")
 
@@ -58,7 +59,7 @@ def _serving(document: dict, **headers: str) -> KeysServer:
 
 
 def _run(server: KeysServer, scenario, **cache_options):
-    events: list[tuple[InboundReason, dict[str, str]]] = []
+    events: list[tuple[Reason, dict[str, str]]] = []
 
     async def main():
         async with server.client() as client:
@@ -117,7 +118,7 @@ def test_twenty_concurrent_unknown_identifiers_make_one_fetch():
         return await asyncio.gather(*(cache.get(f"forged-{i}") for i in range(20)), return_exceptions=True)
 
     results, _ = _run(server, scenario)
-    assert all(isinstance(r, InboundError) and r.reason is InboundReason.KEY_UNKNOWN for r in results)
+    assert all(isinstance(r, InboundError) and r.reason is Reason.KEY_UNKNOWN for r in results)
     assert len(server.requests) == 1
 
 
@@ -136,7 +137,7 @@ def test_miss_refetch_at_most_once_per_interval():
         return reasons
 
     reasons, _ = _run(server, scenario, clock=clock, miss_interval=60.0)
-    unknown = InboundReason.KEY_UNKNOWN
+    unknown = Reason.KEY_UNKNOWN
     # t=0 fetches; t=30 and t=59.9 are inside the minute; t=60 may fetch again.
     assert reasons == [unknown, 1, unknown, 1, unknown, 1, unknown, 2]
 
@@ -153,27 +154,23 @@ def _failing(response: httpx.Response | Exception) -> Callable[[httpx.Request], 
 @pytest.mark.parametrize(
     ("failure", "reason"),
     [
-        pytest.param(httpx.Response(500), InboundReason.KEYS_FETCH_FAILED, id="500"),
-        pytest.param(
-            httpx.Response(429, headers={"Retry-After": "60"}), InboundReason.KEYS_FETCH_FAILED, id="429"
-        ),
-        pytest.param(httpx.Response(404), InboundReason.KEYS_FETCH_FAILED, id="404"),
-        pytest.param(httpx.ConnectError("refused"), InboundReason.KEYS_FETCH_FAILED, id="connect-error"),
-        pytest.param(httpx.ReadTimeout("slow"), InboundReason.KEYS_FETCH_FAILED, id="timeout"),
-        pytest.param(httpx.Response(200, text="<html>"), InboundReason.KEYS_BAD_RESPONSE, id="not-json"),
-        pytest.param(httpx.Response(200, json=[PEM_A]), InboundReason.KEYS_BAD_RESPONSE, id="wrong-shape"),
-        pytest.param(
-            httpx.Response(200, json={"keys": []}), InboundReason.KEYS_BAD_RESPONSE, id="no-public-keys"
-        ),
-        pytest.param(httpx.Response(200, json=_keys()), InboundReason.KEYS_BAD_RESPONSE, id="empty-list"),
+        pytest.param(httpx.Response(500), Reason.KEYS_FETCH_FAILED, id="500"),
+        pytest.param(httpx.Response(429, headers={"Retry-After": "60"}), Reason.KEYS_FETCH_FAILED, id="429"),
+        pytest.param(httpx.Response(404), Reason.KEYS_FETCH_FAILED, id="404"),
+        pytest.param(httpx.ConnectError("refused"), Reason.KEYS_FETCH_FAILED, id="connect-error"),
+        pytest.param(httpx.ReadTimeout("slow"), Reason.KEYS_FETCH_FAILED, id="timeout"),
+        pytest.param(httpx.Response(200, text="<html>"), Reason.KEYS_BAD_RESPONSE, id="not-json"),
+        pytest.param(httpx.Response(200, json=[PEM_A]), Reason.KEYS_BAD_RESPONSE, id="wrong-shape"),
+        pytest.param(httpx.Response(200, json={"keys": []}), Reason.KEYS_BAD_RESPONSE, id="no-public-keys"),
+        pytest.param(httpx.Response(200, json=_keys()), Reason.KEYS_BAD_RESPONSE, id="empty-list"),
         pytest.param(
             httpx.Response(200, json=_keys(("a", "not a pem"), ("b", _pem(ec.SECP384R1())))),
-            InboundReason.KEYS_BAD_RESPONSE,
+            Reason.KEYS_BAD_RESPONSE,
             id="no-usable-key",
         ),
         pytest.param(
             httpx.Response(200, json={"public_keys": [{"key_identifier": 7, "key": PEM_B}, "x"]}),
-            InboundReason.KEYS_BAD_RESPONSE,
+            Reason.KEYS_BAD_RESPONSE,
             id="bad-entries",
         ),
     ],
@@ -211,9 +208,9 @@ def test_never_any_keys_is_keys_unavailable():
         return caught
 
     caught, events = _run(server, scenario, clock=clock)
-    assert [(e.reason, e.status) for e in caught] == [(InboundReason.KEYS_UNAVAILABLE, 503)] * 2
+    assert [(e.reason, e.status) for e in caught] == [(Reason.KEYS_UNAVAILABLE, 503)] * 2
     assert len(server.requests) == 1  # the second miss is inside the minute
-    assert [r for r, _ in events] == [InboundReason.KEYS_FETCH_FAILED]
+    assert [r for r, _ in events] == [Reason.KEYS_FETCH_FAILED]
 
 
 def test_is_current_false_is_accepted_and_other_curves_skipped():
@@ -231,7 +228,7 @@ def test_is_current_false_is_accepted_and_other_curves_skipped():
 
     (key, reason), events = _run(server, scenario)
     assert isinstance(key.curve, ec.SECP256R1)
-    assert reason is InboundReason.KEY_UNKNOWN
+    assert reason is Reason.KEY_UNKNOWN
     assert events == []
 
 
@@ -265,7 +262,7 @@ def test_304_without_keys_is_a_failure():
 
     ok, events = _run(server, scenario)
     assert ok is False
-    assert [r for r, _ in events] == [InboundReason.KEYS_FETCH_FAILED]
+    assert [r for r, _ in events] == [Reason.KEYS_FETCH_FAILED]
 
 
 def test_auth_token_sent_as_bearer():
@@ -291,7 +288,7 @@ def test_changed_key_material_warns_and_uses_new_key(caplog):
 
     with caplog.at_level(logging.WARNING, logger="service.inbound"):
         (before, after), events = _run(server, scenario)
-    assert events == [(InboundReason.SIGNING_KEY_CHANGED, {"reporter": "github", "key_identifier": "a"})]
+    assert events == [(Reason.SIGNING_KEY_CHANGED, {"reporter": "github", "key_identifier": "a"})]
     assert before.public_numbers() != after.public_numbers()
     assert after.public_numbers() == serialization.load_pem_public_key(PEM_B.encode()).public_numbers()
     assert [r.reason for r in caplog.records] == ["signing_key_changed"]
@@ -309,7 +306,7 @@ def test_refresh_drops_keys_the_reporter_withdrew():
         return caught.value.reason
 
     reason, _ = _run(server, scenario)
-    assert reason is InboundReason.KEY_UNKNOWN
+    assert reason is Reason.KEY_UNKNOWN
 
 
 def test_cancelled_caller_does_not_abort_shared_fetch():

@@ -11,12 +11,13 @@ from starlette.datastructures import Headers
 
 from service.inbound import (
     InboundError,
-    InboundReason,
     KeyCache,
     reporters,
     verify_request,
     verify_signature,
 )
+from service.inbound.reasons import STATUS
+from service.reasons import Reason
 
 VECTOR = json.loads((Path(__file__).parent.parent / "data" / "github-partner-example.json").read_text())
 PAYLOAD: bytes = VECTOR["payload"].encode("utf-8")
@@ -44,30 +45,28 @@ def _other_key_signature() -> str:
 @pytest.mark.parametrize(
     ("body", "signature", "reason"),
     [
-        pytest.param(PAYLOAD + b"\n", SIGNATURE, InboundReason.SIGNATURE_INVALID, id="trailing-newline"),
+        pytest.param(PAYLOAD + b"\n", SIGNATURE, Reason.SIGNATURE_INVALID, id="trailing-newline"),
         pytest.param(
             json.dumps(json.loads(PAYLOAD)).encode(),
             SIGNATURE,
-            InboundReason.SIGNATURE_INVALID,
+            Reason.SIGNATURE_INVALID,
             id="reserialised",
         ),
-        pytest.param(
-            PAYLOAD, _flip_one_char(SIGNATURE), InboundReason.SIGNATURE_INVALID, id="one-char-changed"
-        ),
-        pytest.param(PAYLOAD, _other_key_signature(), InboundReason.SIGNATURE_INVALID, id="other-key"),
-        pytest.param(PAYLOAD, "not base64 at all!", InboundReason.SIGNATURE_MALFORMED, id="not-base64"),
-        pytest.param(PAYLOAD, SIGNATURE[:-1], InboundReason.SIGNATURE_MALFORMED, id="bad-padding"),
-        pytest.param(PAYLOAD, "é" * 8, InboundReason.SIGNATURE_MALFORMED, id="non-ascii"),
+        pytest.param(PAYLOAD, _flip_one_char(SIGNATURE), Reason.SIGNATURE_INVALID, id="one-char-changed"),
+        pytest.param(PAYLOAD, _other_key_signature(), Reason.SIGNATURE_INVALID, id="other-key"),
+        pytest.param(PAYLOAD, "not base64 at all!", Reason.SIGNATURE_MALFORMED, id="not-base64"),
+        pytest.param(PAYLOAD, SIGNATURE[:-1], Reason.SIGNATURE_MALFORMED, id="bad-padding"),
+        pytest.param(PAYLOAD, "é" * 8, Reason.SIGNATURE_MALFORMED, id="non-ascii"),
         pytest.param(
             PAYLOAD,
             base64.b64encode(b"junk, not DER").decode(),
-            InboundReason.SIGNATURE_MALFORMED,
+            Reason.SIGNATURE_MALFORMED,
             id="not-der",
         ),
-        pytest.param(PAYLOAD, "", InboundReason.SIGNATURE_MALFORMED, id="empty"),
+        pytest.param(PAYLOAD, "", Reason.SIGNATURE_MALFORMED, id="empty"),
     ],
 )
-def test_tampering_is_refused(body: bytes, signature: str, reason: InboundReason):
+def test_tampering_is_refused(body: bytes, signature: str, reason: Reason):
     with pytest.raises(InboundError) as caught:
         verify_signature(KEY, body, signature)
     assert caught.value.reason is reason
@@ -145,7 +144,7 @@ def test_verify_request_accepts_any_header_case(headers):
 def test_verify_request_missing_header(headers):
     with pytest.raises(InboundError) as caught:
         _verify(headers)
-    assert caught.value.reason is InboundReason.SIGNATURE_MISSING
+    assert caught.value.reason is Reason.SIGNATURE_MISSING
     assert caught.value.status == 401
 
 
@@ -153,7 +152,7 @@ def test_verify_request_unknown_identifier():
     headers = {"Github-Public-Key-Identifier": "not-a-key", "Github-Public-Key-Signature": SIGNATURE}
     with pytest.raises(InboundError) as caught:
         _verify(headers)
-    assert caught.value.reason is InboundReason.KEY_UNKNOWN
+    assert caught.value.reason is Reason.KEY_UNKNOWN
     assert caught.value.status == 401
 
 
@@ -164,7 +163,7 @@ def test_verify_request_tampered_body():
     }
     with pytest.raises(InboundError) as caught:
         _verify(headers, PAYLOAD + b" ")
-    assert caught.value.reason is InboundReason.SIGNATURE_INVALID
+    assert caught.value.reason is Reason.SIGNATURE_INVALID
 
 
 def test_reporters_are_data():
@@ -180,11 +179,11 @@ def test_reporters_are_data():
 
 
 def test_every_reason_has_one_status():
-    for reason in InboundReason:
+    for reason in STATUS:
         assert InboundError(reason, "x").status in {400, 401, 413, 503}
-    assert InboundError(InboundReason.KEYS_UNAVAILABLE, "x").status == 503
-    assert InboundError(InboundReason.BODY_TOO_LARGE, "x").status == 413
-    assert InboundError(InboundReason.BODY_EMPTY, "x").status == 400
-    error = InboundError(InboundReason.KEY_UNKNOWN, "unknown public key identifier")
+    assert InboundError(Reason.KEYS_UNAVAILABLE, "x").status == 503
+    assert InboundError(Reason.BODY_TOO_LARGE, "x").status == 413
+    assert InboundError(Reason.BODY_EMPTY, "x").status == 400
+    error = InboundError(Reason.KEY_UNKNOWN, "unknown public key identifier")
     assert str(error) == "unknown public key identifier"
     assert error.reason == "key_unknown"

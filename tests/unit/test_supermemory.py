@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from service.pipeline import backoff
-from service.supermemory import CallFailed, CallReason, ProbeVerdict, RevokeResult, SupermemoryClient
+from service.reasons import Reason
+from service.supermemory import CallFailed, ProbeVerdict, RevokeResult, SupermemoryClient
 
 TOKEN = "sm_" + "k" * 22 + "_" + "s" * 64
 
@@ -144,15 +145,15 @@ def test_lookup_parses_keys_and_recipients():
 @pytest.mark.parametrize(
     ("handler", "reason"),
     [
-        (answer(401), CallReason.UNAUTHORIZED),
-        (answer(403), CallReason.UNAUTHORIZED),
-        (answer(429, {}, {"Retry-After": "3"}), CallReason.RATE_LIMITED),
-        (answer(502), CallReason.SERVER_ERROR),
-        (answer(200, b"<html>"), CallReason.BAD_RESPONSE),
-        (answer(200, {"keys": [{"id": "no hash"}]}), CallReason.BAD_RESPONSE),
-        (answer(400), CallReason.BAD_RESPONSE),
-        (answer(0, httpx.ConnectTimeout("slow")), CallReason.TIMEOUT),
-        (answer(0, httpx.ConnectError("refused")), CallReason.CONNECTION_ERROR),
+        (answer(401), Reason.ADMIN_UNAUTHORIZED),
+        (answer(403), Reason.ADMIN_UNAUTHORIZED),
+        (answer(429, {}, {"Retry-After": "3"}), Reason.RATE_LIMITED),
+        (answer(502), Reason.SERVER_ERROR),
+        (answer(200, b"<html>"), Reason.BAD_RESPONSE),
+        (answer(200, {"keys": [{"id": "no hash"}]}), Reason.BAD_RESPONSE),
+        (answer(400), Reason.BAD_RESPONSE),
+        (answer(0, httpx.ConnectTimeout("slow")), Reason.TIMEOUT),
+        (answer(0, httpx.ConnectError("refused")), Reason.CONNECTION_ERROR),
     ],
     ids=["401", "403", "429", "502", "html", "shape", "400", "timeout", "refused"],
 )
@@ -160,7 +161,7 @@ def test_lookup_failures(handler, reason):
     with pytest.raises(CallFailed) as caught:
         run(lookup_with(handler, ["a" * 64]))
     assert caught.value.reason == reason
-    if reason == CallReason.RATE_LIMITED:
+    if reason == Reason.RATE_LIMITED:
         assert caught.value.retry_after == 3
 
 
@@ -170,7 +171,7 @@ def test_an_unreadable_answer_is_a_bad_response_not_a_crash():
 
     with pytest.raises(CallFailed) as caught:
         run(lookup_with(handler, ["a" * 64]))
-    assert caught.value.reason == CallReason.BAD_RESPONSE
+    assert caught.value.reason == Reason.BAD_RESPONSE
     assert run(probe_with(handler)).reason == "probe_bad_response"
 
 
@@ -206,7 +207,7 @@ def test_revoke_quotes_the_key_id():
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(401, CallReason.UNAUTHORIZED), (429, CallReason.RATE_LIMITED), (500, CallReason.SERVER_ERROR)],
+    [(401, Reason.ADMIN_UNAUTHORIZED), (429, Reason.RATE_LIMITED), (500, Reason.SERVER_ERROR)],
 )
 def test_revoke_failures(status, reason):
     with pytest.raises(CallFailed) as caught:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 from importlib import resources
 
 import psycopg
@@ -50,7 +51,7 @@ def postgres_migrations() -> list[Migration]:
     return found
 
 
-async def pending(conn: psycopg.AsyncConnection) -> list[Migration]:
+async def pending(conn: psycopg.AsyncConnection[Any]) -> list[Migration]:
     """Migrations of this release not yet applied. Versions applied by a newer release are fine:
     migrations are additive, so this release still runs on them (a rolling update needs that)."""
     applied: set[int] = set()
@@ -76,7 +77,7 @@ async def migrate(url: str) -> list[Migration]:
                 done = []
                 for migration in await pending(conn):
                     async with conn.transaction():
-                        await conn.execute(migration.sql)  # type: ignore[arg-type]
+                        await conn.execute(migration.sql)
                         await conn.execute(
                             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
                             (migration.version, migration.name, time.time()),
