@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
