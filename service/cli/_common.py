@@ -1,0 +1,18 @@
+"""What the commands share: the sandbox's ports and the one way a command reads its settings."""
+
+from __future__ import annotations
+
+import sys
+
+from service.settings import Settings, SettingsError
+
+DEV_PORTS = {"service": 8000, "supermemory": 8101, "github": 8102}
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or exit 2 with the one line that names the bad one."""
+    try:
+        return Settings.load()
+    except SettingsError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,174 @@
+"""`report` and `incidents`: clients of a running service's operator API."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.cli._common import DEV_PORTS
+
+TOKEN_ENV = "LEAK_RESPONDER_OPERATOR_TOKEN"  # noqa: S105 (the variable's name, not a token)
+
+
+class _ApiError(Exception):
+    """Ends a client command with exit 1 (the service refused) or 2 (we could not ask it)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _operator_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise _ApiError(f"cannot read {args.token_file}: {exc.strerror or exc}", 2) from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise _ApiError(f"no operator token: set {TOKEN_ENV} or pass --token-file", 2)
+    return token
+
+
+def _api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {_operator_token(args)}", **kwargs.pop("headers", {})}
+    try:
+        response = httpx.request(
+            method, f"{args.url.rstrip('/')}{path}", headers=headers, timeout=60, **kwargs
+        )
+    except httpx.HTTPError as exc:
+        raise _ApiError(f"cannot reach the service at {args.url}: {exc}", 2) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "bad_response", "message": response.text[:200]}
+    if response.status_code >= 300:
+        raise _ApiError(
+            f"the service answered {response.status_code} {body.get('error')}: {body.get('message')}", 1
+        )
+    return body
+
+
+def _client(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            command(args)
+        except _ApiError as exc:
+            print(f"leak-responder: {exc}", file=sys.stderr)
+            return exc.code
+        return 0
+
+    return run
+
+
+def _place(finding: dict[str, Any]) -> str:
+    where = ":".join(str(finding[k]) for k in ("file", "line", "column") if finding.get(k) is not None)
+    return where or "-"
+
+
+@_client
+def cmd_report(args: argparse.Namespace) -> None:
+    """The body goes as is and the service recognises its shape; the Idempotency-Key is the content's
+    hash, so re-running the command after a timeout replays the answer instead of reporting twice."""
+    try:
+        body = sys.stdin.buffer.read() if args.path == "-" else Path(args.path).read_bytes()
+    except OSError as exc:
+        raise _ApiError(f"cannot read {args.path}: {exc.strerror or exc}", 2) from None
+    headers = {"Idempotency-Key": f"sha256-{hashlib.sha256(body).hexdigest()}"}
+    if args.content_type:
+        headers["Content-Type"] = args.content_type
+    result = _api(args, "POST", "/v1/reports", content=body, headers=headers)
+    findings = result["findings"]
+    print(f"{result['kind']} report: {len(findings)} finding(s)")
+    for f in findings:
+        print(
+            f"{_place(f)}: {f['redacted']} {f['confidence'] or 'listed'} -> {f['incident_id']}"
+            f" {f['state']} {f['label'] or 'unlabelled'}"
+        )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+@_client
+def cmd_incidents_list(args: argparse.Namespace) -> None:
+    query = {
+        "state": args.state,
+        "reporter": args.reporter,
+        "org": args.org,
+        "since": args.since,
+        "until": args.until,
+        "limit": args.limit,
+        "next": args.next,
+    }
+    page = _api(args, "GET", "/v1/incidents", params={k: v for k, v in query.items() if v is not None})
+    rows = [("ID", "STATE", "LABEL", "KEY", "ORG", "RECEIVED", "TTR", "TTC")]
+    for i in page["incidents"]:
+        rows.append(
+            (
+                i["id"],
+                i["state"],
+                i["label"] or "-",
+                i["redacted"],
+                i["org_id"] or "-",
+                i["created_at"],
+                _seconds(i["time_to_revoke"]),
+                _seconds(i["time_to_confirm"]),
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if page["next"]:
+        print(f"more: --next {page['next']}")
+
+
+@_client
+def cmd_incidents_show(args: argparse.Namespace) -> None:
+    i = _api(args, "GET", f"/v1/incidents/{args.id}")
+    print(f"{i['id']}  {i['state']}  {i['label'] or '-'}  {i['redacted']}  sha256={i['token_hash']}")
+    print(f"key {i['key_id'] or '-'} ({i['key_name'] or '-'}) org {i['org_id'] or '-'}")
+    print(f"time to revoke {_seconds(i['time_to_revoke'])}, to confirm {_seconds(i['time_to_confirm'])}")
+    print("sightings:")
+    for s in i["sightings"]:
+        who = s["reporter"] + (f" ({s['operator']})" if s["operator"] else "")
+        print(f"  {s['seen_at']}  {who}  {s['source'] or '-'}  {s['url'] or '-'}")
+    print("timeline:")
+    for e in i["events"]:
+        detail = " ".join(f"{k}={v}" for k, v in e["detail"].items())
+        print(f"  {e['at']}  {e['kind']:<18} {e['state'] or '':<14} {detail}".rstrip())
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=f"http://127.0.0.1:{DEV_PORTS['service']}", help="the service")
+    parser.add_argument("--token-file", help=f"file holding the operator token (default: ${TOKEN_ENV})")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = sub.add_parser("report", help="send a file (text, gitleaks or trufflehog report) to the service")
+    report.add_argument("path", metavar="PATH", help="the file, or - for standard input")
+    report.add_argument("--content-type", help="force a media type (default: the service recognises it)")
+    _add_client_options(report)
+    report.set_defaults(func=cmd_report)
+
+    incidents = sub.add_parser("incidents", help="read incidents from the service")
+    which = incidents.add_subparsers(dest="incidents_command", required=True)
+    listing = which.add_parser("list", help="incidents, newest first")
+    for option in ("state", "reporter", "org", "since", "until", "next"):
+        listing.add_argument(f"--{option}")
+    listing.add_argument("--limit", type=int)
+    _add_client_options(listing)
+    listing.set_defaults(func=cmd_incidents_list)
+    show = which.add_parser("show", help="one incident with its timeline")
+    show.add_argument("id")
+    _add_client_options(show)
+    show.set_defaults(func=cmd_incidents_show)

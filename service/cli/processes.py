@@ -1,0 +1,245 @@
+"""Commands that run processes or act on the store: the service, its checks and migrations, and the
+sandbox that stands in for Supermemory and GitHub."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+import httpx
+import uvicorn
+
+from service.cli._common import DEV_PORTS, settings_or_exit
+from service.settings import Settings
+
+# Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
+SHUTDOWN_GRACE = 10
+
+
+def _store_or_exit(settings: Settings) -> None:
+    """Refuse to serve, with one line, on a store that cannot be opened: unreachable, or a
+    PostgreSQL database with migrations pending (the service never migrates it by itself)."""
+    from service.store import StoreError, check_store
+
+    try:
+        asyncio.run(check_store(settings))
+    except StoreError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class _Server(uvicorn.Server):
+    """SIGTERM and SIGINT stop it gracefully and the process then exits 0.
+
+    uvicorn re-raises the signal once it has shut down, so a clean stop would be reported as death
+    by signal; an orchestrator (and our tests) should see a clean stop as one.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _SilentServer(uvicorn.Server):
+    """A server that leaves the process's signals to the one that owns them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+    """Our own logging stays in charge (uvicorn's access log would add nothing we need), and a
+    SIGTERM gives in-flight requests a bounded time before the worker hands back its leases."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import create_app
+    from service.observability import configure_logging
+
+    settings = settings_or_exit()
+    _store_or_exit(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    server = _Server(_uvicorn_config(create_app(settings), args.host, args.port))
+    server.run()
+    return 0 if server.started else 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = settings_or_exit()
+    width = max(len(name) for name, _ in settings.describe())
+    for name, value in settings.describe():
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the database's schema to this release's; safe to run again, and from several replicas
+    at once (they serialise on an advisory lock)."""
+    from service.store import StoreError, migrate
+
+    settings = settings_or_exit()
+    try:
+        applied = asyncio.run(migrate(settings))
+    except StoreError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        return 1
+    if applied:
+        print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    elif settings.sqlite_path is not None:
+        print("SQLite schema is current (SQLite is migrated whenever it is opened)")
+    else:
+        print("database schema is current: no migration pending")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from service.sandbox import serve_sandbox
+
+    asyncio.run(serve_sandbox(args.host, args.supermemory_port, args.github_port, args.keys))
+    return 0
+
+
+def cmd_simulate_github(args: argparse.Namespace) -> int:
+    """Ask the GitHub stand-in to sign and send an alert, as GitHub's scanner would, and show the labels."""
+    payload = {
+        "target": args.target,
+        "tokens": args.token,
+        "url": args.url,
+        "type": args.type,
+        "source": args.source,
+    }
+    try:
+        response = httpx.post(f"{args.github.rstrip('/')}/_sandbox/send-alert", json=payload, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"leak-responder: cannot reach the GitHub sandbox at {args.github}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(
+            f"leak-responder: the GitHub sandbox answered {response.status_code}: {response.text}",
+            file=sys.stderr,
+        )
+        return 1
+    result = response.json()
+    print(f"leak-responder answered HTTP {result['status']}")
+    print(json.dumps(result["body"], indent=2))
+    return 0 if 200 <= result["status"] < 300 else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """`make run`: the sandbox and the service in one process, wired together, with a first alert to paste."""
+    from service.app import create_app
+    from service.observability import configure_logging
+    from service.sandbox import GitHubSandbox, SupermemorySandbox, seeded_keys
+
+    supermemory = SupermemorySandbox(seeded_keys(args.keys))
+    github = GitHubSandbox()
+    host = "127.0.0.1"
+    sm_url = f"http://{host}:{DEV_PORTS['supermemory']}"
+    gh_url = f"http://{host}:{DEV_PORTS['github']}"
+    defaults = {
+        "LEAK_RESPONDER_GITHUB_KEYS_URL": f"{gh_url}/meta/public_keys/secret_scanning",
+        "LEAK_RESPONDER_DEPSDEV_KEYS_URL": "",
+        "LEAK_RESPONDER_SUPERMEMORY_API_URL": sm_url,
+        "LEAK_RESPONDER_SUPERMEMORY_ADMIN_URL": sm_url,
+        "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": supermemory.knobs.admin_token,
+        "LEAK_RESPONDER_LOG_FORMAT": "text",
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    settings = settings_or_exit()
+    _store_or_exit(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    exe = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "leak-responder"
+    service = _Server(_uvicorn_config(create_app(settings), host, args.port))
+    stand_ins = [
+        _SilentServer(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
+        _SilentServer(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
+    ]
+    servers = [*stand_ins, service]
+
+    async def announce() -> None:
+        while not all(s.started for s in servers):
+            if any(s.should_exit for s in servers):
+                return
+            await asyncio.sleep(0.05)
+        key = supermemory.keys[0]
+        print(
+            f"\nleak-responder is running on http://127.0.0.1:{args.port}, wired to the sandbox"
+            f" (Supermemory {sm_url}, GitHub {gh_url}).\n"
+            "Send it a first alert (a seeded sandbox key) with:\n\n"
+            f"  {exe} simulate-github --token {key.token} --url https://github.com/octocat/demo/blob/main/.env\n",
+            flush=True,
+        )
+
+    async def run_service() -> None:
+        # The service owns the signals; once it has stopped, the stand-ins follow.
+        try:
+            await service.serve()
+        finally:
+            for stand_in in stand_ins:
+                stand_in.should_exit = True
+
+    async def main() -> None:
+        await asyncio.gather(announce(), run_service(), *(s.serve() for s in stand_ins))
+
+    asyncio.run(main())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run the service under uvicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="print the effective settings, secrets masked")
+    check.set_defaults(func=cmd_check_config)
+
+    migrate = sub.add_parser("migrate", help="apply pending database migrations (PostgreSQL; safe to re-run)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    sandbox = sub.add_parser("sandbox", help="run the Supermemory and GitHub stand-ins on loopback")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--supermemory-port", type=int, default=DEV_PORTS["supermemory"])
+    sandbox.add_argument("--github-port", type=int, default=DEV_PORTS["github"])
+    sandbox.add_argument("--keys", type=int, default=5, help="how many keys to seed")
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    simulate = sub.add_parser("simulate-github", help="sign and send an alert through the GitHub stand-in")
+    simulate.add_argument("--token", action="append", required=True, help="a token to report (repeatable)")
+    simulate.add_argument("--url", default="https://github.com/octocat/Hello-World/blob/main/.env")
+    simulate.add_argument("--type", default="supermemory_api_key")
+    simulate.add_argument("--source", default="content")
+    simulate.add_argument("--github", default=f"http://127.0.0.1:{DEV_PORTS['github']}")
+    simulate.add_argument("--target", default=f"http://127.0.0.1:{DEV_PORTS['service']}/v1/alerts/github")
+    simulate.set_defaults(func=cmd_simulate_github)
+
+    dev = sub.add_parser("dev", help="the sandbox and the service together (what `make run` starts)")
+    dev.add_argument("--port", type=int, default=DEV_PORTS["service"])
+    dev.add_argument("--keys", type=int, default=5)
+    dev.set_defaults(func=cmd_dev)
