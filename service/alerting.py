@@ -6,7 +6,7 @@ responder that stalls because its pager is down would turn one outage into two. 
 events for its own background thread and drops them when that queue is full, so a Sentry that is
 down or hanging costs the pipeline nothing.
 
-Nothing secret may reach Sentry (SPEC §8). The SDK is initialised without request bodies, local
+Nothing secret may reach Sentry (contract.md §8). The SDK is initialised without request bodies, local
 variables or default PII, and every event and breadcrumb goes through `scrub_event`, which redacts
 anything key-shaped and drops every value under a token-like key, in lists as well as dicts (the
 SDK's own scrubber skips lists, and a partner alert is a JSON list).
@@ -45,6 +45,7 @@ LEVELS: dict[Reason, int] = {
     Reason.REPORTER_KEYS_UNAVAILABLE: logging.ERROR,
     Reason.SIGNING_KEY_CHANGED: logging.WARNING,
     Reason.OWNER_UNREACHABLE: logging.WARNING,
+    Reason.UNCONFIRMED_WINDOW_OVER: logging.CRITICAL,
 }
 
 

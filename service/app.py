@@ -1,4 +1,4 @@
-"""The HTTP shell (SPEC §3): routes that hand each request to the stage that owns it."""
+"""The HTTP shell (contract.md §3): routes that hand each request to the stage that owns it."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from service.operators import (
     idempotent,
     incident_filter,
     incident_page,
+    resolution_note,
 )
 from service.reasons import Reason
 from service.refusal import Refusal
@@ -193,6 +194,24 @@ async def retry_incident(request: Request, operator: str) -> Response:
     return JSONResponse(detail_json(detail), status_code=202)
 
 
+@operator_route
+async def resolve_incident(request: Request, operator: str) -> Response:
+    """200 with the incident, closed by hand with the operator's note; 409 when already final."""
+    rt: Runtime = request.app.state.runtime
+    incident_id = request.path_params["incident_id"]
+    note = resolution_note(await request.body())
+    found = await rt.store.incidents([incident_id])
+    if not found:
+        raise OperatorError(Reason.INCIDENT_NOT_FOUND, "no such incident")
+    if not await rt.worker.resolve(found[0], operator, note):
+        raise OperatorError(
+            Reason.INCIDENT_ALREADY_FINAL, f"incident is {found[0].state}: nothing to resolve"
+        )
+    detail = await rt.store.detail(incident_id)
+    assert detail is not None
+    return JSONResponse(detail_json(detail))
+
+
 async def openapi(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     return JSONResponse(openapi_document(list(rt.reporters)))
@@ -275,6 +294,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
         Route("/v1/incidents", list_incidents),
         Route("/v1/incidents/{incident_id}", show_incident),
         Route("/v1/incidents/{incident_id}/retry", retry_incident, methods=["POST"]),
+        Route("/v1/incidents/{incident_id}/resolve", resolve_incident, methods=["POST"]),
         Route("/openapi.json", openapi),
         Route("/livez", livez),
         Route("/readyz", readyz),

@@ -303,6 +303,37 @@ def openapi_document(reporters: list[str]) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/incidents/{incident_id}/resolve": {
+                "post": {
+                    "summary": "Close an open incident by hand, with a note",
+                    "description": "For an `unconfirmed` key checked by other means, or any incident that is"
+                    " not final: it closes, the sealed token is wiped, and the note and the operator's name"
+                    " stay on the timeline. The note must not hold a key.",
+                    "security": _OPERATOR,
+                    "parameters": [_INCIDENT_ID],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["note"],
+                                    "properties": {"note": {"type": "string", "maxLength": 2000}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/IncidentDetail"}, "resolved"),
+                        **_refusals(
+                            (400, "resolution_invalid, report_note_holds_key"),
+                            (404, "incident_not_found"),
+                            (409, "incident_already_final"),
+                            *_AUTH,
+                        ),
+                    },
+                }
+            },
             "/livez": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {
                 "get": {

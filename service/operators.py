@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import Response
 
-from service.inbound.reports import ReportItem
+from service.inbound.reports import ReportItem, check_note
 from service.reasons import Reason
 from service.refusal import Refusal
 from service.store import (
@@ -44,6 +45,8 @@ STATUS: dict[Reason, int] = {
     R.QUERY_INVALID: 400,
     R.INCIDENT_NOT_FOUND: 404,
     R.INCIDENT_NOT_RETRYABLE: 409,
+    R.INCIDENT_ALREADY_FINAL: 409,
+    R.RESOLUTION_INVALID: 400,
 }
 
 
@@ -146,6 +149,21 @@ async def idempotent(
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 _INCIDENT_ID = re.compile(r"inc_[0-9a-f]{12,40}")
+
+
+def resolution_note(body: bytes) -> str:
+    """The note of `POST /v1/incidents/{id}/resolve`: JSON `{"note": "…"}`, required, because a
+    closed-by-hand incident must say why on its timeline; refused when it holds a key."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    note = document.get("note") if isinstance(document, dict) else None
+    if not isinstance(note, str) or not note.strip():
+        raise OperatorError(R.RESOLUTION_INVALID, 'expected a JSON body {"note": "why it is resolved"}')
+    checked = check_note(note.strip())
+    assert checked is not None
+    return checked
 
 
 def incident_filter(params: QueryParams) -> IncidentFilter:

@@ -47,6 +47,8 @@ class Reason(enum.StrEnum):
     QUERY_INVALID = "query_invalid"
     INCIDENT_NOT_FOUND = "incident_not_found"
     INCIDENT_NOT_RETRYABLE = "incident_not_retryable"
+    INCIDENT_ALREADY_FINAL = "incident_already_final"
+    RESOLUTION_INVALID = "resolution_invalid"
     # -- Supermemory's admin API: lookup and revoke (stages `match`, `revoke`) --------------------
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
     RATE_LIMITED = "rate_limited"

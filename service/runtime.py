@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -14,10 +15,76 @@ from service.observability import failure
 from service.pipeline import Policy, Steps, Sweeper, Worker
 from service.reasons import Reason
 from service.settings import Settings
-from service.store import Store, open_store
+from service.store import RewrapReport, Sealer, SqliteStore, Store, embedded_key
 from service.supermemory import SupermemoryClient
 
 log = logging.getLogger("service.runtime")
+
+
+def sealer_for(settings: Settings) -> Sealer:
+    """The current data key (the setting, or on SQLite by default a key file beside the database)
+    and the fallbacks that still open what older keys sealed."""
+    key = settings.data_key
+    if key is None:
+        path = settings.sqlite_path
+        assert path is not None, "settings require DATA_KEY without SQLite"
+        key = embedded_key(Path(f"{path}.key"))
+    return Sealer(key, settings.data_key_fallbacks)
+
+
+def store_failure(reason: Reason, message: str) -> None:
+    """What the store reports of itself (it knows neither logs nor metrics): a lost wake-up channel
+    only delays work (polling covers it), anything else is an error."""
+    level = logging.WARNING if reason is Reason.STORE_LISTEN_LOST else logging.ERROR
+    failure(log, "store", reason, message, level=level)
+
+
+def open_store(settings: Settings) -> Store:
+    """The backend named by DATABASE_URL (not yet opened)."""
+    path = settings.sqlite_path
+    if path is None:
+        # Imported here so that a SQLite deployment never loads the PostgreSQL driver.
+        from service.store.postgres import PostgresStore
+
+        return PostgresStore(
+            settings.database_url,
+            sealer_for(settings),
+            pool_size=settings.database_pool_size,
+            on_failure=store_failure,
+        )
+    return SqliteStore(path, sealer_for(settings), on_failure=store_failure)
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close the store once: StoreError when it is unreachable, owned by another process
+    (SQLite) or behind on migrations, SealingError when the data keys do not open what it holds;
+    so that a command can refuse to start with one line instead of a failed start-up's traceback."""
+    store = open_store(settings)
+    await store.open()
+    await store.close()
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Apply pending migrations; the ones this call applied. SQLite migrates whenever it is opened,
+    so for it this opens the store (and says what it applied through the same list)."""
+    if settings.sqlite_path is None:
+        from service.store.migrations import migrate_postgres
+
+        return [m.label for m in await migrate_postgres(settings.database_url)]
+    store = SqliteStore(settings.sqlite_path, sealer_for(settings), on_failure=store_failure)
+    await store.open()
+    await store.close()
+    return store.migrated
+
+
+async def rewrap(settings: Settings, batch: int) -> RewrapReport:
+    """Reseal every token under the current data key (`Store.rewrap`)."""
+    store = open_store(settings)
+    await store.open()
+    try:
+        return await store.rewrap(batch)
+    finally:
+        await store.close()
 
 
 @dataclass
@@ -59,6 +126,8 @@ class Runtime:
             revoke_retry_window=settings.revoke_retry_window,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            reprobe_interval=settings.unconfirmed_reprobe_interval,
+            unconfirmed_window=settings.unconfirmed_window,
         )
         notifier = None
         if settings.smtp_url:
@@ -73,6 +142,7 @@ class Runtime:
             )
         worker = Worker(
             Steps(store, client, pager, policy, notifier),
+            replica=settings.replica_id,
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
         )

@@ -13,8 +13,9 @@ import binascii
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +60,27 @@ def _data_key(value: str) -> bytes | None:
     if len(key) != 32:
         raise ValueError(f"expected base64 of 32 bytes, got {len(key)} bytes")
     return key
+
+
+def _data_keys(value: str) -> tuple[bytes, ...]:
+    """Older data keys, comma-separated, each as DATA_KEY is written."""
+    keys = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        key = _data_key(part)
+        assert key is not None
+        keys.append(key)
+    return tuple(keys)
+
+
+_REPLICA = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _replica_id(value: str) -> str:
+    """Default: the host name, which a StatefulSet keeps across restarts of the same replica."""
+    replica = value or socket.gethostname()
+    if not _REPLICA.fullmatch(replica):
+        raise ValueError("expected 1-63 letters, digits, dots, dashes or underscores")
+    return replica
 
 
 def _mode(value: str) -> str:
@@ -132,113 +154,82 @@ def _log_format(value: str) -> str:
 
 @dataclass(frozen=True)
 class _Spec:
+    """How one setting is read: its variable (without our prefix), its parser, its default (None:
+    required), whether `check-config` masks it, and whether it carries our prefix (Sentry's own
+    variable names are standard)."""
+
     env: str
     parse: Callable[[str], Any]
     default: str | None
     secret: bool = False
+    prefixed: bool = True
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.env if self.prefixed else self.env
+
+
+def _setting(
+    env: str, parse: Callable[[str], Any], default: str | None, *, secret: bool = False, prefixed: bool = True
+) -> Any:
+    """A Settings field and how it is read, declared together in one line."""
+    return field(metadata={"spec": _Spec(env, parse, default, secret, prefixed)})
 
 
 _F = float
 _I = int
 
 
-# field name -> how it is read. `None` as default means required (checked after parsing).
-_SPECS: dict[str, _Spec] = {
-    "database_url": _Spec("DATABASE_URL", _database_url, "sqlite:///./data/leak-responder.db"),
-    "database_pool_size": _Spec("DATABASE_POOL_SIZE", _positive(_I), "10"),
-    "data_key": _Spec("DATA_KEY", _data_key, "", secret=True),
-    "github_keys_url": _Spec(
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = _setting("DATABASE_URL", _database_url, "sqlite:///./data/leak-responder.db")
+    database_pool_size: int = _setting("DATABASE_POOL_SIZE", _positive(_I), "10")
+    data_key: bytes | None = _setting("DATA_KEY", _data_key, "", secret=True)
+    data_key_fallbacks: tuple[bytes, ...] = _setting("DATA_KEY_FALLBACKS", _data_keys, "", secret=True)
+    replica_id: str = _setting("REPLICA_ID", _replica_id, "")
+    github_keys_url: str | None = _setting(
         "GITHUB_KEYS_URL", _optional_url, "https://api.github.com/meta/public_keys/secret_scanning"
-    ),
-    "github_token": _Spec("GITHUB_TOKEN", str, "", secret=True),
-    "gitlab_keys_url": _Spec("GITLAB_KEYS_URL", _optional_url, ""),
-    "depsdev_keys_url": _Spec(
+    )
+    github_token: str = _setting("GITHUB_TOKEN", str, "", secret=True)
+    gitlab_keys_url: str | None = _setting("GITLAB_KEYS_URL", _optional_url, "")
+    depsdev_keys_url: str | None = _setting(
         "DEPSDEV_KEYS_URL",
         _optional_url,
         "https://storage.googleapis.com/depsdev-gcp-public-keys/secret_scanning",
-    ),
-    "supermemory_api_url": _Spec("SUPERMEMORY_API_URL", _url, "https://api.supermemory.ai"),
-    "supermemory_admin_url": _Spec("SUPERMEMORY_ADMIN_URL", _optional_url, ""),
-    "supermemory_admin_token": _Spec("SUPERMEMORY_ADMIN_TOKEN", str, "", secret=True),
-    "lookup_path": _Spec("LOOKUP_PATH", _path, "/v3/admin/api-keys/lookup"),
-    "revoke_path": _Spec("REVOKE_PATH", _path, "/v3/auth/scoped-key/{id}"),
-    "probe_path": _Spec("PROBE_PATH", _path, "/v3/session"),
-    "mode": _Spec("MODE", _mode, "enforce"),
-    "operator_tokens": _Spec("OPERATOR_TOKENS", _operators, ""),
-    "smtp_url": _Spec("SMTP_URL", _smtp_url, "", secret=True),
-    "mail_from": _Spec("MAIL_FROM", _email, ""),
-    "security_contact": _Spec("SECURITY_CONTACT", _email, ""),
-    "notify_group_wait": _Spec("NOTIFY_GROUP_WAIT", _positive(_F), "10"),
-    "runbook_url": _Spec("RUNBOOK_URL", str, "docs/runbook.md"),
-    "body_limit": _Spec("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024)),
-    "request_budget": _Spec("REQUEST_BUDGET", _positive(_F), "5"),
-    "http_timeout": _Spec("HTTP_TIMEOUT", _positive(_F), "5"),
-    "concurrency": _Spec("CONCURRENCY", _positive(_I), "32"),
-    "probe_schedule": _Spec("PROBE_SCHEDULE", _schedule, "0,2,5,15,30,60,120"),
-    "probe_inconclusive_window": _Spec("PROBE_INCONCLUSIVE_WINDOW", _positive(_F), "600"),
-    "revoke_retry_window": _Spec("REVOKE_RETRY_WINDOW", _positive(_F), "900"),
-    "backoff_base": _Spec("BACKOFF_BASE", _positive(_F), "1"),
-    "backoff_max": _Spec("BACKOFF_MAX", _positive(_F), "300"),
-    "lease_seconds": _Spec("LEASE_SECONDS", _positive(_F), "30"),
-    "keys_refresh_interval": _Spec("KEYS_REFRESH_INTERVAL", _positive(_F), "3600"),
-    "retention_days": _Spec("RETENTION_DAYS", _positive(_F), "30"),
-    "sweep_interval": _Spec("SWEEP_INTERVAL", _positive(_F), "3600"),
-    "log_level": _Spec("LOG_LEVEL", str.upper, "INFO"),
-    "log_format": _Spec("LOG_FORMAT", _log_format, "json"),
-    "sentry_dsn": _Spec("SENTRY_DSN", str, "", secret=True),
-    "sentry_environment": _Spec("SENTRY_ENVIRONMENT", str, "production"),
-    "sentry_checkin_interval": _Spec("SENTRY_CHECKIN_INTERVAL", _positive(_F), "60"),
-}
-
-# Sentry's own variable names are standard; every other setting carries our prefix.
-_UNPREFIXED = {"sentry_dsn", "sentry_environment"}
-
-
-def env_name(field: str) -> str:
-    spec = _SPECS[field]
-    return spec.env if field in _UNPREFIXED else PREFIX + spec.env
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str
-    database_pool_size: int
-    data_key: bytes | None
-    github_keys_url: str | None
-    github_token: str
-    gitlab_keys_url: str | None
-    depsdev_keys_url: str | None
-    supermemory_api_url: str
-    supermemory_admin_url: str | None
-    supermemory_admin_token: str
-    lookup_path: str
-    revoke_path: str
-    probe_path: str
-    mode: str
-    operator_tokens: dict[str, str]
-    smtp_url: str | None
-    mail_from: str | None
-    security_contact: str | None
-    notify_group_wait: float
-    runbook_url: str
-    body_limit: int
-    request_budget: float
-    http_timeout: float
-    concurrency: int
-    probe_schedule: tuple[float, ...]
-    probe_inconclusive_window: float
-    revoke_retry_window: float
-    backoff_base: float
-    backoff_max: float
-    lease_seconds: float
-    keys_refresh_interval: float
-    retention_days: float
-    sweep_interval: float
-    log_level: str
-    log_format: str
-    sentry_dsn: str
-    sentry_environment: str
-    sentry_checkin_interval: float
+    )
+    supermemory_api_url: str = _setting("SUPERMEMORY_API_URL", _url, "https://api.supermemory.ai")
+    supermemory_admin_url: str | None = _setting("SUPERMEMORY_ADMIN_URL", _optional_url, "")
+    supermemory_admin_token: str = _setting("SUPERMEMORY_ADMIN_TOKEN", str, "", secret=True)
+    lookup_path: str = _setting("LOOKUP_PATH", _path, "/v3/admin/api-keys/lookup")
+    revoke_path: str = _setting("REVOKE_PATH", _path, "/v3/auth/scoped-key/{id}")
+    probe_path: str = _setting("PROBE_PATH", _path, "/v3/session")
+    mode: str = _setting("MODE", _mode, "enforce")
+    operator_tokens: dict[str, str] = _setting("OPERATOR_TOKENS", _operators, "")
+    smtp_url: str | None = _setting("SMTP_URL", _smtp_url, "", secret=True)
+    mail_from: str | None = _setting("MAIL_FROM", _email, "")
+    security_contact: str | None = _setting("SECURITY_CONTACT", _email, "")
+    notify_group_wait: float = _setting("NOTIFY_GROUP_WAIT", _positive(_F), "10")
+    runbook_url: str = _setting("RUNBOOK_URL", str, "docs/runbook.md")
+    body_limit: int = _setting("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024))
+    request_budget: float = _setting("REQUEST_BUDGET", _positive(_F), "5")
+    http_timeout: float = _setting("HTTP_TIMEOUT", _positive(_F), "5")
+    concurrency: int = _setting("CONCURRENCY", _positive(_I), "32")
+    probe_schedule: tuple[float, ...] = _setting("PROBE_SCHEDULE", _schedule, "0,2,5,15,30,60,120")
+    unconfirmed_reprobe_interval: float = _setting("UNCONFIRMED_REPROBE_INTERVAL", _positive(_F), "3600")
+    unconfirmed_window: float = _setting("UNCONFIRMED_WINDOW", _positive(_F), "604800")
+    probe_inconclusive_window: float = _setting("PROBE_INCONCLUSIVE_WINDOW", _positive(_F), "600")
+    revoke_retry_window: float = _setting("REVOKE_RETRY_WINDOW", _positive(_F), "900")
+    backoff_base: float = _setting("BACKOFF_BASE", _positive(_F), "1")
+    backoff_max: float = _setting("BACKOFF_MAX", _positive(_F), "300")
+    lease_seconds: float = _setting("LEASE_SECONDS", _positive(_F), "30")
+    keys_refresh_interval: float = _setting("KEYS_REFRESH_INTERVAL", _positive(_F), "3600")
+    retention_days: float = _setting("RETENTION_DAYS", _positive(_F), "30")
+    sweep_interval: float = _setting("SWEEP_INTERVAL", _positive(_F), "3600")
+    log_level: str = _setting("LOG_LEVEL", str.upper, "INFO")
+    log_format: str = _setting("LOG_FORMAT", _log_format, "json")
+    sentry_dsn: str = _setting("SENTRY_DSN", str, "", secret=True, prefixed=False)
+    sentry_environment: str = _setting("SENTRY_ENVIRONMENT", str, "production", prefixed=False)
+    sentry_checkin_interval: float = _setting("SENTRY_CHECKIN_INTERVAL", _positive(_F), "60")
 
     @property
     def admin_url(self) -> str:
@@ -262,15 +253,14 @@ class Settings:
             merged.update(read_env_file(env_file))
         merged.update(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
-        for field, spec in _SPECS.items():
-            name = env_name(field)
-            raw = merged.get(name, spec.default)
+        for attribute, spec in SPECS.items():
+            raw = merged.get(spec.name, spec.default)
             if raw is None:
-                raise SettingsError(name, "required")
+                raise SettingsError(spec.name, "required")
             try:
-                values[field] = spec.parse(raw.strip())
+                values[attribute] = spec.parse(raw.strip())
             except ValueError as exc:
-                raise SettingsError(name, str(exc) or "malformed") from None
+                raise SettingsError(spec.name, str(exc) or "malformed") from None
         settings = cls(**values)
         settings._check_consistency()
         return settings
@@ -291,19 +281,27 @@ class Settings:
     def describe(self) -> list[tuple[str, str]]:
         """Every effective setting by its variable name, secrets masked, for `check-config`."""
         rows = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            spec = _SPECS[f.name]
+        for attribute, spec in SPECS.items():
+            value = getattr(self, attribute)
             if spec.secret:
                 shown = "(set, masked)" if value else "(unset)"
-            elif f.name == "operator_tokens":
+            elif attribute == "operator_tokens":
                 shown = ", ".join(sorted(value)) or "(none)"
             elif isinstance(value, tuple):
                 shown = ",".join(f"{v:g}" for v in value)
             else:
                 shown = "(unset)" if value in (None, "") else str(value)
-            rows.append((env_name(f.name), shown))
+            rows.append((spec.name, shown))
         return rows
+
+
+# Every setting by attribute, in declaration order: read from the fields, so it cannot drift.
+SPECS: dict[str, _Spec] = {f.name: f.metadata["spec"] for f in fields(Settings)}
+
+
+def env_name(attribute: str) -> str:
+    """The variable that sets `attribute`, for messages that name a setting."""
+    return SPECS[attribute].name
 
 
 def _is_loopback(url: str) -> bool:

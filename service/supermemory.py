@@ -1,4 +1,5 @@
-"""The three Supermemory calls (SPEC §6): lookup and revoke on the admin API, the probe on the public one.
+"""The three Supermemory calls (contract.md §6): lookup and revoke on the admin API, the probe on
+the public one.
 
 Each call returns a classified outcome instead of raising transport details at the pipeline: the
 pipeline decides what to retry and when, this module only says what happened, with a reason code.

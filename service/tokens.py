@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-# SPEC §5 step 2: `sm_` then 20–300 of [A-Za-z0-9_-]. Anything else is a false positive with no
+# contract.md §5 step 2: `sm_` then 20–300 of [A-Za-z0-9_-]. Anything else is a false positive with no
 # network call, so a reporter cannot make us send arbitrary strings to Supermemory's admin API.
 KEY_SHAPE = re.compile(r"sm_[A-Za-z0-9_-]{20,300}")
 
@@ -27,7 +27,7 @@ def is_key_shaped(token: str) -> bool:
 
 
 def redact(token: str) -> str:
-    """At most `sm_`, the first 4 and the last 4 characters (SPEC §5 step 1).
+    """At most `sm_`, the first 4 and the last 4 characters (contract.md §5 step 1).
 
     A short token shows nothing of its body: revealing 8 characters of a 12-character secret would
     give most of it away.

@@ -148,6 +148,14 @@ def cmd_incidents_show(args: argparse.Namespace) -> None:
         print(f"  {e['at']}  {e['kind']:<18} {e['state'] or '':<14} {detail}".rstrip())
 
 
+@_client
+def cmd_incidents_resolve(args: argparse.Namespace) -> None:
+    """Close an open incident by hand (an `unconfirmed` key checked by other means); the note is
+    kept on its timeline."""
+    i = _api(args, "POST", f"/v1/incidents/{args.id}/resolve", json={"note": args.note})
+    print(f"{i['id']}  {i['state']}  resolved by hand")
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=f"http://127.0.0.1:{DEV_PORTS['service']}", help="the service")
     parser.add_argument("--token-file", help=f"file holding the operator token (default: ${TOKEN_ENV})")
@@ -172,3 +180,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("id")
     _add_client_options(show)
     show.set_defaults(func=cmd_incidents_show)
+    resolve = which.add_parser("resolve", help="close an open incident by hand, with a note")
+    resolve.add_argument("id")
+    resolve.add_argument("--note", required=True, help="why it is resolved (kept on the timeline)")
+    _add_client_options(resolve)
+    resolve.set_defaults(func=cmd_incidents_resolve)

@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 
 from service.cli._common import DEV_PORTS, settings_or_exit
-from service.settings import Settings
+from service.settings import Settings, SettingsError, env_name
 
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
 SHUTDOWN_GRACE = 10
@@ -26,12 +26,16 @@ SHUTDOWN_GRACE = 10
 def _store_or_exit(settings: Settings) -> None:
     """Refuse to serve, with one line, on a store that cannot be opened: unreachable, or a
     PostgreSQL database with migrations pending (the service never migrates it by itself)."""
-    from service.store import StoreError, check_store
+    from service.runtime import check_store
+    from service.store import SealingError, StoreError
 
     try:
         asyncio.run(check_store(settings))
     except StoreError as exc:
         print(f"leak-responder: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SealingError as exc:
+        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -100,7 +104,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Bring the database's schema to this release's; safe to run again, and from several replicas
     at once (they serialise on an advisory lock)."""
-    from service.store import StoreError, migrate
+    from service.runtime import migrate
+    from service.store import SealingError, StoreError
 
     settings = settings_or_exit()
     try:
@@ -108,12 +113,41 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"leak-responder: {exc}", file=sys.stderr)
         return 1
+    except SealingError as exc:
+        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
+        return 1
     if applied:
         print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
-    elif settings.sqlite_path is not None:
-        print("SQLite schema is current (SQLite is migrated whenever it is opened)")
     else:
         print("database schema is current: no migration pending")
+    return 0
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Reseal every stored token under the current data key, so that the fallbacks can be retired.
+
+    Idempotent and resumable: each batch commits, and rows already under the current key are not
+    touched again. Exit 1 if any row opens with none of the keys (named by incident id)."""
+    from service.runtime import rewrap, sealer_for
+    from service.store import SealingError, StoreError
+
+    settings = settings_or_exit()
+    try:
+        report = asyncio.run(rewrap(settings, args.batch))
+    except StoreError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        return 1
+    except SealingError as exc:
+        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
+        return 1
+    print(f"resealed {report.resealed} token(s) under data key {sealer_for(settings).current}")
+    if report.unopenable:
+        print(
+            f"leak-responder: {len(report.unopenable)} token(s) open with none of the configured keys:"
+            f" {', '.join(report.unopenable)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -220,8 +254,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check-config", help="print the effective settings, secrets masked")
     check.set_defaults(func=cmd_check_config)
 
-    migrate = sub.add_parser("migrate", help="apply pending database migrations (PostgreSQL; safe to re-run)")
+    migrate = sub.add_parser("migrate", help="apply pending database migrations (safe to re-run)")
     migrate.set_defaults(func=cmd_migrate)
+
+    rewrap = sub.add_parser(
+        "rewrap", help="reseal every stored token under the current data key (after a key rotation)"
+    )
+    rewrap.add_argument("--batch", type=int, default=500, help="rows per transaction")
+    rewrap.set_defaults(func=cmd_rewrap)
 
     sandbox = sub.add_parser("sandbox", help="run the Supermemory and GitHub stand-ins on loopback")
     sandbox.add_argument("--host", default="127.0.0.1")

@@ -127,7 +127,7 @@ def _structured(text: str) -> Report | None:
         return _text(
             _string(document, "text", required=True),
             _string(document, "url"),
-            _note(_string(document, "note")),
+            check_note(_string(document, "note")),
         )
     if isinstance(document, dict) and "tokens" in document:
         return _tokens(document)
@@ -146,7 +146,7 @@ def _tokens(document: dict[str, Any]) -> Report:
     tokens = document["tokens"]
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
         raise ReportError(Reason.REPORT_BAD_FIELD, "field 'tokens' must be a non-empty array of strings")
-    url, note = _string(document, "url"), _note(_string(document, "note"))
+    url, note = _string(document, "url"), check_note(_string(document, "note"))
     items = [ReportItem(t, LISTED, None, None, None, None, None, url) for t in tokens]
     return Report("tokens", items, note)
 
@@ -229,9 +229,10 @@ def _string(document: dict[str, Any], field: str, *, required: bool = False) -> 
     return value if required else value or None
 
 
-def _note(note: str | None) -> str | None:
-    """Notes are stored and shown as they are, so one holding a key is refused, not redacted: the
-    operator should put the key where it gets handled (`text` or `tokens`)."""
+def check_note(note: str | None) -> str | None:
+    """Notes (a report's, an operator's resolution) are stored and shown as they are, so one
+    holding a key is refused, not redacted: the key belongs where it gets handled (a report's `text`
+    or `tokens`)."""
     if note is None:
         return None
     if len(note) > NOTE_LIMIT:

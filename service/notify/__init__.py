@@ -1,4 +1,4 @@
-"""Telling key owners (SPEC §5 step 5): an outbox in the store, SMTP delivery, and the emails.
+"""Telling key owners (contract.md §5 step 6): an outbox in the store, SMTP delivery, and the emails.
 
 The pipeline hands confirmed and unconfirmed incidents to `EmailNotifier.notify` and records what
 it answers; this package never imports the pipeline, so the dependency runs one way.

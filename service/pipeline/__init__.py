@@ -1,4 +1,4 @@
-"""The incident pipeline (SPEC §5): match, revoke, confirm, notify, close, under leases."""
+"""The incident pipeline (contract.md §5): match, revoke, confirm, notify, close, under leases."""
 
 from service.pipeline.steps import Notifier, Policy, Steps, backoff
 from service.pipeline.sweeper import Sweeper

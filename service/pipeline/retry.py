@@ -12,11 +12,15 @@ flushed) should not have to wait out the backoff or the page's dead end, so two 
   probe with.
 
 Anything else is either moving on its own or final. The audit event names the operator.
+
+An operator may also **resolve** any incident that is not final: typically an `unconfirmed` key
+they have checked by other means (deleted in Supermemory's console, the org gone). It closes, the
+sealed token is wiped, and their note stays on the timeline.
 """
 
 from __future__ import annotations
 
-from service.store import Incident, State, Transition
+from service.store import FINAL_STATES, Incident, State, Transition
 
 _BACKING_OFF = frozenset({State.RECEIVED, State.MATCHED, State.REVOKED})
 
@@ -33,7 +37,7 @@ def retry_transition(incident: Incident, operator: str, now: float) -> Transitio
         "attempts": incident.attempts,
         "last_reason": incident.last_reason,
     }
-    reset = {"attempts": 0, "step_started_at": None, "last_reason": None}
+    reset = {"attempts": 0, "step_started_at": None, "last_reason": None, "unconfirmed_at": None}
     if incident.state is State.UNCONFIRMED and incident.has_token:
         return Transition(
             incident.id,
@@ -49,3 +53,21 @@ def retry_transition(incident: Incident, operator: str, now: float) -> Transitio
             incident.id, incident.state, "retry_requested", next_run_at=now, set=reset, detail=detail
         )
     return None
+
+
+def resolve_transition(incident: Incident, operator: str, note: str, now: float) -> Transition | None:
+    """The transition that closes `incident` by hand, or None when it is already final.
+
+    Not fenced on a lease, like a retry: the operator's word wins over a step in flight.
+    """
+    if incident.state in FINAL_STATES:
+        return None
+    return Transition(
+        incident.id,
+        incident.state,
+        "resolved",
+        state=State.CLOSED,
+        wipe_token=True,
+        set={"closed_at": now, "last_reason": None},
+        detail={"operator": operator, "note": note, "from_state": str(incident.state)},
+    )

@@ -1,4 +1,4 @@
-"""The incident pipeline's steps (SPEC §5): each takes incidents as the store holds them and returns
+"""The incident pipeline's steps (contract.md §5): each takes incidents as the store holds them and returns
 the transitions to record, so that a step is a decision and the store is the only writer.
 
 Every step is safe to run twice: lookup and probe only read, a revoke of a revoked key answers 404
@@ -19,7 +19,7 @@ from service.alerting import Pager
 from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
 from service.reasons import Reason
-from service.store import Incident, IncidentRef, Label, State, Store, Transition
+from service.store import Incident, IncidentRef, Label, SealingError, State, Store, Transition
 from service.supermemory import LOOKUP_BATCH, CallFailed, ProbeVerdict, SupermemoryClient
 
 log = logging.getLogger("service.pipeline")
@@ -40,6 +40,9 @@ class Policy:
     revoke_retry_window: float
     backoff_base: float
     backoff_max: float
+    # An `unconfirmed` key is probed again (and its revoke re-issued) this often, for this long.
+    reprobe_interval: float = 3600.0
+    unconfirmed_window: float = 7 * 24 * 3600.0
 
 
 def backoff(attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
@@ -111,8 +114,39 @@ class Steps:
         self.pager.page(code, message, tags, {"state": incident.state, "redacted": incident.redacted})
 
     def _after_final_probe(self) -> float | None:
-        """Confirmed and unconfirmed incidents go on to notify at once, or wait (visibly) for a notifier."""
+        """Confirmed incidents go on to notify at once, or wait (visibly) for a notifier."""
         return self._clock() if self.notifier is not None else None
+
+    def _after_unconfirmed(self, now: float) -> float:
+        """An unconfirmed key's owner is told at once when a notifier exists; its slow re-probes
+        start one interval later either way."""
+        return now if self.notifier is not None else now + self.policy.reprobe_interval
+
+    async def _reveal(self, incident: Incident) -> str | Reason:
+        """The sealed token, or why there is none to probe with."""
+        try:
+            token = await self.store.reveal_token(incident.id)
+        except SealingError as exc:
+            failure(
+                log,
+                "confirm",
+                Reason.TOKEN_UNSEALABLE,
+                str(exc),
+                level=logging.ERROR,
+                incident_id=incident.id,
+            )
+            return Reason.TOKEN_UNSEALABLE
+        if token is None:
+            failure(
+                log,
+                "confirm",
+                Reason.TOKEN_UNAVAILABLE,
+                "cannot probe: the sealed token is gone",
+                level=logging.ERROR,
+                incident_id=incident.id,
+            )
+            return Reason.TOKEN_UNAVAILABLE
+        return token
 
     # -- match -----------------------------------------------------------------------------------
 
@@ -230,19 +264,9 @@ class Steps:
 
     async def probe(self, incident: Incident, owner: str) -> Transition:
         assert incident.revoked_at is not None
-        token = await self.store.reveal_token(incident.id)
-        if token is None:
-            failure(
-                log,
-                "confirm",
-                Reason.TOKEN_UNAVAILABLE,
-                "cannot probe: the sealed token is gone",
-                level=logging.ERROR,
-                incident_id=incident.id,
-            )
-            return self._unconfirmed(
-                incident, owner, Reason.TOKEN_UNAVAILABLE, None, "cannot probe: the token is gone"
-            )
+        token = await self._reveal(incident)
+        if isinstance(token, Reason):
+            return self._unconfirmed(incident, owner, token, None, f"cannot probe: {token}")
         probe = await self.client.probe(token)
         del token
         now = self._clock()
@@ -318,17 +342,70 @@ class Steps:
         status: int | None,
         message: str = "key still works after revoke",
     ) -> Transition:
+        now = self._clock()
         t = Transition(
             incident.id,
             State.REVOKED,
             "unconfirmed",
             lease_owner=owner,
             state=State.UNCONFIRMED,
-            next_run_at=self._after_final_probe(),
-            set={"last_reason": reason},
+            next_run_at=self._after_unconfirmed(now),
+            set={"last_reason": reason, "unconfirmed_at": now, "attempts": 0},
             detail={"reason": reason, "status": status},
         )
         self._page(incident, t, Reason.REVOCATION_UNCONFIRMED, message)
+        return t
+
+    async def reprobe(self, incident: Incident, owner: str) -> Transition:
+        """An `unconfirmed` key, on its slow schedule: a 401 closes it (the token is wiped); still
+        alive, the revoke is issued again; either way it is probed again an interval later, until
+        the window runs out, when on-call is paged again and it waits, open, for an operator."""
+        now = self._clock()
+        started = incident.unconfirmed_at or now
+        token = await self._reveal(incident)
+        if isinstance(token, Reason):
+            verdict, reason, status = ProbeVerdict.INCONCLUSIVE, token, None
+        else:
+            probe = await self.client.probe(token)
+            del token
+            SUPERMEMORY_CALLS.labels(call="probe", outcome=probe.reason).inc()
+            verdict, reason, status = probe.verdict, probe.reason, probe.status
+        if verdict is ProbeVerdict.DEAD:
+            TIME_TO_CONFIRM.observe(now - incident.created_at)
+            return Transition(
+                incident.id,
+                State.UNCONFIRMED,
+                "confirmed",
+                lease_owner=owner,
+                state=State.CLOSED,
+                wipe_token=True,
+                set={"confirmed_at": now, "closed_at": now, "last_reason": None},
+                detail={"status": status, "after_unconfirmed": round(now - started, 3)},
+            )
+        reissued = False
+        if verdict is ProbeVerdict.ALIVE:
+            failure(
+                log, "confirm", reason, "unconfirmed key still alive", incident_id=incident.id, status=status
+            )
+            await self._reissue(incident)
+            reissued = True
+        over = now - started >= self.policy.unconfirmed_window
+        t = Transition(
+            incident.id,
+            State.UNCONFIRMED,
+            "reprobed",
+            lease_owner=owner,
+            next_run_at=None if over else now + self.policy.reprobe_interval,
+            set={"last_reason": reason},
+            detail={"reason": reason, "status": status, "reissued_revoke": reissued},
+        )
+        if over:
+            self._page(
+                incident,
+                t,
+                Reason.UNCONFIRMED_WINDOW_OVER,
+                "a revoked key still did not answer 401 after its re-probe window; resolve it by hand",
+            )
         return t
 
     # -- notify and close ------------------------------------------------------------------------
@@ -340,7 +417,18 @@ class Steps:
         now = self._clock()
         transitions = []
         for incident in incidents:
-            if incident.id in result.done:
+            if incident.id in result.done and incident.state is State.UNCONFIRMED:
+                # Told (urgently); the incident stays open, on its slow re-probe schedule.
+                t = Transition(
+                    incident.id,
+                    State.UNCONFIRMED,
+                    "notified",
+                    lease_owner=owner,
+                    next_run_at=now + self.policy.reprobe_interval,
+                    set={"notified_at": now, "attempts": 0, "step_started_at": None},
+                    detail={"refused": len(result.unreachable.get(incident.id, ())), "urgent": True},
+                )
+            elif incident.id in result.done:
                 t = Transition(
                     incident.id,
                     incident.state,

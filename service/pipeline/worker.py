@@ -12,12 +12,11 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 
 from service.observability import failure
-from service.pipeline.retry import retry_transition
+from service.pipeline.retry import resolve_transition, retry_transition
 from service.pipeline.steps import Steps, gated, recorded
 from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
@@ -32,13 +31,17 @@ class Worker:
         self,
         steps: Steps,
         *,
+        replica: str,
         concurrency: int,
         lease_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.steps = steps
         self.store = steps.store
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # `<replica>/<incarnation>`: a restart under the same replica id takes back its dead
+        # predecessor's leases at once (Store.reclaim), while the fence still tells the two apart.
+        self.replica = replica
+        self.owner = f"{replica}/{os.getpid()}-{secrets.token_hex(4)}"
         self._capacity = concurrency * 4
         self._lease = lease_seconds
         self._clock = clock
@@ -54,13 +57,16 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume parked work that this configuration can now do, then start the loop, woken also
-        by commits of other processes on a shared store."""
+        """Take back a dead predecessor's leases, resume parked work that this configuration can
+        now do, then start the loop, woken also by commits of other processes on a shared store."""
+        reclaimed = await self.store.reclaim(self.replica)
+        if reclaimed:
+            log.info("leases of a dead predecessor taken back", extra={"incidents": reclaimed})
         if not self.steps.policy.dry_run:
             await self.store.resume(State.MATCHED)
         if self.steps.notifier is not None:
             await self.store.resume(State.CONFIRMED)
-            await self.store.resume(State.UNCONFIRMED)
+        await self.store.resume(State.UNCONFIRMED)
         await self.store.watch(self.wake)
         self._loop_task = asyncio.create_task(self._run(), name="pipeline-worker")
 
@@ -122,12 +128,22 @@ class Worker:
         groups: dict[State, list[Incident]] = {}
         for incident in claimed:
             groups.setdefault(incident.state, []).append(incident)
+        unconfirmed = groups.pop(State.UNCONFIRMED, [])
+        # An unconfirmed key's owner is told once (in a batch, like the confirmed ones'); after
+        # that, or with nobody to tell, it is re-probed one by one.
+        tell = [i for i in unconfirmed if i.notified_at is None and self.steps.notifier is not None]
+        if tell:
+            groups[State.UNCONFIRMED] = tell
         for state, incidents in groups.items():
             if state in (State.RECEIVED, State.CONFIRMED, State.UNCONFIRMED):
                 self._track(self._batch(state, incidents), len(incidents))
             else:
                 for incident in incidents:
                     self._track(self._one(incident), 1)
+        told = {i.id for i in tell}
+        for incident in unconfirmed:
+            if incident.id not in told:
+                self._track(self._one(incident), 1)
 
     def _track(self, coro: Coroutine[object, object, None], size: int) -> None:
         task = asyncio.create_task(coro)
@@ -161,6 +177,8 @@ class Worker:
             transition = await self.steps.revoke(incident, self.owner)
         elif incident.state is State.REVOKED:
             transition = await self.steps.probe(incident, self.owner)
+        elif incident.state is State.UNCONFIRMED:
+            transition = await self.steps.reprobe(incident, self.owner)
         elif incident.state is State.NOTIFIED:
             transition = self.steps.close(incident, self.owner)
         else:
@@ -230,12 +248,26 @@ class Worker:
 
         False when the incident is not stuck, or moved on between the caller's read and this write.
         """
-        transition = retry_transition(incident, operator, self._clock())
+        return await self._operator_action(retry_transition(incident, operator, self._clock()), operator)
+
+    async def resolve(self, incident: Incident, operator: str, note: str) -> bool:
+        """Close an open incident on an operator's word, with their note (see `resolve_transition`).
+
+        False when it is already final, or moved on between the caller's read and this write.
+        """
+        return await self._operator_action(
+            resolve_transition(incident, operator, note, self._clock()), operator
+        )
+
+    async def _operator_action(self, transition: Transition | None, operator: str) -> bool:
         if transition is None:
             return False
         applied = await self.store.apply([transition])
         recorded([transition], applied)
         if applied[0]:
-            log.info("incident retry requested", extra={"incident_id": incident.id, "operator": operator})
+            log.info(
+                f"incident {transition.event}",
+                extra={"incident_id": transition.incident_id, "operator": operator},
+            )
             self.wake()
         return applied[0]

@@ -1,4 +1,4 @@
-"""A stand-in for GitHub's side of the secret-scanning partner program (SPEC §4): it serves the
+"""A stand-in for GitHub's side of the secret-scanning partner program (contract.md §4): it serves the
 verification keys and signs and sends alerts exactly as GitHub does.
 
 Verification is where a partner endpoint is easiest to get subtly wrong (re-serialised bodies, rotated

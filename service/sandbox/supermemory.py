@@ -1,4 +1,4 @@
-"""A stand-in for Supermemory that implements the three calls of SPEC §6, with knobs for the ways the
+"""A stand-in for Supermemory that implements the three calls of contract.md §6, with knobs for the ways the
 real one can misbehave.
 
 The service's hardest paths (429 with Retry-After, 5xx storms, timeouts, an auth cache that keeps a

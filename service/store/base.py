@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from service.reasons import Reason
+from service.store.common import RewrapReport
 from service.store.models import (
     AlertRecord,
     Delivery,
@@ -29,6 +31,15 @@ from service.store.models import (
 
 class StoreError(Exception):
     """The store could not do what was asked; callers answer 503 so the sender retries."""
+
+
+# How a backend reports a failure that no caller sees (a failed group commit, a lost LISTEN
+# connection): the runtime passes one that logs and counts it, since the store knows neither.
+FailureHook = Callable[[Reason, str], None]
+
+
+def ignore_failure(reason: Reason, message: str) -> None:
+    """For tools and tests that open a store without the service's observability."""
 
 
 class Store(Protocol):
@@ -54,6 +65,10 @@ class Store(Protocol):
     async def claim(self, owner: str, limit: int, lease: float) -> list[Incident]: ...
     async def apply(self, transitions: Sequence[Transition]) -> list[bool]: ...
     async def release(self, owner: str) -> None: ...
+    async def reclaim(self, replica: str) -> int:
+        """Hand back the leases a dead predecessor of `replica` held, at once (see the backends)."""
+        ...
+
     async def resume(self, state: State) -> int: ...
     async def reveal_token(self, incident_id: str) -> str | None: ...
     async def next_due(self) -> float | None: ...
@@ -91,3 +106,10 @@ class Store(Protocol):
     # -- housekeeping and metrics --
     async def purge_reporter_metadata(self, finished_before: float) -> int: ...
     async def stats(self) -> StoreStats: ...
+
+    # -- data keys --
+    async def check_keys(self) -> None:
+        """SealingError unless the configured data keys open what the store holds."""
+        ...
+
+    async def rewrap(self, batch: int = 500) -> RewrapReport: ...

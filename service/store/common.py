@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.reasons import Reason
@@ -34,7 +34,7 @@ from service.store.models import (
     TokenSighting,
     Transition,
 )
-from service.store.sealing import Sealer
+from service.store.sealing import Sealer, SealingError
 from service.tokens import is_key_shaped, redact, token_hash
 
 # Columns a Transition may set; anything else is a programming error, caught before SQL is built.
@@ -54,6 +54,7 @@ SETTABLE = frozenset(
         "step_started_at",
         "revoke_reissued",
         "last_reason",
+        "unconfirmed_at",
     }
 )
 
@@ -101,6 +102,7 @@ class NewIncident:
     token_hash: str
     redacted: str
     sealed: bytes | None
+    sealed_key: str | None
     token_type: str
     state: State
     label: Label | None
@@ -142,6 +144,7 @@ class IntakePlan:
                 token_hash=digest,
                 redacted=redact(item.token),
                 sealed=sealer.seal(item.token, digest) if shaped else None,
+                sealed_key=sealer.current if shaped else None,
                 token_type=item.token_type,
                 state=State.RECEIVED if shaped else State.FALSE_POSITIVE,
                 label=None if shaped else Label.FALSE_POSITIVE,
@@ -266,6 +269,82 @@ def purge_candidates(finished_before: float, d: Dialect) -> tuple[str, list[Any]
     )
 
 
+def reclaim_leases(pattern: str, d: Dialect) -> tuple[str, list[Any]]:
+    """Hand back the leases whose owner matches the LIKE `pattern` (`!` escapes): those of a dead
+    predecessor, taken back at once instead of waiting for them to expire."""
+    m = d.mark
+    sql = f"UPDATE incidents SET lease_owner = NULL, lease_until = NULL WHERE lease_owner LIKE {m} ESCAPE '!'"  # noqa: S608
+    return sql, [pattern]
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern (escape `!`) matching every string that starts with `prefix`."""
+    return prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
+# -- data keys ---------------------------------------------------------------------------------------
+
+# One sealed row per data key id (NULL: sealed before key ids existed), to check the keys against.
+SEALED_SAMPLES = (
+    "SELECT id, token_hash, token_sealed, sealed_key FROM incidents WHERE id IN"
+    " (SELECT min(id) FROM incidents WHERE token_sealed IS NOT NULL GROUP BY sealed_key)"
+)
+
+
+def check_samples(samples: Sequence[Row], sealer: Sealer) -> None:
+    """SealingError unless the configured keys open one sealed row of every key id the store holds:
+    a data key that is not the one the store was sealed with must stop start-up, not fail every
+    probe later."""
+    for row in samples:
+        try:
+            sealer.open(bytes(row["token_sealed"]), row["token_hash"], row["sealed_key"])
+        except SealingError:
+            held = row["sealed_key"] or "(one from before key ids)"
+            raise SealingError(
+                f"the store holds tokens sealed under data key {held}, which none of the configured"
+                f" keys ({', '.join(sealer.key_ids)}) opens"
+            ) from None
+
+
+@dataclass(slots=True)
+class RewrapReport:
+    """What `rewrap` did: rows resealed under the current key, and rows no configured key opens
+    (left as they are; each is named by incident id, never by content)."""
+
+    resealed: int = 0
+    unopenable: list[str] = field(default_factory=list)
+
+
+def rewrap_batch(after: str, limit: int, sealer: Sealer, d: Dialect) -> tuple[str, list[Any]]:
+    """The next rows (by id, after `after`) not sealed under the current key."""
+    m = d.mark
+    return (
+        "SELECT id, token_hash, token_sealed, sealed_key FROM incidents WHERE token_sealed IS NOT NULL"  # noqa: S608
+        f" AND (sealed_key IS NULL OR sealed_key <> {m}) AND id > {m} ORDER BY id LIMIT {m}",
+        [sealer.current, after, limit],
+    )
+
+
+def reseal(rows: Sequence[Row], sealer: Sealer, report: RewrapReport) -> list[tuple[Any, ...]]:
+    """(new blob, key id, incident id, old blob) for each row that opens; the UPDATE matches the old
+    blob, so a row wiped or resealed meanwhile is left alone."""
+    updates = []
+    for row in rows:
+        old = bytes(row["token_sealed"])
+        try:
+            token = sealer.open(old, row["token_hash"], row["sealed_key"])
+        except SealingError:
+            report.unopenable.append(row["id"])
+            continue
+        updates.append((sealer.seal(token, row["token_hash"]), sealer.current, row["id"], old))
+    return updates
+
+
+def reseal_update(d: Dialect) -> str:
+    m = d.mark
+    return f"UPDATE incidents SET token_sealed = {m}, sealed_key = {m} WHERE id = {m} AND token_sealed = {m}"  # noqa: S608
+
+
 # -- the outbox and Idempotency-Key ------------------------------------------------------------------
 
 
@@ -325,6 +404,7 @@ def incident_from(row: Row) -> Incident:
         pages=frozenset(filter(None, row["pages"].split(","))),
         last_reason=row["last_reason"],
         has_token=row["token_sealed"] is not None,
+        unconfirmed_at=row["unconfirmed_at"],
     )
 
 

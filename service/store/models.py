@@ -12,7 +12,7 @@ from typing import Any
 
 
 class State(enum.StrEnum):
-    """SPEC §5, in order:
+    """contract.md §5, in order:
     received → matched | false_positive → revoked → confirmed | unconfirmed → notified → closed."""
 
     RECEIVED = "received"
@@ -95,6 +95,7 @@ class Incident:
     pages: frozenset[str]
     last_reason: str | None
     has_token: bool
+    unconfirmed_at: float | None = None
 
     @property
     def time_to_revoke(self) -> float | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import secrets
 import time
@@ -38,11 +37,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from service.observability import failure
 from service.reasons import Reason
 from service.store import common, migrations
-from service.store.base import StoreError
-from service.store.common import Dialect, IntakePlan, Take
+from service.store.base import FailureHook, StoreError, ignore_failure
+from service.store.common import Dialect, IntakePlan, RewrapReport, Take
 from service.store.models import (
     AlertRecord,
     Delivery,
@@ -63,8 +61,6 @@ from service.store.models import (
 )
 from service.store.sealing import Sealer
 
-log = logging.getLogger("service.store")
-
 POSTGRES = Dialect(mark="%s", json=Jsonb)
 CHANNEL = "leak_responder_due"
 _RETRIES = 4
@@ -78,11 +74,17 @@ _EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUE
 
 class PostgresStore:
     def __init__(
-        self, url: str, sealer: Sealer, clock: Callable[[], float] = time.time, pool_size: int = 10
+        self,
+        url: str,
+        sealer: Sealer,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 10,
+        on_failure: FailureHook = ignore_failure,
     ) -> None:
         self._url = url
         self._sealer = sealer
         self._clock = clock
+        self._on_failure = on_failure
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -111,6 +113,11 @@ class PostgresStore:
             raise StoreError(
                 f"the database needs migration(s) {', '.join(missing)}: run `leak-responder migrate`"
             )
+        try:
+            await self.check_keys()
+        except BaseException:
+            await self._pool.close()
+            raise
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -125,7 +132,7 @@ class PostgresStore:
 
     async def pending_migrations(self) -> list[str]:
         async def work(conn: Conn) -> list[str]:
-            return [m.label for m in await migrations.pending(conn)]
+            return [m.label for m in migrations.pending("postgres", await migrations.postgres_applied(conn))]
 
         return await self._read(work)
 
@@ -149,12 +156,9 @@ class PostgresStore:
                         if note.payload != self._instance:
                             wake()
             except psycopg.Error as exc:
-                failure(
-                    log,
-                    "store",
+                self._on_failure(
                     Reason.STORE_LISTEN_LOST,
-                    "store wake-up channel lost; reconnecting",
-                    detail=type(exc).__name__,
+                    f"store wake-up channel lost; reconnecting ({type(exc).__name__})",
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -203,19 +207,20 @@ class PostgresStore:
             news = sorted(plan.candidates.values(), key=lambda n: n.token_hash)
             inserted = await self._rows(
                 conn,
-                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, token_type, state, label,"
-                " created_at, next_run_at, last_reason)"
-                " SELECT id, token_hash, redacted, token_sealed, token_type, state, label, %s, next_run_at,"
-                " last_reason FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[],"
-                " %s::text[], %s::text[], %s::float8[], %s::text[]) AS n (id, token_hash, redacted,"
-                " token_sealed, token_type, state, label, next_run_at, last_reason) ORDER BY token_hash"
-                " ON CONFLICT (token_hash) DO NOTHING RETURNING token_hash",
+                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
+                " state, label, created_at, next_run_at, last_reason)"
+                " SELECT id, token_hash, redacted, token_sealed, sealed_key, token_type, state, label, %s,"
+                " next_run_at, last_reason FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[],"
+                " %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::text[]) AS n (id,"
+                " token_hash, redacted, token_sealed, sealed_key, token_type, state, label, next_run_at,"
+                " last_reason) ORDER BY token_hash ON CONFLICT (token_hash) DO NOTHING RETURNING token_hash",
                 [
                     now,
                     [n.id for n in news],
                     [n.token_hash for n in news],
                     [n.redacted for n in news],
                     [n.sealed for n in news],
+                    [n.sealed_key for n in news],
                     [n.token_type for n in news],
                     [str(n.state) for n in news],
                     [common.plain(n.label) for n in news],
@@ -338,6 +343,19 @@ class PostgresStore:
 
         await self._write(work)
 
+    async def reclaim(self, replica: str) -> int:
+        """Hand back the leases of this replica's dead predecessor (a process that ran under the same
+        replica id: owners are `<replica>/<incarnation>`), at once; other replicas' leases are
+        theirs until they expire. Two live processes must never share a replica id."""
+
+        async def work(conn: Conn) -> int:
+            cur = await conn.execute(*common.reclaim_leases(common.like_prefix(f"{replica}/"), POSTGRES))
+            if cur.rowcount:
+                await self._notify(conn)
+            return cur.rowcount
+
+        return await self._write(work)
+
     async def resume(self, state: State) -> int:
         """Schedule incidents that were parked in `state` (dry-run, or waiting for a notifier)."""
 
@@ -356,12 +374,15 @@ class PostgresStore:
         """The raw token, for the probe only. None once it was wiped at close."""
         rows = await self._read(
             lambda conn: self._rows(
-                conn, "SELECT token_sealed, token_hash FROM incidents WHERE id = %s", (incident_id,)
+                conn,
+                "SELECT token_sealed, token_hash, sealed_key FROM incidents WHERE id = %s",
+                (incident_id,),
             )
         )
         if not rows or rows[0]["token_sealed"] is None:
             return None
-        return self._sealer.open(bytes(rows[0]["token_sealed"]), rows[0]["token_hash"])
+        row = rows[0]
+        return self._sealer.open(bytes(row["token_sealed"]), row["token_hash"], row["sealed_key"])
 
     async def next_due(self) -> float | None:
         rows = await self._read(
@@ -630,6 +651,37 @@ class PostgresStore:
             return len(ids)
 
         return await self._write(work)
+
+    # -- data keys -------------------------------------------------------------------------------
+
+    async def check_keys(self) -> None:
+        """SealingError unless the configured keys open what the store holds (`common.check_samples`)."""
+        samples = await self._read(lambda conn: self._rows(conn, common.SEALED_SAMPLES))
+        common.check_samples(samples, self._sealer)
+
+    async def rewrap(self, batch: int = 500) -> RewrapReport:
+        """Reseal every token under the current data key, a batch per transaction (so an interrupted
+        run keeps what it did; replicas may serve meanwhile, and a row they wipe is left alone)."""
+        report = RewrapReport()
+        after = ""
+        while True:
+            sql, args = common.rewrap_batch(after, batch, self._sealer, POSTGRES)
+
+            async def read(conn: Conn, sql: str = sql, args: list[Any] = args) -> list[dict[str, Any]]:
+                return await self._rows(conn, sql, args)
+
+            rows = await self._read(read)
+            if not rows:
+                return report
+            after = rows[-1]["id"]
+            updates = common.reseal(rows, self._sealer, report)
+
+            async def work(conn: Conn, updates: list[tuple[Any, ...]] = updates) -> int:
+                async with conn.cursor() as cur:
+                    await cur.executemany(common.reseal_update(POSTGRES), updates)
+                    return cur.rowcount
+
+            report.resealed += await self._write(work)
 
     async def stats(self) -> StoreStats:
         async def work(conn: Conn) -> StoreStats:

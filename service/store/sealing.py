@@ -1,13 +1,21 @@
-"""AES-256-GCM for raw tokens at rest, and the data key it needs.
+"""AES-256-GCM for secrets at rest (raw tokens), under a current data key and older fallbacks.
 
-The token hash is the associated data, so a sealed blob copied onto another incident's row fails to
-open instead of probing with the wrong key.
+The associated data binds a sealed blob to its row (a token's hash), so a blob copied onto another
+row fails to open instead of probing with the wrong key.
+
+Keys rotate: the current key seals, and older keys listed as fallbacks still open what they sealed
+until `leak-responder rewrap` has resealed it under the current one. Each sealed value is stored
+beside its key id (the first 16 hex digits of the key's SHA-256: it names a key without revealing
+it), so the store can say which rows a key holds, and opening needs no guessing. Values sealed
+before key ids existed have none; they are opened by trying each key.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -17,23 +25,41 @@ _NONCE = 12
 
 
 class SealingError(Exception):
-    """A sealed token could not be opened: wrong data key, or a tampered row."""
+    """A sealed value could not be opened: no configured key is the one that sealed it, or the row
+    was tampered with. Never carries the value."""
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 class Sealer:
-    def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+    def __init__(self, key: bytes, fallbacks: Sequence[bytes] = ()) -> None:
+        self._keys = {key_id(k): AESGCM(k) for k in (key, *fallbacks)}
+        self.current = key_id(key)
 
-    def seal(self, token: str, token_hash: str) -> bytes:
+    @property
+    def key_ids(self) -> list[str]:
+        """The current key's id first, then the fallbacks'."""
+        return list(self._keys)
+
+    def seal(self, plain: str, associated: str) -> bytes:
         nonce = os.urandom(_NONCE)
-        return nonce + self._aead.encrypt(nonce, token.encode("utf-8", "surrogatepass"), token_hash.encode())
+        aead = self._keys[self.current]
+        return nonce + aead.encrypt(nonce, plain.encode("utf-8", "surrogatepass"), associated.encode())
 
-    def open(self, blob: bytes, token_hash: str) -> str:
-        try:
-            plain = self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], token_hash.encode())
-        except InvalidTag:
-            raise SealingError("sealed token did not authenticate (wrong data key?)") from None
-        return plain.decode("utf-8", "surrogatepass")
+    def open(self, blob: bytes, associated: str, sealed_by: str | None) -> str:
+        """Open `blob` with the key whose id is `sealed_by` (every key when it is None)."""
+        if sealed_by is not None and sealed_by not in self._keys:
+            raise SealingError(f"sealed under data key {sealed_by}, which is not configured")
+        candidates = [self._keys[sealed_by]] if sealed_by is not None else list(self._keys.values())
+        for aead in candidates:
+            try:
+                plain = aead.decrypt(blob[:_NONCE], blob[_NONCE:], associated.encode())
+            except InvalidTag:
+                continue
+            return plain.decode("utf-8", "surrogatepass")
+        raise SealingError("a sealed value opens with none of the configured data keys")
 
 
 def embedded_key(key_file: Path) -> bytes:

@@ -11,21 +11,22 @@ the writer) and never see uncommitted work.
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.observability import failure
 from service.reasons import Reason
 from service.store import common
-from service.store.base import StoreError
-from service.store.common import Dialect, IntakePlan, Take
+from service.store.base import FailureHook, StoreError, ignore_failure
+from service.store.common import Dialect, IntakePlan, RewrapReport, Take
+from service.store.migrations import migrate_sqlite
 from service.store.models import (
     AlertRecord,
     Delivery,
@@ -46,9 +47,6 @@ from service.store.models import (
 )
 from service.store.sealing import Sealer
 
-log = logging.getLogger("service.store")
-
-SCHEMA_VERSION = 1
 _MAX_GROUP = 512
 
 T = TypeVar("T")
@@ -57,10 +55,24 @@ SQLITE = Dialect(mark="?", json=common.dumps)
 
 
 class SqliteStore:
-    def __init__(self, path: Path, sealer: Sealer, clock: Callable[[], float] = time.time) -> None:
+    """One process owns the file: `open` takes an exclusive lock on `<file>.lock` (a second process
+    refuses to start), so every lease it finds there belongs to a dead predecessor and is taken
+    back at once instead of being waited out."""
+
+    def __init__(
+        self,
+        path: Path,
+        sealer: Sealer,
+        clock: Callable[[], float] = time.time,
+        on_failure: FailureHook = ignore_failure,
+    ) -> None:
         self._path = path
         self._sealer = sealer
         self._clock = clock
+        self._on_failure = on_failure
+        self._lock_fd: int | None = None
+        # The migrations the last `open` applied, for `leak-responder migrate` to report.
+        self.migrated: list[str] = []
         self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
         self._queue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -70,15 +82,22 @@ class SqliteStore:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Lock, migrate, take back a dead predecessor's leases, and check the data keys."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(ready,), name="store-writer", daemon=True
-        )
-        self._writer.start()
-        await ready
-        self._reader = self._connect()
-        self._reader.execute("PRAGMA query_only = ON")
+        self._lock()
+        try:
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._writer = threading.Thread(
+                target=self._write_loop, args=(ready,), name="store-writer", daemon=True
+            )
+            self._writer.start()
+            await ready
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only = ON")
+            await self.check_keys()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -88,6 +107,27 @@ class SqliteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        lock_path = Path(f"{self._path}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreError(
+                f"another process (pid {holder or '?'}) has {self._path} open; one process owns a"
+                " SQLite store (use PostgreSQL for several replicas)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -98,22 +138,15 @@ class SqliteStore:
         conn.execute("PRAGMA busy_timeout = 30000")
         return conn
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"database schema {version} is newer than this release ({SCHEMA_VERSION})")
-        schema = resources.files("service.store").joinpath("schema_sqlite.sql").read_text()
-        conn.executescript(f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
-
     # -- the writer thread -----------------------------------------------------------------------
 
     def _write_loop(self, ready: asyncio.Future[None]) -> None:
         loop = ready.get_loop()
         try:
             conn = self._connect()
-            self._migrate(conn)
+            self.migrated = [m.label for m in migrate_sqlite(conn)]
+            # The lock is ours, so any lease here is a dead predecessor's: its work runs now.
+            conn.execute(*common.reclaim_leases("%", SQLITE))
         except Exception as exc:
             loop.call_soon_threadsafe(ready.set_exception, StoreError(f"cannot open store: {exc}"))
             return
@@ -156,14 +189,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure(
-                log,
-                "store",
-                Reason.STORE_COMMIT_FAILED,
-                "store commit failed",
-                level=logging.ERROR,
-                detail=str(exc),
-            )
+            self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {exc}")
             outcomes = [(False, StoreError(f"commit failed: {exc}"))] * len(group)
         for (_, future), (ok, value) in zip(group, outcomes, strict=True):
             loop = future.get_loop()
@@ -193,6 +219,12 @@ class SqliteStore:
             return await asyncio.to_thread(run)
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
+
+    async def _rows(self, sql: str, args: Sequence[Any]) -> list[common.Row]:
+        def work(conn: sqlite3.Connection) -> list[common.Row]:
+            return conn.execute(sql, args).fetchall()
+
+        return await self._read(work)
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -224,10 +256,10 @@ class SqliteStore:
                     )
                     continue
                 conn.execute(
-                    "INSERT INTO incidents (id, token_hash, redacted, token_sealed, token_type, state, label,"
-                    " created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (new.id, digest, new.redacted, new.sealed, new.token_type, str(new.state),
-                     common.plain(new.label), now, new.next_run_at, new.last_reason),
+                    "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
+                    " state, label, created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (new.id, digest, new.redacted, new.sealed, new.sealed_key, new.token_type,
+                     str(new.state), common.plain(new.label), now, new.next_run_at, new.last_reason),
                 )  # fmt: skip
                 for kind, state, detail in new.events(alert):
                     _event(conn, new.id, now, kind, state, detail)
@@ -288,6 +320,11 @@ class SqliteStore:
 
         await self._write(work)
 
+    async def reclaim(self, replica: str) -> int:
+        """Nothing left to take back: `open` took every lease, as the lock makes them all a dead
+        predecessor's."""
+        return 0
+
     async def resume(self, state: State) -> int:
         """Schedule incidents that were parked in `state` (dry-run, or waiting for a notifier)."""
 
@@ -303,16 +340,16 @@ class SqliteStore:
     async def reveal_token(self, incident_id: str) -> str | None:
         """The raw token, for the probe only. None once it was wiped at close."""
 
-        def work(conn: sqlite3.Connection) -> tuple[bytes | None, str] | None:
-            row = conn.execute(
-                "SELECT token_sealed, token_hash FROM incidents WHERE id = ?", (incident_id,)
+        def work(conn: sqlite3.Connection) -> sqlite3.Row | None:
+            row: sqlite3.Row | None = conn.execute(
+                "SELECT token_sealed, token_hash, sealed_key FROM incidents WHERE id = ?", (incident_id,)
             ).fetchone()
-            return None if row is None else (row["token_sealed"], row["token_hash"])
+            return row
 
-        found = await self._read(work)
-        if found is None or found[0] is None:
+        row = await self._read(work)
+        if row is None or row["token_sealed"] is None:
             return None
-        return self._sealer.open(found[0], found[1])
+        return self._sealer.open(row["token_sealed"], row["token_hash"], row["sealed_key"])
 
     async def next_due(self) -> float | None:
         def work(conn: sqlite3.Connection) -> float | None:
@@ -587,6 +624,29 @@ class SqliteStore:
             return StoreStats(by_state, pending, 0.0 if oldest is None else now - oldest, due)
 
         return await self._read(work)
+
+    # -- data keys -------------------------------------------------------------------------------
+
+    async def check_keys(self) -> None:
+        """SealingError unless the configured keys open what the store holds (`common.check_samples`)."""
+        common.check_samples(await self._rows(common.SEALED_SAMPLES, []), self._sealer)
+
+    async def rewrap(self, batch: int = 500) -> RewrapReport:
+        """Reseal every token under the current data key, a batch per transaction (so an interrupted
+        run keeps what it did, and the next run goes on from there)."""
+        report = RewrapReport()
+        after = ""
+        while True:
+            rows = await self._rows(*common.rewrap_batch(after, batch, self._sealer, SQLITE))
+            if not rows:
+                return report
+            after = rows[-1]["id"]
+            updates = common.reseal(rows, self._sealer, report)
+
+            def work(conn: sqlite3.Connection, updates: list[tuple[Any, ...]] = updates) -> int:
+                return sum(conn.execute(common.reseal_update(SQLITE), u).rowcount for u in updates)
+
+            report.resealed += await self._write(work)
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())

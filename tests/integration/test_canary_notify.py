@@ -46,7 +46,7 @@ def test_no_canary_in_any_email_or_sentry_envelope(sandbox, make_service, smtp, 
     service.wait_state(CANARIES[1], "closed")
     sandbox.supermemory.set_knobs(never_revoke=True)
     service.post_alert(sandbox.github, [CANARIES[2]])
-    service.wait_state(CANARIES[2], "closed")
+    wait_until(lambda: "notified" in service.events(CANARIES[2]))
     wait_until(lambda: sentry.pages("revocation_unconfirmed") and sentry.pages("owner_unreachable"))
 
     messages = smtp.received()

@@ -1,4 +1,4 @@
-"""The partner endpoint over real HTTP: signatures, keys, bodies and status codes (SPEC §4).
+"""The partner endpoint over real HTTP: signatures, keys, bodies and status codes (docs/contract.md §4).
 
 Every refusal is checked three ways: the status, the reason code in the body and the log, and that
 nothing was stored.

@@ -143,12 +143,16 @@ def test_refused_recipient_tells_the_security_contact(sandbox, make_service, smt
     assert "owner_unreachable" in service.incident(key.token)["pages"]
 
 
-def test_unconfirmed_key_gets_an_urgent_email(sandbox, make_service, smtp):
+def test_unconfirmed_key_gets_an_urgent_email_and_stays_open(sandbox, make_service, smtp):
     sandbox.supermemory.set_knobs(never_revoke=True)
     service = make_service(smtp.env())
     key = sandbox.supermemory.keys[1]
     service.post_alert(sandbox.github, [key.token])
-    service.wait_state(key.token, "closed")
+    wait_until(lambda: "notified" in service.events(key.token))
+    # Told, but not closed: the key may still work, so its sealed token stays for the re-probes.
+    incident = service.incident(key.token)
+    assert incident["state"] == "unconfirmed" and incident["token_sealed"] is not None
+    assert incident["notified_at"] is not None and incident["next_run_at"] is not None
     (message,) = smtp.to("owner1@example.test")
     assert message.email["Subject"].startswith("URGENT: rotate your Supermemory API key")
     assert message.email["Importance"] == "high"

@@ -13,8 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from service.runtime import store_failure
 from service.store import Sealer, Store
-from service.store.migrations import migrate
+from service.store.migrations import migrate_postgres as migrate
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 
@@ -48,16 +49,18 @@ class Backend:
     def make(self, clock: Callable[[], float] | None = None) -> Store:
         clock = clock or self.clock
         if self.url is None:
-            return SqliteStore(self.path, self.sealer, clock=clock)
-        return PostgresStore(self.url, self.sealer, clock=clock)
+            return SqliteStore(self.path, self.sealer, clock=clock, on_failure=store_failure)
+        return PostgresStore(self.url, self.sealer, clock=clock, on_failure=store_failure)
 
     @contextlib.asynccontextmanager
     async def opened(self, count: int = 1) -> AsyncIterator[list[Store]]:
-        stores = [self.make() for _ in range(count)]
+        """`count` stores, as replicas; on SQLite, which one process owns, `count` users of one store
+        (several workers of that process)."""
+        stores = [self.make() for _ in range(count if self.url is not None else 1)]
         for store in stores:
             await store.open()
         try:
-            yield stores
+            yield stores * (count // len(stores))
         finally:
             for store in stores:
                 await store.close()

@@ -20,13 +20,13 @@ import yaml
 
 from service import alerting
 from service.app import create_app
-from service.settings import _SPECS, Settings, env_name
+from service.settings import SPECS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "base"
 OVERLAYS = {name: DEPLOY / "overlays" / name for name in ("sqlite", "postgres")}
-SETTING_NAMES = {env_name(field) for field in _SPECS}
+SETTING_NAMES = {spec.name for spec in SPECS.values()}
 SECRET_TEMPLATES = [BASE / "secret.template.yaml", OVERLAYS["postgres"] / "database-secret.template.yaml"]
 SUPERMEMORY_KEY = re.compile(r"sm_[A-Za-z0-9_-]{20,}")
 
@@ -338,7 +338,7 @@ def test_every_variable_in_the_manifests_is_a_setting():
 
 
 def test_config_map_holds_no_secret_setting():
-    secret_names = {env_name(field) for field, spec in _SPECS.items() if spec.secret}
+    secret_names = {spec.name for spec in SPECS.values() if spec.secret}
     config = (BASE / "config.env").read_text(encoding="utf-8")
     assert not {line.split("=", 1)[0] for line in config.splitlines() if line} & secret_names
 
@@ -381,9 +381,9 @@ def test_operations_doc_lists_every_setting_with_its_default():
         if match:
             rows[match.group(1)] = line
     assert set(rows) >= SETTING_NAMES, SETTING_NAMES - set(rows)
-    for field, spec in _SPECS.items():
-        row = rows[env_name(field)]
-        assert ("🔒" in row) is spec.secret or env_name(field) == "LEAK_RESPONDER_DATABASE_URL", row
+    for spec in SPECS.values():
+        row = rows[spec.name]
+        assert ("🔒" in row) is spec.secret or spec.name == "LEAK_RESPONDER_DATABASE_URL", row
         if spec.default:
             assert f"`{spec.default}`" in row, row
 

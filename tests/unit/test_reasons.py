@@ -26,7 +26,6 @@ AWAITING_TESTS = {
     "delivery_held_elsewhere",
     "security_contact_refused",
     "token_unsealable",
-    "unconfirmed_window_over",
 }
 
 

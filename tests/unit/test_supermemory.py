@@ -1,4 +1,4 @@
-"""The Supermemory client's classification of every answer (SPEC §6), against a mocked transport:
+"""The Supermemory client's classification of every answer (docs/contract.md §6), against a mocked transport:
 this is the one place where the HTTP boundary is faked, to reach answers a real server rarely gives."""
 
 from __future__ import annotations
