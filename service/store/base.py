@@ -20,10 +20,12 @@ from service.store.models import (
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
+    Percentiles,
     Reservation,
     Sighting,
     State,
     StoreStats,
+    Timed,
     TokenSighting,
     Transition,
 )
@@ -76,6 +78,14 @@ class Store(Protocol):
     async def incidents(self, ids: Sequence[str]) -> list[Incident]: ...
     async def detail(self, incident_id: str) -> IncidentDetail | None: ...
     async def list_incidents(self, where: IncidentFilter) -> list[Incident]: ...
+    async def oldest_pending(self, limit: int) -> list[Incident]:
+        """The incidents waiting longest for the pipeline (not closed, not a false positive)."""
+        ...
+
+    async def percentiles(self, timed: Timed, since: float, until: float, width: float) -> list[Percentiles]:
+        """p50/p95 of `timed` minus arrival, for incidents that arrived in [since, until), in buckets
+        of `width` seconds from `since`."""
+        ...
 
     # -- for telling owners: alert siblings, sightings in bulk, and the outbox --
     async def alert_siblings(self, incident_ids: Sequence[str]) -> dict[str, list[Incident]]: ...

@@ -29,8 +29,10 @@ from service.store.models import (
     Incident,
     IncidentFilter,
     Label,
+    Percentiles,
     Sighting,
     State,
+    Timed,
     TokenSighting,
     Transition,
 )
@@ -252,6 +254,54 @@ def incident_filter(where: IncidentFilter, d: Dialect) -> tuple[str, list[Any]]:
     sql += f" ORDER BY id DESC LIMIT {m}"
     args.append(where.limit)
     return sql, args
+
+
+def oldest_pending(limit: int, d: Dialect) -> tuple[str, list[Any]]:
+    """Unfinished incidents, oldest first: what the pipeline (or an operator) owes an answer to."""
+    m = d.mark
+    return (
+        f"SELECT * FROM incidents WHERE state NOT IN ({m}, {m}) ORDER BY created_at, id LIMIT {m}",  # noqa: S608
+        [str(State.CLOSED), str(State.FALSE_POSITIVE), limit],
+    )
+
+
+_QUANTILES = (50, 95)
+
+
+def percentiles_query(
+    timed: Timed, since: float, until: float, width: float, d: Dialect
+) -> tuple[str, list[Any]]:
+    """Each bucket's nearest-rank p50 and p95 rows (rank = ceil(q·n)), ranked by window functions
+    that SQLite and PostgreSQL both have, so that only the p50/p95 rows leave the database.
+
+    Buckets are counted in whole milliseconds with integer division, which truncates alike in both
+    (a float cast to an integer does not: SQLite truncates, PostgreSQL rounds).
+    """
+    m = d.mark
+    wanted = " OR ".join(f"rank = (n * {q} + 99) / 100" for q in _QUANTILES)
+    sql = (
+        "WITH timed AS ("  # noqa: S608 (the column comes from the Timed enum, never from a caller)
+        f" SELECT (CAST(created_at * 1000 AS BIGINT) - {m}) / {m} AS bucket,"
+        f" {timed.value} - created_at AS took"
+        f" FROM incidents WHERE {timed.value} IS NOT NULL AND created_at >= {m} AND created_at < {m}),"
+        " ranked AS (SELECT bucket, took, ROW_NUMBER() OVER (PARTITION BY bucket ORDER BY took) AS rank,"
+        " COUNT(*) OVER (PARTITION BY bucket) AS n FROM timed)"
+        f" SELECT bucket, n, rank, took FROM ranked WHERE {wanted} ORDER BY bucket, rank"
+    )
+    return sql, [round(since * 1000), max(1, round(width * 1000)), since, until]
+
+
+def percentiles_from(rows: Sequence[Row], since: float, width: float) -> list[Percentiles]:
+    """The query's rows, two per bucket (one when p50 and p95 are the same row), as models."""
+    by_bucket: dict[int, tuple[int, dict[int, float]]] = {}
+    for row in rows:
+        _, ranks = by_bucket.setdefault(int(row["bucket"]), (int(row["n"]), {}))
+        ranks[int(row["rank"])] = float(row["took"])
+    found = []
+    for bucket, (n, ranks) in sorted(by_bucket.items()):
+        p50, p95 = (ranks[(n * q + 99) // 100] for q in _QUANTILES)
+        found.append(Percentiles(since + bucket * width, n, p50, p95))
+    return found
 
 
 # -- housekeeping ------------------------------------------------------------------------------------

@@ -217,6 +217,24 @@ class IdempotentRequest:
     response: bytes | None
 
 
+class Timed(enum.StrEnum):
+    """What the operator console times from an incident's arrival: the revoke and the 401 proof."""
+
+    REVOKE = "revoked_at"
+    CONFIRM = "confirmed_at"
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """Nearest-rank p50 and p95 of one time bucket's durations (seconds); `start` is the bucket's
+    first instant. Buckets holding no incident are absent, not zero."""
+
+    start: float
+    count: int
+    p50: float
+    p95: float
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """What the metrics endpoint shows of the store: how much is where, and how long the oldest

@@ -52,10 +52,12 @@ from service.store.models import (
     IncidentFilter,
     IncidentRef,
     Label,
+    Percentiles,
     Reservation,
     Sighting,
     State,
     StoreStats,
+    Timed,
     TokenSighting,
     Transition,
 )
@@ -429,6 +431,16 @@ class PostgresStore:
         sql, args = common.incident_filter(where, POSTGRES)
         rows = await self._read(lambda conn: self._rows(conn, sql, args))
         return [common.incident_from(r) for r in rows]
+
+    async def oldest_pending(self, limit: int) -> list[Incident]:
+        sql, args = common.oldest_pending(limit, POSTGRES)
+        rows = await self._read(lambda conn: self._rows(conn, sql, args))
+        return [common.incident_from(r) for r in rows]
+
+    async def percentiles(self, timed: Timed, since: float, until: float, width: float) -> list[Percentiles]:
+        sql, args = common.percentiles_query(timed, since, until, width, POSTGRES)
+        rows = await self._read(lambda conn: self._rows(conn, sql, args))
+        return common.percentiles_from(rows, since, width)
 
     # -- telling owners --------------------------------------------------------------------------
 

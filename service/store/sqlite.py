@@ -38,10 +38,12 @@ from service.store.models import (
     IncidentFilter,
     IncidentRef,
     Label,
+    Percentiles,
     Reservation,
     Sighting,
     State,
     StoreStats,
+    Timed,
     TokenSighting,
     Transition,
 )
@@ -397,6 +399,15 @@ class SqliteStore:
     async def list_incidents(self, where: IncidentFilter) -> list[Incident]:
         sql, args = common.incident_filter(where, SQLITE)
         return await self._read(lambda conn: [common.incident_from(r) for r in conn.execute(sql, args)])
+
+    async def oldest_pending(self, limit: int) -> list[Incident]:
+        sql, args = common.oldest_pending(limit, SQLITE)
+        return await self._read(lambda conn: [common.incident_from(r) for r in conn.execute(sql, args)])
+
+    async def percentiles(self, timed: Timed, since: float, until: float, width: float) -> list[Percentiles]:
+        sql, args = common.percentiles_query(timed, since, until, width, SQLITE)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return common.percentiles_from(rows, since, width)
 
     # -- telling owners --------------------------------------------------------------------------
 
