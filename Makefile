@@ -24,9 +24,11 @@ $(DEVSTAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/leak-responder dev
 
-## test: the whole suite (unit and integration); installs PostgreSQL's server binaries first if missing
+## test: the whole suite (unit and integration); installs PostgreSQL's server binaries and Chromium
+## (with its chromedriver, for the console's browser tests) first if missing
 test: $(DEVSTAMP)
 	scripts/ensure-postgres
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the code, the tests and the benchmarks; mypy (strict) over the service

@@ -15,18 +15,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import console
 from service.inbound import InboundError, parse_alert, read_limited, verify_request
-from service.inbound.reports import parse_report, read_report
+from service.inbound.reports import read_report
 from service.observability import ALERTS, exposition, failure, request_id
 from service.openapi import openapi_document
 from service.operators import (
     OperatorError,
+    accept_report,
     authenticate,
     detail_json,
-    finding_json,
     fingerprint,
     idempotency_key,
     idempotent,
@@ -95,9 +96,6 @@ async def receive_alert(request: Request) -> Response:
 
 OperatorView = Callable[[Request, str], Awaitable[Response]]
 
-MANUAL = "manual"
-MANUAL_SOURCE = "manual_submission"
-
 
 def operator_route(view: OperatorView) -> Callable[[Request], Awaitable[Response]]:
     """Authenticate the operator, then give every refusal its reason code in body, log and metric."""
@@ -122,41 +120,20 @@ def operator_route(view: OperatorView) -> Callable[[Request], Awaitable[Response
 
 @operator_route
 async def receive_report(request: Request, operator: str) -> Response:
-    """A manual report: found keys go through the partner alerts' intake and labelling, so a paste
-    is handled exactly like an alert (same dedupe, same revoke, same audit trail)."""
+    """A manual report, handled exactly like an alert (see `service.operators.accept_report`)."""
     rt: Runtime = request.app.state.runtime
     started = time.monotonic()
     key = idempotency_key(request.headers)
     body = await read_report(request.stream())
     content_type = request.headers.get("content-type")
 
-    async def run() -> Response:
-        report = parse_report(body, content_type)
-        sightings = [
-            TokenSighting(
-                i.token, i.token_type, i.url or i.file, MANUAL_SOURCE, MANUAL, operator, report.note
-            )
-            for i in report.items
-        ]
-        refs = []
-        budget = rt.settings.request_budget
-        if sightings:
-            record = AlertRecord(MANUAL, hashlib.sha256(body).hexdigest(), len(sightings), operator)
-            refs = await rt.store.intake(record, sightings, match_after=budget)
-        labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
-        by_hash = {r.token_hash: (r.id, r.state) for r in refs}
-        # The labelling may have moved incidents on; a failed re-read only shows intake's states.
-        with contextlib.suppress(StoreError):
-            by_hash |= {i.token_hash: (i.id, i.state) for i in await rt.store.incidents([r.id for r in refs])}
-        ALERTS.labels(reporter=MANUAL, outcome="accepted").inc()
-        log.info(
-            "report accepted",
-            extra={"operator": operator, "kind": report.kind, "items": len(sightings), "tokens": len(refs)},
-        )
-        findings = [finding_json(i, *by_hash[i.token_hash], labels.get(i.token_hash)) for i in report.items]
-        return JSONResponse({"kind": report.kind, "findings": findings})
-
-    return await idempotent(rt.store, operator, key, fingerprint(content_type, body), run)
+    return await idempotent(
+        rt.store,
+        operator,
+        key,
+        fingerprint(content_type, body),
+        lambda: accept_report(rt, operator, body, content_type, started),
+    )
 
 
 @operator_route
@@ -288,7 +265,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
         finally:
             await rt.stop()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v1/alerts/{reporter}", receive_alert, methods=["POST"]),
         Route("/v1/reports", receive_report, methods=["POST"]),
         Route("/v1/incidents", list_incidents),
@@ -299,6 +276,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        console.mount(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)

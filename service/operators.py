@@ -13,18 +13,23 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from service.inbound.reports import ReportItem, check_note
+from service.inbound.reports import ReportItem, check_note, parse_report
+from service.observability import ALERTS
 from service.reasons import Reason
 from service.refusal import Refusal
+from service.runtime import Runtime
 from service.store import (
+    AlertRecord,
     IdempotencyState,
     Incident,
     IncidentDetail,
@@ -32,7 +37,10 @@ from service.store import (
     State,
     Store,
     StoreError,
+    TokenSighting,
 )
+
+log = logging.getLogger("service.operators")
 
 R = Reason
 STATUS: dict[Reason, int] = {
@@ -69,6 +77,14 @@ def authenticate(authorization: str | None, operators: Mapping[str, str]) -> str
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise OperatorError(R.AUTH_MISSING, "an operator bearer token is required", _CHALLENGE)
+    return operator_for(token, operators)
+
+
+def operator_for(token: str, operators: Mapping[str, str]) -> str:
+    """The operator's name for a token however it was presented (a bearer header, the console's
+    sign-in form), compared as `authenticate` says."""
+    if not token:
+        raise OperatorError(R.AUTH_MISSING, "an operator token is required")
     presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
     found = None
     for name, digest in operators.items():
@@ -142,6 +158,42 @@ async def idempotent(
     else:
         await store.drop_idempotent(operator, key)
     return response
+
+
+# -- manual reports -------------------------------------------------------------------------------
+
+MANUAL = "manual"
+MANUAL_SOURCE = "manual_submission"
+
+
+async def accept_report(
+    rt: Runtime, operator: str, body: bytes, content_type: str | None, started: float
+) -> Response:
+    """A manual report, from the API or the console: found keys go through the partner alerts'
+    intake and labelling, so a paste is handled exactly like an alert (same dedupe, same revoke,
+    same audit trail). `started` is when the request came in: the labelling budget counts from it."""
+    report = parse_report(body, content_type)
+    sightings = [
+        TokenSighting(i.token, i.token_type, i.url or i.file, MANUAL_SOURCE, MANUAL, operator, report.note)
+        for i in report.items
+    ]
+    refs = []
+    budget = rt.settings.request_budget
+    if sightings:
+        record = AlertRecord(MANUAL, hashlib.sha256(body).hexdigest(), len(sightings), operator)
+        refs = await rt.store.intake(record, sightings, match_after=budget)
+    labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
+    by_hash = {r.token_hash: (r.id, r.state) for r in refs}
+    # The labelling may have moved incidents on; a failed re-read only shows intake's states.
+    with contextlib.suppress(StoreError):
+        by_hash |= {i.token_hash: (i.id, i.state) for i in await rt.store.incidents([r.id for r in refs])}
+    ALERTS.labels(reporter=MANUAL, outcome="accepted").inc()
+    log.info(
+        "report accepted",
+        extra={"operator": operator, "kind": report.kind, "items": len(sightings), "tokens": len(refs)},
+    )
+    findings = [finding_json(i, *by_hash[i.token_hash], labels.get(i.token_hash)) for i in report.items]
+    return JSONResponse({"kind": report.kind, "findings": findings})
 
 
 # -- listing incidents ----------------------------------------------------------------------------
@@ -225,12 +277,13 @@ def _decode_cursor(cursor: str) -> str:
 
 def incident_page(found: list[Incident], limit: int) -> dict[str, Any]:
     """`found` was fetched with one row more than `limit`: that row's presence is the next page's."""
-    page = found[:limit]
-    more = len(found) > limit
-    return {
-        "incidents": [incident_json(i) for i in page],
-        "next": _encode_cursor(page[-1].id) if more and page else None,
-    }
+    return {"incidents": [incident_json(i) for i in found[:limit]], "next": next_cursor(found, limit)}
+
+
+def next_cursor(found: list[Incident], limit: int) -> str | None:
+    """The cursor of the page after `found[:limit]`, if `found` (one row more than `limit`) says
+    there is one."""
+    return _encode_cursor(found[limit - 1].id) if len(found) > limit else None
 
 
 # -- what an operator sees ------------------------------------------------------------------------

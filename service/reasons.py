@@ -49,6 +49,13 @@ class Reason(enum.StrEnum):
     INCIDENT_NOT_RETRYABLE = "incident_not_retryable"
     INCIDENT_ALREADY_FINAL = "incident_already_final"
     RESOLUTION_INVALID = "resolution_invalid"
+    # -- the operator console (stage `console`) ---------------------------------------------------
+    SIGNIN_RATE_LIMITED = "signin_rate_limited"
+    CSRF_INVALID = "csrf_invalid"
+    ORIGIN_REFUSED = "origin_refused"
+    SESSION_INVALID = "session_invalid"
+    PASTE_INVALID = "paste_invalid"
+    FORM_INVALID = "form_invalid"
     # -- Supermemory's admin API: lookup and revoke (stages `match`, `revoke`) --------------------
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
     RATE_LIMITED = "rate_limited"

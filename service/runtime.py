@@ -21,15 +21,19 @@ from service.supermemory import SupermemoryClient
 log = logging.getLogger("service.runtime")
 
 
-def sealer_for(settings: Settings) -> Sealer:
-    """The current data key (the setting, or on SQLite by default a key file beside the database)
-    and the fallbacks that still open what older keys sealed."""
+def data_key(settings: Settings) -> bytes:
+    """The current data key: the setting, or on SQLite by default a key file beside the database."""
     key = settings.data_key
     if key is None:
         path = settings.sqlite_path
         assert path is not None, "settings require DATA_KEY without SQLite"
         key = embedded_key(Path(f"{path}.key"))
-    return Sealer(key, settings.data_key_fallbacks)
+    return key
+
+
+def sealer_for(settings: Settings) -> Sealer:
+    """The current data key and the fallbacks that still open what older keys sealed."""
+    return Sealer(data_key(settings), settings.data_key_fallbacks)
 
 
 def store_failure(reason: Reason, message: str) -> None:

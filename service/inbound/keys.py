@@ -70,6 +70,11 @@ class KeyCache:
         self.fetches = 0
         self.fetch_failures = 0
 
+    @property
+    def known(self) -> int:
+        """How many verification keys are cached (what the console shows of the cache)."""
+        return len(self._keys)
+
     async def get(self, identifier: str) -> ec.EllipticCurvePublicKey:
         key = self._keys.get(identifier)
         if key is not None:
