@@ -279,7 +279,7 @@ async def signin(request: Request) -> Response:
         check_csrf(pre, form.get("csrf"))
         console.limiter.check(client)
         try:
-            operator = operator_for(form.get("token", ""), rt.settings.operator_tokens)
+            operator = operator_for(form.get("token", "").strip(), rt.settings.operator_tokens)
         except OperatorError:
             console.limiter.failed(client)
             raise
