@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import core, notify, pg, scan
+from bench import console, core, notify, pg, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": core.bench_ack,
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "scan": scan.run,
     "notify": notify.run,
     "pg": pg.run,
+    "console": console.run,
 }
 
 

@@ -67,6 +67,8 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
+    # Templates ship with the package: no stat() of each file on every render.
+    auto_reload=False,
 )
 TEMPLATES.filters["duration"] = plots.duration
 TEMPLATES.filters["clock"] = plots.clock

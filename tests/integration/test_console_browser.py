@@ -154,6 +154,7 @@ def test_retry_a_stuck_incident(browser, service, sandbox, shots):
     assert stages[-3:] == ["retry requested", "revoked", "confirmed"]
     assert "operator=alice" in browser.find_element(By.TAG_NAME, "details").get_attribute("innerHTML")
     no_raw_tokens(browser, sandbox)
+    screenshot(browser, shots / "incident-retried.png")
 
 
 def test_report_a_paste(browser, service, sandbox, shots):

@@ -216,3 +216,15 @@ def test_report_forms_refuse_what_they_did_not_send(service, sandbox, alice):
     incident_id = service.incident(token)["id"]
     assert incident_id in first.text and incident_id in second.text
     assert service.count("alerts") == alerts + 1  # a double submit is one report, not two
+
+
+def test_dry_run_is_shown_loudly_on_every_page(make_service):
+    dry = make_service({**operator_env(), "LEAK_RESPONDER_MODE": "dry-run"})
+    client = ConsoleClient(dry)
+    assert client.sign_in().status_code == 303
+    for path in ("/console/", "/console/incidents", "/console/report"):
+        page = client.get(path).text
+        assert '<span class="mode mode-dry"' in page and 'class="banner banner-dry" role="alert"' in page
+    assert "<strong>DRY-RUN:</strong>" in client.get("/console/").text
+    # Not to strangers: the sign-in page says nothing of the mode.
+    assert "DRY-RUN" not in ConsoleClient(dry).get("/console/login").text
