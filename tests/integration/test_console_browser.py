@@ -220,6 +220,32 @@ def test_a_phone_gets_cards_not_a_wide_table(browser, service, shots):
         browser.set_window_size(1280, 900)
 
 
+def test_resolve_an_unconfirmed_incident_by_hand(browser, service, sandbox, shots):
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    token = sandbox.tokens[3]
+    incident_id = report(service, {"tokens": [token]}).json()["findings"][0]["incident_id"]
+    service.wait_state(token, "unconfirmed", timeout=30)
+    visit(browser, service, f"/console/incidents/{incident_id}")
+    # A note that holds a key is refused, and the incident stays as it was.
+    browser.find_element(By.ID, "resolve-note").send_keys(f"it was {token}")
+    browser.find_element(By.ID, "resolve").click()
+    wait_for(browser, lambda: "report_note_holds_key" in browser.page_source)
+    assert service.state(token) == "unconfirmed"
+    no_raw_tokens(browser, sandbox)
+
+    visit(browser, service, f"/console/incidents/{incident_id}")
+    browser.find_element(By.ID, "resolve-note").send_keys("deleted in the admin console, SEC-7")
+    browser.find_element(By.ID, "resolve").click()
+    wait_for(browser, lambda: "Resolved by hand" in browser.page_source)
+    sandbox.supermemory.set_knobs(never_revoke=False)
+    assert text(browser, "#incident-state") == "closed"
+    assert not browser.find_elements(By.ID, "resolve")  # final: nothing left to resolve
+    trail = browser.find_element(By.TAG_NAME, "details").get_attribute("innerHTML")
+    assert "deleted in the admin console, SEC-7" in trail and "operator=alice" in trail
+    assert service.incident(token)["token_sealed"] is None
+    screenshot(browser, shots / "incident-resolved.png")
+
+
 def test_sign_out(browser, service, shots):
     visit(browser, service, "/console/")
     browser.find_element(By.CSS_SELECTOR, ".signout button").click()
