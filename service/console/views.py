@@ -51,6 +51,7 @@ from service.operators import (
     incident_filter,
     next_cursor,
     operator_for,
+    resolution_note,
 )
 from service.pipeline.retry import retry_transition
 from service.reasons import Reason
@@ -385,6 +386,7 @@ async def _incident_page(
         timeline=plots.timeline(detail.events),
         deliveries=sorted(deliveries, key=lambda d: (d.purpose, d.recipient)),
         stuck=retry_transition(incident, ctx.operator, time.time()) is not None,
+        resolvable=incident.state not in FINAL_STATES,
         age=time.time() - incident.created_at,
         notice=notice or {},
         link=_link,
@@ -400,8 +402,12 @@ def _link(url: str | None) -> str | None:
 
 @page
 async def incident(ctx: Context) -> Response:
-    done = ctx.request.query_params.get("retried")
-    notice = {"ok": "Retry requested: the incident's step runs again now."} if done else {}
+    notices = {
+        "retried": "Retry requested: the incident's step runs again now.",
+        "resolved": "Resolved by hand: the incident is closed and its sealed token wiped.",
+    }
+    done = [text for key, text in notices.items() if ctx.request.query_params.get(key)]
+    notice = {"ok": done[0]} if done else {}
     return await _incident_page(ctx, ctx.request.path_params["incident_id"], notice=notice)
 
 
@@ -418,6 +424,21 @@ async def retry(ctx: Context, form: Form) -> Response:
         failure(log, "console", reason, message, status=409, operator=ctx.operator, incident_id=incident_id)
         return await _incident_page(ctx, incident_id, 409, {"error": message})
     return _headers(RedirectResponse(f"/console/incidents/{incident_id}?retried=1", status_code=303))
+
+
+@action
+async def resolve(ctx: Context, form: Form) -> Response:
+    """The API's resolve (`Worker.resolve`): the same note rules, refused the same way."""
+    incident_id = ctx.request.path_params["incident_id"]
+    note = resolution_note(json.dumps({"note": form.get("note") or ""}).encode())
+    found = await ctx.rt.store.incidents([incident_id])
+    if not found:
+        raise OperatorError(Reason.INCIDENT_NOT_FOUND, "no such incident")
+    if not await ctx.rt.worker.resolve(found[0], ctx.operator, note):
+        raise OperatorError(
+            Reason.INCIDENT_ALREADY_FINAL, f"incident is {found[0].state}: nothing to resolve"
+        )
+    return _headers(RedirectResponse(f"/console/incidents/{incident_id}?resolved=1", status_code=303))
 
 
 # -- reports --------------------------------------------------------------------------------------
@@ -551,6 +572,7 @@ def mount() -> Mount:
             Route("/incidents", incidents),
             Route("/incidents/{incident_id}", incident),
             Route("/incidents/{incident_id}/retry", retry, methods=["POST"]),
+            Route("/incidents/{incident_id}/resolve", resolve, methods=["POST"]),
             Route("/report", report_page),
             Route("/report/scan", report_scan, methods=["POST"]),
             Route("/report", report_submit, methods=["POST"]),
