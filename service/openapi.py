@@ -151,7 +151,8 @@ def openapi_document(reporters: list[str]) -> dict[str, Any]:
                 "post": {
                     "summary": "A partner's signed secret-scanning alert; answers with feedback labels",
                     "description": "The body is verified against `<Reporter>-Public-Key-Signature` (ECDSA"
-                    " P-256, SHA-256, over the raw bytes) before it is parsed. Never a 2xx before the"
+                    " P-256, SHA-256, over the raw bytes; deps.dev signs as `DepsDev-` or `GOSST-`)"
+                    " before it is parsed. Never a 2xx before the"
                     " alert is durably committed. Tokens whose lookup did not finish within the request"
                     " budget are left out of the answer and handled in the background.",
                     "parameters": [
