@@ -7,7 +7,7 @@
 
 local requests = {}
 local threads = {}
-sent, issued, bad, last_bad = 0, 0, 0, 0
+sent, issued, bad, last_bad, wrapped = 0, 0, 0, 0, 0
 
 function setup(thread)
   threads[#threads + 1] = thread
@@ -21,6 +21,7 @@ end
 
 function request()
   issued = issued + 1
+  if issued > #requests then wrapped = 1 end
   sent = sent % #requests + 1
   return requests[sent]
 end
@@ -33,11 +34,12 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
+  -- done() runs in wrk's main Lua state: the threads' counters are read through thread:get.
   local non_202, status, wrapped = 0, 0, 0
   for _, thread in ipairs(threads) do
     non_202 = non_202 + thread:get("bad")
     if thread:get("last_bad") ~= 0 then status = thread:get("last_bad") end
-    if thread:get("issued") > #requests then wrapped = 1 end
+    if thread:get("wrapped") ~= 0 then wrapped = 1 end
   end
   io.write(string.format(
     'RESULT {"requests": %d, "seconds": %.6f, "p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f,'
