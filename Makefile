@@ -39,6 +39,8 @@ lint: $(DEVSTAMP)
 
 ## bench: the benchmarks of BENCHMARKS.md (`make bench ARGS=ack` for one), ratios against a baseline in the same run
 bench: $(DEVSTAMP)
+	scripts/ensure-wrk
+	scripts/ensure-postgres
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import console, core, notify, pg, scan
+from bench import console, core, notify, pg, public, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": core.bench_ack,
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "notify": notify.run,
     "pg": pg.run,
     "console": console.run,
+    "public": public.run,
 }
 
 

@@ -46,6 +46,7 @@ LEVELS: dict[Reason, int] = {
     Reason.SIGNING_KEY_CHANGED: logging.WARNING,
     Reason.OWNER_UNREACHABLE: logging.WARNING,
     Reason.UNCONFIRMED_WINDOW_OVER: logging.CRITICAL,
+    Reason.PUBLIC_REPORTS_FLOODED: logging.ERROR,
 }
 
 
@@ -55,6 +56,67 @@ class Pager:
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
         PAGES.labels(event=str(code)).inc()
         failure(log, "alerting", code, message, level=LEVELS[code], page=True, context=tags)
+
+
+class OncePerCondition:
+    """One page while a condition lasts, however often it happens, with how often it did.
+
+    For conditions made of many requests (a flood of public reports over everyone's rate): a page
+    per request would be a flood of its own. The first occurrence opens the condition; `gather`
+    seconds later one page goes out with the count so far; the condition closes, with a log line of
+    its total, once `quiet` seconds pass without an occurrence, and the next one pages again.
+    """
+
+    def __init__(
+        self,
+        pager: Pager,
+        code: Reason,
+        message: str,
+        *,
+        gather: float,
+        quiet: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pager = pager
+        self._code = code
+        self._message = message
+        self._gather = gather
+        self._quiet = quiet
+        self._clock = clock
+        self._since: float | None = None
+        self._last = 0.0
+        self.count = 0
+
+    def happened(self) -> None:
+        """Called on the event loop's thread, for each occurrence."""
+        now = self._clock()
+        if self._since is None:
+            self._since, self.count = now, 0
+            asyncio.get_running_loop().call_later(self._gather, self._page)
+        self.count += 1
+        self._last = now
+
+    def _page(self) -> None:
+        if self._since is None:
+            return
+        tags = {"count": str(self.count)}
+        self._pager.page(self._code, f"{self._message} ({self.count} in {self._gather:g} s)", tags, {})
+        self._watch()
+
+    def _watch(self) -> None:
+        idle = self._clock() - self._last
+        if idle >= self._quiet:
+            log.info(
+                "condition over",
+                extra={
+                    "condition": str(self._code),
+                    "count": self.count,
+                    "lasted": self._last - (self._since or 0),
+                },
+            )
+            self._since = None
+            return
+        asyncio.get_running_loop().call_later(self._quiet - idle, self._watch)
 
 
 SENTRY_LEVELS: dict[int, LogLevelStr] = {

@@ -13,15 +13,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import console
 from service.inbound import InboundError, parse_alert, read_limited, verify_request
-from service.inbound.reports import read_report
-from service.observability import ALERTS, exposition, failure, request_id
+from service.inbound.public import (
+    PUBLIC,
+    PublicError,
+    client_address,
+    is_trusted,
+    media_type,
+    parse_public,
+    read_public,
+)
+from service.inbound.reports import DETECTED, read_report
+from service.observability import ALERTS, PUBLIC_KEYS, PUBLIC_REPORTS, exposition, failure, request_id
 from service.openapi import openapi_document
 from service.operators import (
     OperatorError,
@@ -35,6 +45,7 @@ from service.operators import (
     incident_page,
     resolution_note,
 )
+from service.public_pages import PAGE_HEADERS, REPORT_PAGE, security_txt
 from service.reasons import Reason
 from service.refusal import Refusal
 from service.runtime import Runtime
@@ -92,6 +103,78 @@ async def receive_alert(request: Request) -> Response:
             if r.token_hash in labels
         ]
     )
+
+
+# The one answer to every public report that was received: same status, body and headers whatever it
+# held, so that the endpoint cannot be used to test whether a string is a live key.
+RECEIVED = b'{"status":"received"}'
+RECEIVED_HEADERS = {"Cache-Control": "no-store"}
+
+
+async def receive_public_report(request: Request) -> Response:
+    """Limits first (no work for a request over them), then the detector and a durable intake, then
+    the answer; the lookup, the revoke and all that can tell keys apart run after it.
+
+    Every report received commits one intake, keys or none, so the answer costs the same whatever the
+    text held, and `received` means recorded: a process that dies after answering loses nothing.
+    """
+    rt: Runtime = request.app.state.runtime
+    settings = rt.settings
+    try:
+        peer = request.client.host if request.client else None
+        client = client_address(peer, request.headers.getlist("x-forwarded-for"), settings.trusted_proxies)
+        await rt.public_limits.take(client)
+        media = media_type(request.headers.get("content-type"))
+        report = parse_public(await read_public(request.stream()), media, settings.public_max_keys)
+        sightings = [TokenSighting(f.token, DETECTED, report.url, None, PUBLIC) for f in report.findings]
+        # Hash-only as every alert record, and not of the text, which is kept in no form at all.
+        digest = hashlib.sha256("\n".join(sorted(f.token_hash for f in report.findings)).encode())
+        refs = await rt.store.intake(AlertRecord(PUBLIC, digest.hexdigest(), len(sightings)), sightings, 0)
+    except PublicError as exc:
+        PUBLIC_REPORTS.labels(outcome=str(exc.reason)).inc()
+        # Info, not warning: anyone on the internet can cause these, as often as the limits allow.
+        failure(log, "public", exc.reason, exc.message, level=logging.INFO, status=exc.status)
+        if exc.reason is Reason.PUBLIC_GLOBAL_RATE_LIMITED:
+            rt.flooded.happened()
+        return error(exc.status, exc.reason, exc.message, exc.headers)
+    except StoreError as exc:
+        PUBLIC_REPORTS.labels(outcome=str(Reason.STORE_UNAVAILABLE)).inc()
+        failure(log, "public", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR)
+        return error(503, Reason.STORE_UNAVAILABLE, "the report could not be recorded; retry later")
+    PUBLIC_REPORTS.labels(outcome="received").inc()
+    PUBLIC_KEYS.inc(len(refs))
+    log.info("public report received", extra={"reporter": PUBLIC, "tokens": len(refs)})
+    return Response(
+        RECEIVED,
+        status_code=202,
+        media_type="application/json",
+        headers=RECEIVED_HEADERS,
+        # After the answer is sent: the worker's lookup is where a live key and a dead one differ.
+        background=BackgroundTask(rt.worker.wake),
+    )
+
+
+async def report_page(request: Request) -> Response:
+    return HTMLResponse(REPORT_PAGE, headers=PAGE_HEADERS)
+
+
+async def security_txt_page(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    return PlainTextResponse(
+        security_txt(_public_origin(request, rt.settings), rt.settings.security_contact),
+        headers={"Cache-Control": "max-age=86400"},
+    )
+
+
+def _public_origin(request: Request, settings: Settings) -> str:
+    """The origin the public reached us at: our own scheme, or a trusted proxy's X-Forwarded-Proto
+    (a proxy in front usually ends TLS), and the Host the client asked for."""
+    scheme = request.url.scheme
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    peer = request.client.host if request.client else None
+    if forwarded in ("http", "https") and is_trusted(peer, settings.trusted_proxies):
+        scheme = forwarded
+    return f"{scheme}://{request.url.netloc}"
 
 
 OperatorView = Callable[[Request, str], Awaitable[Response]]
@@ -272,6 +355,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
         Route("/v1/incidents/{incident_id}", show_incident),
         Route("/v1/incidents/{incident_id}/retry", retry_incident, methods=["POST"]),
         Route("/v1/incidents/{incident_id}/resolve", resolve_incident, methods=["POST"]),
+        Route("/v1/public/reports", receive_public_report, methods=["POST"]),
+        Route("/report", report_page),
+        Route("/.well-known/security.txt", security_txt_page),
         Route("/openapi.json", openapi),
         Route("/livez", livez),
         Route("/readyz", readyz),

@@ -45,6 +45,14 @@ ALERTS = Counter(
     "Partner alerts and manual reports by reporter and outcome.",
     ["reporter", "outcome"],
 )
+PUBLIC_REPORTS = Counter(
+    "leak_responder_public_reports_total",
+    "Public reports by outcome: received, or the reason code they were refused with.",
+    ["outcome"],
+)
+PUBLIC_KEYS = Counter(
+    "leak_responder_public_keys_found_total", "Distinct keys found in public reports that were received."
+)
 TRANSITIONS = Counter(
     "leak_responder_transitions_total", "Incident state transitions by new state.", ["state"]
 )

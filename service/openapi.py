@@ -151,7 +151,8 @@ def openapi_document(reporters: list[str]) -> dict[str, Any]:
                 "post": {
                     "summary": "A partner's signed secret-scanning alert; answers with feedback labels",
                     "description": "The body is verified against `<Reporter>-Public-Key-Signature` (ECDSA"
-                    " P-256, SHA-256, over the raw bytes) before it is parsed. Never a 2xx before the"
+                    " P-256, SHA-256, over the raw bytes; deps.dev signs as `DepsDev-` or `GOSST-`)"
+                    " before it is parsed. Never a 2xx before the"
                     " alert is durably committed. Tokens whose lookup did not finish within the request"
                     " budget are left out of the answer and handled in the background.",
                     "parameters": [
@@ -332,6 +333,55 @@ def openapi_document(reporters: list[str]) -> dict[str, Any]:
                             *_AUTH,
                         ),
                     },
+                }
+            },
+            "/v1/public/reports": {
+                "post": {
+                    "summary": "Anyone's report of a leaked key: no authentication, always the same answer",
+                    "description": "The detector (every encoding it knows) runs over the text, found keys"
+                    " are committed to the same pipeline with reporter `public`, and the answer comes"
+                    " before their lookup: it is the same 202, body and headers, whatever the text held,"
+                    " so it cannot be used to test keys. JSON that is not `{text, url}` is scanned as"
+                    " text. Per-client and global rates (`Retry-After` on 429) are checked first.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "text/plain": {"schema": {"type": "string", "maxLength": 65536}},
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "text": {"type": "string"},
+                                        "url": {"type": "string", "description": "where it was found"},
+                                    },
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "202": _json(
+                            {"type": "object", "properties": {"status": {"const": "received"}}},
+                            "received (recorded), whatever it held",
+                        ),
+                        **_refusals(
+                            (413, "public_report_too_large (64 KiB), public_report_too_many_keys"),
+                            (415, "public_report_unsupported_type"),
+                            (429, "public_rate_limited, public_global_rate_limited (see Retry-After)"),
+                            (503, "store_unavailable"),
+                        ),
+                    },
+                }
+            },
+            "/report": {
+                "get": {
+                    "summary": "A form for anyone to report a leaked key (posts to /v1/public/reports)",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
+            },
+            "/.well-known/security.txt": {
+                "get": {
+                    "summary": "RFC 9116 security.txt: the security contact, and the report form",
+                    "responses": {"200": {"description": "text", "content": {"text/plain": {}}}},
                 }
             },
             "/livez": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},

@@ -56,6 +56,12 @@ class Reason(enum.StrEnum):
     SESSION_INVALID = "session_invalid"
     PASTE_INVALID = "paste_invalid"
     FORM_INVALID = "form_invalid"
+    # -- public reports, refused (stage `public`) -------------------------------------------------
+    PUBLIC_RATE_LIMITED = "public_rate_limited"
+    PUBLIC_GLOBAL_RATE_LIMITED = "public_global_rate_limited"
+    PUBLIC_REPORT_TOO_LARGE = "public_report_too_large"
+    PUBLIC_REPORT_TOO_MANY_KEYS = "public_report_too_many_keys"
+    PUBLIC_REPORT_UNSUPPORTED_TYPE = "public_report_unsupported_type"
     # -- Supermemory's admin API: lookup and revoke (stages `match`, `revoke`) --------------------
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
     RATE_LIMITED = "rate_limited"
@@ -102,6 +108,7 @@ class Reason(enum.StrEnum):
     REPORTER_KEYS_UNAVAILABLE = "reporter_keys_unavailable"
     OWNER_UNREACHABLE = "owner_unreachable"
     PIPELINE_STALLED = "pipeline_stalled"
+    PUBLIC_REPORTS_FLOODED = "public_reports_flooded"
     # -- start-up notices ------------------------------------------------------------------------
     NOTIFY_DISABLED = "notify_disabled"
     PAGER_LOG_ONLY = "pager_log_only"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from service.alerting import Pager, PipelineMonitor, SentryPager, init_sentry
+from service.alerting import OncePerCondition, Pager, PipelineMonitor, SentryPager, init_sentry
 from service.inbound import KeyCache, Reporter, reporters
+from service.inbound.public import ClientNames, PublicLimits
 from service.notify import EmailNotifier, Letter, SmtpSender
 from service.observability import failure
 from service.pipeline import Policy, Steps, Sweeper, Worker
@@ -101,6 +102,8 @@ class Runtime:
     reporters: dict[str, Reporter]
     keys_http: httpx.AsyncClient
     sweeper: Sweeper
+    public_limits: PublicLimits
+    flooded: OncePerCondition
     caches: dict[str, KeyCache] = field(default_factory=dict)
     monitor: PipelineMonitor | None = None
 
@@ -153,7 +156,23 @@ class Runtime:
         enabled = reporters(settings.github_keys_url, settings.gitlab_keys_url, settings.depsdev_keys_url)
         keys_http = httpx.AsyncClient(timeout=settings.http_timeout, headers={"User-Agent": "leak-responder"})
         sweeper = Sweeper(store, retention=settings.retention_days * 86400, interval=settings.sweep_interval)
-        runtime = cls(settings, store, client, pager, worker, enabled, keys_http, sweeper)
+        public_limits = PublicLimits(
+            store,
+            ClientNames(data_key(settings)),
+            (settings.public_rate.count, settings.public_rate.period),
+            (settings.public_global_rate.count, settings.public_global_rate.period),
+        )
+        everyone = settings.public_global_rate.period
+        flooded = OncePerCondition(
+            pager,
+            Reason.PUBLIC_REPORTS_FLOODED,
+            "public reports refused: everyone's rate is exhausted",
+            gather=min(10.0, everyone),
+            quiet=everyone,
+        )
+        runtime = cls(
+            settings, store, client, pager, worker, enabled, keys_http, sweeper, public_limits, flooded
+        )
         if settings.sentry_dsn:
             runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)
         for name, reporter in enabled.items():

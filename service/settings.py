@@ -152,6 +152,35 @@ def _log_format(value: str) -> str:
     return value
 
 
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`count` requests per `period` seconds, written `N/second`, `N/minute` or `N/hour`."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        unit = next(name for name, seconds in _PERIODS.items() if seconds == self.period)
+        return f"{self.count}/{unit}"
+
+
+def _rate(value: str) -> Rate:
+    count, sep, unit = value.partition("/")
+    if not sep or not count.strip().isdigit() or int(count) <= 0 or unit.strip() not in _PERIODS:
+        raise ValueError("expected N/second, N/minute or N/hour with N > 0, e.g. 10/minute")
+    return Rate(int(count), _PERIODS[unit.strip()])
+
+
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(p.strip()) for p in value.split(",") if p.strip())
+    except ValueError:
+        raise ValueError("expected comma-separated CIDRs, e.g. 10.0.0.0/8,fd00::/8") from None
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How one setting is read: its variable (without our prefix), its parser, its default (None:
@@ -225,6 +254,12 @@ class Settings:
     keys_refresh_interval: float = _setting("KEYS_REFRESH_INTERVAL", _positive(_F), "3600")
     retention_days: float = _setting("RETENTION_DAYS", _positive(_F), "30")
     sweep_interval: float = _setting("SWEEP_INTERVAL", _positive(_F), "3600")
+    public_rate: Rate = _setting("PUBLIC_RATE", _rate, "10/minute")
+    public_global_rate: Rate = _setting("PUBLIC_GLOBAL_RATE", _rate, "300/minute")
+    public_max_keys: int = _setting("PUBLIC_MAX_KEYS", _positive(_I), "20")
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "TRUSTED_PROXIES", _networks, ""
+    )
     log_level: str = _setting("LOG_LEVEL", str.upper, "INFO")
     log_format: str = _setting("LOG_FORMAT", _log_format, "json")
     sentry_dsn: str = _setting("SENTRY_DSN", str, "", secret=True, prefixed=False)
@@ -288,7 +323,7 @@ class Settings:
             elif attribute == "operator_tokens":
                 shown = ", ".join(sorted(value)) or "(none)"
             elif isinstance(value, tuple):
-                shown = ",".join(f"{v:g}" for v in value)
+                shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "(none)"
             else:
                 shown = "(unset)" if value in (None, "") else str(value)
             rows.append((spec.name, shown))

@@ -76,6 +76,9 @@ def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
         port=port,
         log_config=None,
         access_log=False,
+        # Which proxy's X-Forwarded-For to believe is the app's call (LEAK_RESPONDER_TRUSTED_PROXIES):
+        # uvicorn's own handling would trust any local peer's header and hide the real peer.
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )

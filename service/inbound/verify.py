@@ -42,15 +42,23 @@ async def verify_request(
 ) -> None:
     """`headers` is looked up case-insensitively whatever the Mapping (Starlette's Headers, or a
     plain dict in tests and tools), because partners vary the header names' case."""
-    identifier = _header(headers, reporter.identifier_header)
-    signature = _header(headers, reporter.signature_header)
-    if not identifier or not signature:
-        raise InboundError(
-            Reason.SIGNATURE_MISSING,
-            f"{reporter.identifier_header} and {reporter.signature_header} headers are required",
-        )
+    signed = _signed_pair(reporter, headers)
+    if signed is None:
+        names = " or ".join(f"{p.identifier} and {p.signature}" for p in reporter.header_pairs)
+        raise InboundError(Reason.SIGNATURE_MISSING, f"headers {names} are required")
+    identifier, signature = signed
     public_key = await cache.get(identifier.strip())
     verify_signature(public_key, body, signature)
+
+
+def _signed_pair(reporter: Reporter, headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """The identifier and signature of the first of the reporter's header pairs that the request
+    carries in full; a half pair is no pair, as a signature without its key cannot be checked."""
+    for pair in reporter.header_pairs:
+        identifier, signature = _header(headers, pair.identifier), _header(headers, pair.signature)
+        if identifier and signature:
+            return identifier, signature
+    return None
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

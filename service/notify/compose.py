@@ -21,6 +21,8 @@ from service.observability import scrub
 from service.store import Incident, Sighting, State
 
 CONSOLE_URL = "https://console.supermemory.ai"
+# How a sighting's reporter reads in an email, where it differs from its name in the store.
+REPORTERS = {"public": "a member of the public (public report form)"}
 
 _env = Environment(
     loader=PackageLoader("service.notify", "templates"),
@@ -128,7 +130,7 @@ def _key(incident: Incident, sightings: Sequence[Sighting]) -> dict[str, object]
             {
                 "url": scrub(s.url) if s.url else "",
                 "source": s.source or "unknown",
-                "reporter": s.reporter,
+                "reporter": REPORTERS.get(s.reporter, s.reporter),
                 "seen_at": _when(s.seen_at),
             }
             for s in sightings

@@ -21,6 +21,8 @@ from service.store.models import (
     IncidentFilter,
     IncidentRef,
     Percentiles,
+    RateBucket,
+    RateRefusal,
     Reservation,
     Sighting,
     State,
@@ -112,6 +114,15 @@ class Store(Protocol):
     ) -> IdempotentRequest | None: ...
     async def finish_idempotent(self, operator: str, key: str, status: int, response: bytes) -> None: ...
     async def drop_idempotent(self, operator: str, key: str) -> None: ...
+
+    # -- rate limits for unauthenticated requests --
+    async def take_rates(self, buckets: Sequence[RateBucket]) -> RateRefusal | None:
+        """Take one request from every bucket, or from none and say which had no room.
+
+        Shared by every process that shares the store: on SQLite (one process) the buckets are kept
+        in memory only; on PostgreSQL they are rows, so that replicas enforce one limit together.
+        """
+        ...
 
     # -- housekeeping and metrics --
     async def purge_reporter_metadata(self, finished_before: float) -> int: ...

@@ -30,6 +30,8 @@ from service.store.models import (
     IncidentFilter,
     Label,
     Percentiles,
+    RateBucket,
+    RateRefusal,
     Sighting,
     State,
     Timed,
@@ -424,6 +426,31 @@ def idempotent_earlier(row: Row, now: float, stale_after: float) -> IdempotentRe
     return IdempotentRequest(
         row["fingerprint"], state, row["status"], None if response is None else bytes(response)
     )
+
+
+# -- rate limits -------------------------------------------------------------------------------------
+
+
+def take_rates(
+    tats: Mapping[str, float], buckets: Sequence[RateBucket], now: float
+) -> tuple[dict[str, float], RateRefusal | None]:
+    """One request taken from every bucket, or from none: the buckets' new theoretical arrival times
+    (GCRA), or the first bucket without room.
+
+    A bucket's state is one number, the time at which it would be full again (`tats`, absent = full),
+    which is what lets replicas share it as one row each, with no window edge where the count resets.
+    All or nothing, so a request refused by a later bucket (everyone's) costs nothing in an earlier
+    one (its client's).
+    """
+    taken: dict[str, float] = {}
+    for index, bucket in enumerate(buckets):
+        interval = bucket.period / bucket.limit
+        arrival = max(taken.get(bucket.key, tats.get(bucket.key, 0.0)), now) + interval
+        # The tolerance absorbs float error in limit × interval, so that exactly `limit` fit.
+        if arrival - now > bucket.period + 1e-9:
+            return {}, RateRefusal(index, arrival - bucket.period - now)
+        taken[bucket.key] = arrival
+    return taken, None
 
 
 # -- rows to models ----------------------------------------------------------------------------------

@@ -244,3 +244,22 @@ class StoreStats:
     pending: int
     oldest_pending_age: float
     due: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateBucket:
+    """A rate limit a request is taken from: at most `limit` requests in any `period` seconds (a
+    burst of `limit`, refilled one every `period / limit` seconds). `key` names whose bucket it is;
+    a client is named only by a keyed hash, so the store never holds an address."""
+
+    key: str
+    limit: int
+    period: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateRefusal:
+    """Which of the buckets asked for was empty (its index), and in how many seconds it has room."""
+
+    bucket: int
+    retry_after: float

@@ -53,6 +53,8 @@ from service.store.models import (
     IncidentRef,
     Label,
     Percentiles,
+    RateBucket,
+    RateRefusal,
     Reservation,
     Sighting,
     State,
@@ -67,6 +69,7 @@ POSTGRES = Dialect(mark="%s", json=Jsonb)
 CHANNEL = "leak_responder_due"
 _RETRIES = 4
 _CONNECT_TIMEOUT = 10.0
+_RATES_PRUNE_EVERY = 60.0
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -99,6 +102,7 @@ class PostgresStore:
         self._listener: asyncio.Task[None] | None = None
         # The payload of this process's notifications, so that its listener can skip them.
         self._instance = secrets.token_hex(8)
+        self._rates_pruned = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -638,6 +642,38 @@ class PostgresStore:
             await conn.execute("DELETE FROM idempotency WHERE operator = %s AND key = %s", (operator, key))
 
         await self._write(work)
+
+    # -- rate limits -----------------------------------------------------------------------------
+
+    async def take_rates(self, buckets: Sequence[RateBucket]) -> RateRefusal | None:
+        """One row per bucket, locked for the decision (`common.take_rates`), so that replicas taking
+        from the same bucket at once queue on its row instead of both seeing room that is not there.
+        Rows are locked in key order, so two requests sharing two buckets cannot deadlock."""
+        now = self._clock()
+        keys = sorted({b.key for b in buckets})
+
+        async def work(conn: Conn) -> RateRefusal | None:
+            await conn.execute(
+                "INSERT INTO rate_buckets (key, tat) SELECT unnest(%s::text[]), 0 ON CONFLICT DO NOTHING",
+                (keys,),
+            )
+            rows = await self._rows(
+                conn, "SELECT key, tat FROM rate_buckets WHERE key = ANY(%s) ORDER BY key FOR UPDATE", (keys,)
+            )
+            taken, refusal = common.take_rates({r["key"]: r["tat"] for r in rows}, buckets, now)
+            if taken:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "UPDATE rate_buckets SET tat = %s WHERE key = %s", [(t, k) for k, t in taken.items()]
+                    )
+            return refusal
+
+        refusal = await self._write(work)
+        if now - self._rates_pruned >= _RATES_PRUNE_EVERY:
+            # Full buckets are the same as none: rows go once idle for their period, a hash with them.
+            self._rates_pruned = now
+            await self._write(lambda conn: conn.execute("DELETE FROM rate_buckets WHERE tat < %s", (now,)))
+        return refusal
 
     # -- housekeeping --------------------------------------------------------------------------
 

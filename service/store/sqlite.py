@@ -39,6 +39,8 @@ from service.store.models import (
     IncidentRef,
     Label,
     Percentiles,
+    RateBucket,
+    RateRefusal,
     Reservation,
     Sighting,
     State,
@@ -50,6 +52,7 @@ from service.store.models import (
 from service.store.sealing import Sealer
 
 _MAX_GROUP = 512
+_RATES_PRUNE_EVERY = 60.0
 
 T = TypeVar("T")
 
@@ -80,6 +83,9 @@ class SqliteStore:
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        # Rate buckets: one process owns a SQLite store, so they live in its memory, never on disk.
+        self._rates: dict[str, float] = {}
+        self._rates_pruned = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -658,6 +664,17 @@ class SqliteStore:
                 return sum(conn.execute(common.reseal_update(SQLITE), u).rowcount for u in updates)
 
             report.resealed += await self._write(work)
+
+    async def take_rates(self, buckets: Sequence[RateBucket]) -> RateRefusal | None:
+        """In memory, on the event loop's thread (no await between reading and writing a bucket)."""
+        now = self._clock()
+        if now - self._rates_pruned >= _RATES_PRUNE_EVERY:
+            # A bucket whose time has passed is full again: the same as no bucket at all.
+            self._rates = {key: tat for key, tat in self._rates.items() if tat > now}
+            self._rates_pruned = now
+        taken, refusal = common.take_rates(self._rates, buckets, now)
+        self._rates.update(taken)
+        return refusal
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())

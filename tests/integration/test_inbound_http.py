@@ -231,9 +231,14 @@ def test_store_that_cannot_commit_is_503_then_redelivery_succeeds(sandbox, servi
     service.wait_state(token, "confirmed")
 
 
-@pytest.mark.parametrize(("reporter", "prefix"), [("gitlab", "Gitlab"), ("depsdev", "GOSST")])
+@pytest.mark.parametrize(
+    ("reporter", "prefix"),
+    [("gitlab", "Gitlab"), ("depsdev", "GOSST"), ("depsdev", "DepsDev")],
+    ids=["gitlab", "depsdev-GOSST", "depsdev-DepsDev"],
+)
 def test_other_partners_use_their_own_headers(sandbox, make_service, reporter, prefix):
-    """GitLab and deps.dev send GitHub's format under their own header names and keys URLs."""
+    """GitLab and deps.dev send GitHub's format under their own header names and keys URLs; deps.dev
+    under either of two spellings (RubyGems and crates.io read `DepsDev-…`, PyPI reads `GOSST-…`)."""
     service = make_service({f"LEAK_RESPONDER_{reporter.upper()}_KEYS_URL": sandbox.keys_url})
     token = sandbox.tokens[0]
     body = build_alert([token], url="https://gitlab.example/leak")
@@ -254,3 +259,51 @@ def test_other_partners_use_their_own_headers(sandbox, make_service, reporter, p
         f"{service.url}/v1/alerts/{reporter}", content=body, headers=github_headers, timeout=30
     )
     assert refused.status_code == 401 and refused.json()["error"] == "signature_missing"
+
+
+def test_depsdev_with_neither_pair_is_401(sandbox, make_service):
+    """A request signed under neither of deps.dev's pairs, or under half of each, is unsigned."""
+    service = make_service({"LEAK_RESPONDER_DEPSDEV_KEYS_URL": sandbox.keys_url})
+    body = build_alert([sandbox.tokens[0]], url=None)
+    identifier, signature = sandbox.github.key_identifier, sandbox.github.sign(body)
+    for headers in (
+        {},
+        {"DepsDev-Public-Key-Identifier": identifier, "GOSST-Public-Key-Signature": signature},
+        {"GOSST-Public-Key-Identifier": identifier, "DepsDev-Public-Key-Signature": signature},
+    ):
+        response = httpx.post(f"{service.url}/v1/alerts/depsdev", content=body, headers=headers, timeout=30)
+        assert response.status_code == 401 and response.json()["error"] == "signature_missing"
+    assert service.count("alerts") == 0 and service.count("incidents") == 0
+
+
+@pytest.fixture
+def gitlab():
+    """GitLab's keys endpoint: the sandbox's signer under a 40-hex key identifier, as GitLab's are."""
+    from service.sandbox import GitHubSandbox
+
+    signer = GitHubSandbox(key_identifier="3f786850e387550fdab836ed7e6dc881de23001b")
+    with ServerThread(signer.app()) as server:
+        yield signer, f"{server.url}/meta/public_keys/secret_scanning"
+
+
+def test_gitlabs_shape_is_a_normal_alert(sandbox, make_service, gitlab):
+    """GitLab's items carry no `source` and a raw-file URL, signed under a 40-hex identifier: each of
+    those is normal, so the alert is labelled and the key revoked like any other."""
+    signer, keys_url = gitlab
+    service = make_service({"LEAK_RESPONDER_GITLAB_KEYS_URL": keys_url})
+    token = sandbox.tokens[0]
+    raw_url = "https://gitlab.com/acme/app/-/raw/9f2c1e0b7a3d4c5e6f708192a3b4c5d6e7f80912/config/.env"
+    body = json.dumps([{"token": token, "type": "supermemory_api_key", "url": raw_url}]).encode()
+    headers = {
+        "Gitlab-Public-Key-Identifier": signer.key_identifier,
+        "Gitlab-Public-Key-Signature": signer.sign(body),
+    }
+    response = httpx.post(f"{service.url}/v1/alerts/gitlab", content=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json() == [
+        {"token_hash": token_hash(token), "token_type": "supermemory_api_key", "label": "true_positive"}
+    ]
+    service.wait_state(token, "confirmed")
+    with service.db() as conn:
+        row = conn.execute("SELECT reporter, url, source FROM sightings").fetchone()
+    assert (row[0], row[1], row[2]) == ("gitlab", raw_url, None)

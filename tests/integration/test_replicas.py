@@ -107,3 +107,38 @@ def test_the_harness_reads_postgres_like_sqlite(sandbox, pg_url, tmp_path):
     with service.db() as conn:
         row = conn.execute("SELECT ? AS a, 2 AS b", ("one",)).fetchone()
         assert (row[0], row["b"], dict(row)) == ("one", 2, {"a": "one", "b": 2})
+
+
+def test_two_replicas_share_the_public_rate_and_keep_no_address(sandbox, make_service, pg_url, tmp_path):
+    """The per-client rate is one limit across replicas: a client alternating between two processes
+    gets no more than the limit in all. Their shared table names clients only by keyed hashes."""
+    from tests.integration.public_helpers import assert_received, public
+
+    env = {
+        **postgres_env(sandbox, pg_url),
+        "LEAK_RESPONDER_PUBLIC_RATE": "4/minute",
+        "LEAK_RESPONDER_TRUSTED_PROXIES": "127.0.0.0/8",
+    }
+    assert Service(tmp_path, env).cli("migrate").returncode == 0
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replicas.append(make_service(env, workdir=tmp_path / name))
+    one, two = replicas
+    for replica in (one, two, one, two):
+        assert_received(public(replica, "nothing", client="198.51.100.7"))
+    for replica in (one, two):
+        refused = public(replica, "nothing", client="198.51.100.7")
+        assert refused.status_code == 429 and refused.json()["error"] == "public_rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 15
+    # Another client has its own bucket, on either replica.
+    assert_received(public(two, f"a key {sandbox.tokens[0]}", client="198.51.100.8"))
+    one.wait_state(sandbox.tokens[0], "confirmed")
+
+    with one.db() as conn:
+        keys = [r[0] for r in conn.execute("SELECT key FROM rate_buckets ORDER BY key")]
+        dump = " ".join(str(tuple(r)) for table in ("alerts", "sightings", "events", "rate_buckets")
+                        for r in conn.execute(f"SELECT * FROM {table}"))  # fmt: skip
+    assert len(keys) == 3 and "global" in keys
+    assert all(k == "global" or (k.startswith("client:") and len(k) == 39) for k in keys)
+    assert "198.51.100" not in dump and "127.0.0.1" not in dump

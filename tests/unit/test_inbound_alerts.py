@@ -122,6 +122,13 @@ def test_missing_url_and_source_and_order_kept():
     ]
 
 
+def test_gitlabs_items_have_no_source_and_a_raw_file_url():
+    """GitLab's shape, as its partner program sends it: normal, not malformed."""
+    raw = "https://gitlab.com/acme/app/-/raw/9f2c1e0b7a3d4c5e6f708192a3b4c5d6e7f80912/config/.env"
+    body = json.dumps([{"token": TOKEN, "type": "supermemory_api_key", "url": raw}]).encode()
+    assert parse_alert(body) == [AlertItem(TOKEN, "supermemory_api_key", raw, None)]
+
+
 def test_token_kept_exactly():
     weird = " sm_with spaces\u00e9 "
     assert parse_alert(_body(_item(token=weird)))[0].token == weird

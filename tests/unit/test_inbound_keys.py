@@ -8,9 +8,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.inbound import InboundError, KeyCache, Reporter
+from service.inbound.reporters import HeaderPair
 from service.reasons import Reason
 
-REPORTER = Reporter("github", "Github", "https://keys.example/secret_scanning")
+REPORTER = Reporter("github", (HeaderPair("Github"),), "https://keys.example/secret_scanning")
 
 
 def _pem(curve: ec.EllipticCurve | None = None) -> str:
@@ -347,7 +348,7 @@ def test_background_refresh_starts_immediately_and_stops():
 def test_disabled_reporter_is_refused():
     async def scenario():
         async with httpx.AsyncClient() as client:
-            KeyCache(Reporter("gitlab", "Gitlab", None), client)
+            KeyCache(Reporter("gitlab", (HeaderPair("Gitlab"),), None), client)
 
     with pytest.raises(ValueError, match="gitlab"):
         asyncio.run(scenario())

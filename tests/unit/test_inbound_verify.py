@@ -23,7 +23,8 @@ VECTOR = json.loads((Path(__file__).parent.parent / "data" / "github-partner-exa
 PAYLOAD: bytes = VECTOR["payload"].encode("utf-8")
 SIGNATURE: str = VECTOR["signature"]
 KEY = serialization.load_pem_public_key(VECTOR["key"].encode())
-GITHUB = reporters("https://keys.example/github", None, "https://keys.example/depsdev")["github"]
+ENABLED = reporters("https://keys.example/github", None, "https://keys.example/depsdev")
+GITHUB, DEPSDEV = ENABLED["github"], ENABLED["depsdev"]
 
 
 def _flip_one_char(signature: str) -> str:
@@ -86,10 +87,10 @@ def _keys_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.MockTransport(handler))
 
 
-def _verify(headers, body: bytes = PAYLOAD) -> None:
+def _verify(headers, body: bytes = PAYLOAD, reporter=GITHUB) -> None:
     async def run() -> None:
         async with _keys_client() as client:
-            await verify_request(GITHUB, KeyCache(GITHUB, client), headers, body)
+            await verify_request(reporter, KeyCache(reporter, client), headers, body)
 
     asyncio.run(run())
 
@@ -114,7 +115,10 @@ def _verify(headers, body: bytes = PAYLOAD) -> None:
             id="plain-dict-other-case",
         ),
         pytest.param(
-            {GITHUB.identifier_header: VECTOR["key_identifier"], GITHUB.signature_header: SIGNATURE},
+            {
+                GITHUB.header_pairs[0].identifier: VECTOR["key_identifier"],
+                GITHUB.header_pairs[0].signature: SIGNATURE,
+            },
             id="canonical",
         ),
     ],
@@ -169,13 +173,75 @@ def test_verify_request_tampered_body():
 def test_reporters_are_data():
     enabled = reporters("https://gh", "", "https://dd")
     assert set(enabled) == {"github", "depsdev"}
-    assert enabled["github"].identifier_header == "Github-Public-Key-Identifier"
-    assert enabled["github"].signature_header == "Github-Public-Key-Signature"
-    assert enabled["depsdev"].identifier_header == "GOSST-Public-Key-Identifier"
+    assert [(p.identifier, p.signature) for p in enabled["github"].header_pairs] == [
+        ("Github-Public-Key-Identifier", "Github-Public-Key-Signature")
+    ]
+    assert [(p.identifier, p.signature) for p in enabled["depsdev"].header_pairs] == [
+        ("DepsDev-Public-Key-Identifier", "DepsDev-Public-Key-Signature"),
+        ("GOSST-Public-Key-Identifier", "GOSST-Public-Key-Signature"),
+    ]
     gitlab = reporters(None, "https://gl", None)
     assert list(gitlab) == ["gitlab"]
-    assert gitlab["gitlab"].signature_header == "Gitlab-Public-Key-Signature"
+    assert gitlab["gitlab"].header_pairs[0].signature == "Gitlab-Public-Key-Signature"
     assert reporters(None, None, None) == {}
+
+
+@pytest.mark.parametrize("prefix", ["DepsDev", "GOSST", "depsdev", "gosst"])
+def test_depsdev_verifies_under_either_pair(prefix):
+    _verify(
+        {
+            f"{prefix}-Public-Key-Identifier": VECTOR["key_identifier"],
+            f"{prefix}-Public-Key-Signature": SIGNATURE,
+        },
+        reporter=DEPSDEV,
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="neither"),
+        pytest.param(
+            {
+                "Github-Public-Key-Identifier": VECTOR["key_identifier"],
+                "Github-Public-Key-Signature": SIGNATURE,
+            },
+            id="githubs-pair",
+        ),
+        pytest.param(
+            {
+                "DepsDev-Public-Key-Identifier": VECTOR["key_identifier"],
+                "GOSST-Public-Key-Signature": SIGNATURE,
+            },
+            id="half-of-each",
+        ),
+    ],
+)
+def test_depsdev_without_a_whole_pair_is_refused(headers):
+    with pytest.raises(InboundError) as caught:
+        _verify(headers, reporter=DEPSDEV)
+    assert caught.value.reason is Reason.SIGNATURE_MISSING
+    assert "DepsDev-Public-Key-Identifier" in caught.value.message
+    assert "GOSST-Public-Key-Identifier" in caught.value.message
+
+
+def test_depsdev_takes_the_first_whole_pair():
+    """Both pairs present: the DepsDev pair is the one checked, so a broken GOSST pair beside a good
+    DepsDev pair still verifies, and a broken DepsDev pair is refused whatever GOSST holds."""
+    good = {
+        "DepsDev-Public-Key-Identifier": VECTOR["key_identifier"],
+        "DepsDev-Public-Key-Signature": SIGNATURE,
+    }
+    bad_gosst = {"GOSST-Public-Key-Identifier": "nope", "GOSST-Public-Key-Signature": "nope"}
+    _verify({**good, **bad_gosst}, reporter=DEPSDEV)
+    bad = {**good, "DepsDev-Public-Key-Signature": _flip_one_char(SIGNATURE)}
+    good_gosst = {
+        "GOSST-Public-Key-Identifier": VECTOR["key_identifier"],
+        "GOSST-Public-Key-Signature": SIGNATURE,
+    }
+    with pytest.raises(InboundError) as caught:
+        _verify({**bad, **good_gosst}, reporter=DEPSDEV)
+    assert caught.value.reason is Reason.SIGNATURE_INVALID
 
 
 def test_every_reason_has_one_status():
