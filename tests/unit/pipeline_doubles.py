@@ -22,7 +22,16 @@ from service.notify.result import NotifyResult
 from service.notify.smtp import SendOutcome, SendResult
 from service.pipeline import Policy, Steps
 from service.reasons import Reason
-from service.store import AlertRecord, Incident, Sealer, SqliteStore, State, TokenSighting, Transition
+from service.store import (
+    AlertRecord,
+    Incident,
+    IncidentRef,
+    Sealer,
+    SqliteStore,
+    State,
+    TokenSighting,
+    Transition,
+)
 from service.supermemory import CallFailed, KeyInfo, Probe, ProbeVerdict, RevokeResult
 from service.tokens import token_hash
 
@@ -222,14 +231,19 @@ def steps_for(
     )
 
 
-async def intake(store: SqliteStore, *numbers: int, reporter: str = "manual") -> list[str]:
-    """One alert carrying the tokens `token(n)`, as the intake records it; the incidents' ids."""
+async def intake_refs(store: SqliteStore, *tokens: str, reporter: str = "manual") -> list[IncidentRef]:
+    """One alert carrying `tokens`, as the intake records it (due at once for a worker)."""
     items = [
-        TokenSighting(token(n), TOKEN_TYPE, f"https://paste.example/{n}", "paste", reporter) for n in numbers
+        TokenSighting(t, TOKEN_TYPE, f"https://paste.example/{i}", "paste", reporter)
+        for i, t in enumerate(tokens)
     ]
-    alert = AlertRecord(reporter, hashlib.sha256(repr(numbers).encode()).hexdigest(), len(items))
-    refs = await store.intake(alert, items, match_after=0.0)
-    return [r.id for r in refs]
+    alert = AlertRecord(reporter, hashlib.sha256(repr(tokens).encode()).hexdigest(), len(items))
+    return await store.intake(alert, items, match_after=0.0)
+
+
+async def intake(store: SqliteStore, *numbers: int, reporter: str = "manual") -> list[str]:
+    """One alert carrying the tokens `token(n)`; the incidents' ids."""
+    return [r.id for r in await intake_refs(store, *(token(n) for n in numbers), reporter=reporter)]
 
 
 async def drive(store: SqliteStore, incident_id: str, to: State, due: float | None, **fields: Any) -> None:
