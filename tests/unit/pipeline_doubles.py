@@ -167,9 +167,15 @@ class FakeSmtp:
     def __init__(self) -> None:
         self.sent: list[tuple[str, EmailMessage]] = []
         self.answers: dict[str, SendResult] = {}
+        # When set, a send is announced on `entered` and then waits for `gate`: a send in flight.
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
 
     async def send(self, message: EmailMessage, sender: str, recipient: str) -> SendResult:
         self.sent.append((recipient, message))
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
         return self.answers.get(recipient, SendResult(SendOutcome.SENT))
 
     def to(self, recipient: str) -> list[EmailMessage]:
