@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import random
 import time
 
 import httpx
 import pytest
 
-from service.pipeline import backoff
 from service.reasons import Reason
 from service.supermemory import CallFailed, ProbeVerdict, RevokeResult, SupermemoryClient
 
@@ -221,14 +219,3 @@ def test_no_exception_text_carries_the_token():
 
     probe = run(probe_with(handler))
     assert TOKEN not in repr(probe)
-
-
-def test_backoff_grows_with_jitter_and_honours_retry_after():
-    rng = random.Random(1)
-    delays = [backoff(n, 1.0, 300.0, None, rng) for n in range(1, 12)]
-    for attempt, delay in enumerate(delays, start=1):
-        ceiling = min(300.0, 2 ** (attempt - 1))
-        assert ceiling / 2 <= delay <= ceiling
-    assert len({round(d, 6) for d in delays}) == len(delays), "jitter spreads retries"
-    assert backoff(1, 1.0, 300.0, 42.0, rng) == 42.0
-    assert backoff(9, 1.0, 300.0, 1.0, rng) >= 128
