@@ -116,16 +116,31 @@ def test_retry_unconfirmed_incident(sandbox, ops):
     refused(missing, 404, "incident_not_found", ops)
 
 
-def test_retry_resets_a_failing_revoke(sandbox, ops):
+def test_retry_resets_a_failing_revoke(sandbox, make_service):
+    # A backoff of minutes: after its first failure the revoke is not tried again within this test
+    # unless the operator's retry brings it forward, so the incident is certainly stuck when retried.
+    ops = make_service(
+        {**operator_env(), "LEAK_RESPONDER_BACKOFF_BASE": "600", "LEAK_RESPONDER_BACKOFF_MAX": "600"}
+    )
     sandbox.supermemory.set_knobs(fail_next={"revoke": 1000}, fail_status={"revoke": 503})
     key = sandbox.tokens[1]
     incident_id = report(ops, {"tokens": [key]}).json()["findings"][0]["incident_id"]
-    wait_until(lambda: (ops.incident(key) or {}).get("attempts", 0) >= 2)
+    failing = wait_until(lambda: (row := ops.incident(key)) and row["attempts"] >= 1 and row)
+    assert failing["state"] == "matched" and failing["last_reason"] == "server_error"
+    assert failing["next_run_at"] - time.time() > 250
     sandbox.supermemory.set_knobs(fail_next={})
     retried = httpx.post(f"{ops.url}/v1/incidents/{incident_id}/retry", headers=auth(), timeout=30)
-    # The worker may have got there first; either way the incident ends confirmed.
-    assert retried.status_code in (202, 409), retried.text
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["attempts"] == 0
     ops.wait_state(key, "confirmed")
+    assert "retry_requested" in ops.events(key)
+    # Confirmed now, it is not stuck any more.
+    refused(
+        httpx.post(f"{ops.url}/v1/incidents/{incident_id}/retry", headers=auth(), timeout=30),
+        409,
+        "incident_not_retryable",
+        ops,
+    )
 
 
 def test_openapi_describes_every_route(ops):
