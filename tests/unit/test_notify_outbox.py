@@ -133,6 +133,22 @@ def test_keys_of_another_alert_are_not_grouped(tmp_path, clock):
     assert other.next_run_at == START + 3600.0, "not woken: it gets its own email at its own turn"
 
 
+def test_incidents_handed_over_together_go_to_a_recipient_in_one_email(tmp_path, clock):
+    """Grouping is by recipient over the whole batch, not only over one alert's keys."""
+    smtp = FakeSmtp()
+
+    async def scenario(store):
+        [a] = await alert(store, clock, {1: ("ann@example.test",)})
+        [b] = await alert(store, clock, {2: ("ann@example.test", "bob@example.test")})
+        return {a, b}, await notifier_for(store, clock, smtp).notify(await store.incidents([a, b]))
+
+    ids, result = run_with_store(tmp_path, clock, scenario)
+    assert sorted(r for r, _ in smtp.sent) == ["ann@example.test", "bob@example.test"]
+    [to_ann] = smtp.to("ann@example.test")
+    assert to_ann["Subject"] == "2 of your Supermemory API keys were leaked and have been revoked"
+    assert result.done == ids
+
+
 def test_a_confirmed_key_waits_for_siblings_that_may_share_its_recipient(tmp_path, clock):
     smtp = FakeSmtp()
 

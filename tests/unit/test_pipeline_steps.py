@@ -670,11 +670,12 @@ def test_reprobe_window_over_pages_once_and_parks_for_an_operator(tmp_path, cloc
     async def scenario(store):
         incident = await unconfirmed(store, clock, since=START)
         steps = steps_for(store, clock, client, pager, unconfirmed_window=86400.0)
-        clock.now = START + 86400.0 - 1
+        # The last re-probe within the window comes back exactly when the window runs out.
+        clock.now = START + 86400.0 - 3600.0
         before = await steps.reprobe(incident, OWNER)
         await record(store, before)
-        clock.now = START + 86400.0
         over = await steps.reprobe(await again(store, clock, incident.id), OWNER)
+        assert clock.now == START + 86400.0
         await record(store, over)
         # Resumed (a restart does so), it is probed once more and parked again, without a new page.
         await store.resume(State.UNCONFIRMED)
@@ -684,7 +685,7 @@ def test_reprobe_window_over_pages_once_and_parks_for_an_operator(tmp_path, cloc
         return before, over, resumed, await one(store, incident.id)
 
     before, over, resumed, incident = run_with_store(tmp_path, clock, scenario)
-    assert before.page is None and before.next_run_at == START + 86400.0 - 1 + 3600.0
+    assert before.page is None and before.next_run_at == START + 86400.0
     assert over.page == Reason.UNCONFIRMED_WINDOW_OVER and over.next_run_at is None
     assert resumed.page is None and resumed.next_run_at is None
     assert pager.codes() == [Reason.UNCONFIRMED_WINDOW_OVER]

@@ -344,11 +344,14 @@ def test_worker_resolve_refuses_a_final_or_stale_incident(tmp_path, clock):
         worker = worker_for(store, clock, FakeSupermemory())
         stale = await one(store, open_id)
         first = await worker.resolve(stale, "bob", "checked by hand")
+        woken = worker._wake.is_set()
+        worker._wake.clear()
         second = await worker.resolve(stale, "bob", "again, from the same old read")
         final = await worker.resolve(await one(store, closed_id), "bob", "n")
-        return first, second, final, await store.detail(open_id)
+        return first, woken, second, final, worker._wake.is_set(), await store.detail(open_id)
 
-    first, second, final, detail = run_with_store(tmp_path, clock, scenario)
+    first, woken, second, final, woken_again, detail = run_with_store(tmp_path, clock, scenario)
     assert (first, second, final) == (True, False, False)
+    assert woken and not woken_again, "only a transition that applied wakes the worker"
     assert [e.kind for e in detail.events].count("resolved") == 1
     assert detail.incident.state is State.CLOSED and not detail.incident.has_token
