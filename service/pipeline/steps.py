@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -49,8 +50,12 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None, rn
     """Exponential with equal jitter, so retries spread out but never collapse to zero.
 
     A server's Retry-After is a floor, not a suggestion: we wait at least that long.
+    Past the cap the attempt count no longer matters, and is not raised to a power: a step failing
+    for days (an SMTP relay down over a weekend) counts over a thousand attempts, and 2**1024 does
+    not fit a float.
     """
-    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    doublings = max(0, attempt - 1)
+    ceiling = cap if doublings >= math.log2(cap / base) else base * 2**doublings
     delay: float = ceiling / 2 + rng.uniform(0, ceiling / 2)
     return max(delay, retry_after) if retry_after is not None else delay
 

@@ -96,6 +96,25 @@ def test_backoff_is_capped():
     assert all(0.5 <= backoff(a, 1.0, 300.0, None, rng) <= 1.0 for a in (0, 1) for _ in range(50))
 
 
+def test_backoff_after_days_of_failures_stays_at_the_cap():
+    """At the cap a failure is retried every few minutes, so a relay down over a long weekend
+    brings a pending email past a thousand attempts: 2**1024 no longer fits a float."""
+    rng = random.Random(3)
+    assert all(150.0 <= backoff(attempt, 1.0, 300.0, None, rng) <= 300.0 for attempt in (1025, 5000, 10**6))
+
+
+def test_a_step_failing_for_days_still_backs_off(tmp_path, clock):
+    client = FakeSupermemory()
+    client.revoke_error = CallFailed(Reason.SERVER_ERROR, 503)
+
+    async def scenario(store):
+        incident = await at(store, clock, State.MATCHED, attempts=1100, step_started_at=START - 3 * 86400)
+        return await steps_for(store, clock, client).revoke(incident, OWNER)
+
+    t = run_with_store(tmp_path, clock, scenario)
+    assert t.set["attempts"] == 1101 and START + 150.0 <= t.next_run_at <= START + 300.0
+
+
 def test_backoff_takes_retry_after_as_a_floor_not_a_ceiling():
     rng = random.Random(3)
     assert backoff(1, 1.0, 300.0, 42.0, rng) == 42.0
