@@ -75,8 +75,9 @@ def key_info(n: int, *emails: str) -> KeyInfo:
 class FakeSupermemory:
     """Supermemory's three calls, answered as the test scripts them, with every call recorded.
 
-    `probe_answers` are used in order, the last one repeated; `lookup_error` and `revoke_error`
-    make the call fail as the real client reports a failure (CallFailed with a reason).
+    `probe_answers` are used in order, the last one repeated (an exception is raised, as a bug in
+    the client would); `lookup_error` and `revoke_error` make the call fail as the real client
+    reports a failure (CallFailed with a reason).
     """
 
     def __init__(self) -> None:
@@ -87,7 +88,7 @@ class FakeSupermemory:
         self.revoke_error: CallFailed | None = None
         self.revoke_result = RevokeResult.REVOKED
         self.revoke_gate: asyncio.Event | None = None
-        self.probe_answers: list[Probe] = [dead()]
+        self.probe_answers: list[Probe | Exception] = [dead()]
         self.lookups: list[list[str]] = []
         self.revokes: list[str] = []
         self.probes: list[str] = []
@@ -116,7 +117,10 @@ class FakeSupermemory:
 
     async def probe(self, raw: str) -> Probe:
         self.probes.append(raw)
-        return self.probe_answers.pop(0) if len(self.probe_answers) > 1 else self.probe_answers[0]
+        answer = self.probe_answers.pop(0) if len(self.probe_answers) > 1 else self.probe_answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 def dead() -> Probe:

@@ -135,11 +135,7 @@ def test_without_a_notifier_an_unconfirmed_key_is_reprobed(tmp_path, clock):
 
 def test_a_step_that_raises_is_logged_and_frees_its_room(tmp_path, clock, caplog):
     client = FakeSupermemory()
-
-    async def boom(raw: str):
-        raise RuntimeError("provider SDK bug")
-
-    client.probe = boom  # type: ignore[method-assign]
+    client.probe_answers = [RuntimeError("a bug in the client")]
 
     async def scenario(store):
         incident_id = await put(store, clock, 4, State.REVOKED)
