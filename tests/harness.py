@@ -176,6 +176,9 @@ class Service:
             "LEAK_RESPONDER_DATABASE_URL": f"sqlite:///{self.db_path}",
             "LEAK_RESPONDER_LOG_FORMAT": "json",
             "LEAK_RESPONDER_LOG_LEVEL": "DEBUG",
+            # Replicas on one host would share the host name: each work directory is one replica,
+            # and a service restarted in it is that replica again.
+            "LEAK_RESPONDER_REPLICA_ID": re.sub(r"[^A-Za-z0-9._-]", "-", workdir.name)[:63],
             **FAST,
             **env,
         }
