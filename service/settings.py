@@ -146,6 +146,16 @@ def _path(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated CIDRs that channels may reach besides public https addresses."""
+    try:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()
+        )
+    except ValueError:
+        raise ValueError("expected comma-separated CIDRs, e.g. 127.0.0.0/8,10.1.0.0/16") from None
+
+
 def _log_format(value: str) -> str:
     if value not in ("json", "text"):
         raise ValueError("expected json or text")
@@ -238,6 +248,10 @@ class Settings:
     mail_from: str | None = _setting("MAIL_FROM", _email, "")
     security_contact: str | None = _setting("SECURITY_CONTACT", _email, "")
     notify_group_wait: float = _setting("NOTIFY_GROUP_WAIT", _positive(_F), "10")
+    channel_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "CHANNEL_ALLOWED_NETWORKS", _networks, ""
+    )
+    channel_give_up_after: float = _setting("CHANNEL_GIVE_UP_AFTER", _positive(_F), "86400")
     runbook_url: str = _setting("RUNBOOK_URL", str, "docs/runbook.md")
     body_limit: int = _setting("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024))
     request_budget: float = _setting("REQUEST_BUDGET", _positive(_F), "5")
@@ -322,6 +336,8 @@ class Settings:
                 shown = "(set, masked)" if value else "(unset)"
             elif attribute == "operator_tokens":
                 shown = ", ".join(sorted(value)) or "(none)"
+            elif attribute == "channel_allowed_networks":
+                shown = ",".join(str(v) for v in value) or "(none)"
             elif isinstance(value, tuple):
                 shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "(none)"
             else:
