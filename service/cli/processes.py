@@ -143,7 +143,10 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     except SealingError as exc:
         print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
         return 1
-    print(f"resealed {report.resealed} token(s) under data key {sealer_for(settings).current}")
+    print(
+        f"resealed {report.resealed} value(s) (tokens, channel URLs and secrets) under data key"
+        f" {sealer_for(settings).current}"
+    )
     if report.unopenable:
         print(
             f"leak-responder: {len(report.unopenable)} token(s) open with none of the configured keys:"

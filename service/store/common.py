@@ -406,6 +406,71 @@ def reseal_update(d: Dialect) -> str:
     return f"UPDATE incidents SET token_sealed = {m}, sealed_key = {m} WHERE id = {m} AND token_sealed = {m}"  # noqa: S608
 
 
+def channel_rewrap_batch(
+    after: tuple[str, str], limit: int, sealer: Sealer, d: Dialect
+) -> tuple[str, list[Any]]:
+    """The next channels (by incident and channel id, after `after`) not sealed under the current key."""
+    m = d.mark
+    return (
+        "SELECT incident_id, channel_id, url_sealed, secret_sealed, sealed_key FROM channels"  # noqa: S608
+        f" WHERE sealed_key <> {m} AND (incident_id > {m} OR (incident_id = {m} AND channel_id > {m}))"
+        f" ORDER BY incident_id, channel_id LIMIT {m}",
+        [sealer.current, after[0], after[0], after[1], limit],
+    )
+
+
+def channel_reseal(rows: Sequence[Row], sealer: Sealer, report: RewrapReport) -> list[tuple[Any, ...]]:
+    """(new URL blob, new secret blob, key id, incident id, channel id, old URL blob) per channel."""
+    updates = []
+    for row in rows:
+        incident_id, channel_id, key = row["incident_id"], row["channel_id"], row["sealed_key"]
+        old = bytes(row["url_sealed"])
+        try:
+            url = sealer.open(old, _sealing_context(incident_id, channel_id, "url"), key)
+            secret = row["secret_sealed"]
+            if secret is not None:
+                context = _sealing_context(incident_id, channel_id, "secret")
+                secret = sealer.seal(sealer.open(bytes(secret), context, key), context)
+        except SealingError:
+            report.unopenable.append(incident_id)
+            continue
+        url_context = _sealing_context(incident_id, channel_id, "url")
+        updates.append((sealer.seal(url, url_context), secret, sealer.current, incident_id, channel_id, old))
+    return updates
+
+
+def channel_reseal_update(d: Dialect) -> str:
+    m = d.mark
+    return (
+        f"UPDATE channels SET url_sealed = {m}, secret_sealed = {m}, sealed_key = {m}"  # noqa: S608
+        f" WHERE incident_id = {m} AND channel_id = {m} AND url_sealed = {m}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrap:
+    """One kind of sealed row `rewrap` walks: how to page through it, reseal it and write it back."""
+
+    batch: Callable[[Any, int, Sealer, Dialect], tuple[str, list[Any]]]
+    reseal: Callable[[Sequence[Row], Sealer, RewrapReport], list[tuple[Any, ...]]]
+    update: Callable[[Dialect], str]
+    cursor: Callable[[Row], Any]
+    start: Any
+
+
+# Raw tokens, then the channels' URLs and secrets: everything sealed with the data key.
+REWRAPS = (
+    Rewrap(rewrap_batch, reseal, reseal_update, lambda row: row["id"], ""),
+    Rewrap(
+        channel_rewrap_batch,
+        channel_reseal,
+        channel_reseal_update,
+        lambda row: (row["incident_id"], row["channel_id"]),
+        ("", ""),
+    ),
+)
+
+
 # -- the channel outbox ------------------------------------------------------------------------------
 
 
@@ -447,11 +512,15 @@ def outbox_insert(t: Transition, now: float, d: Dialect) -> tuple[str, list[Any]
         return None
     m = d.mark
     return (
-        "INSERT INTO channel_events (incident_id, channel_id, state, status, attempts, next_attempt_at,"  # noqa: S608
-        f" created_at, updated_at) SELECT incident_id, channel_id, {m}, {m}, 0, {m}, {m}, {m}"
+        "INSERT INTO channel_events (incident_id, channel_id, state, seq, status, attempts, next_attempt_at,"  # noqa: S608
+        f" created_at, updated_at) SELECT incident_id, channel_id, {m}, {m}, {m}, 0, {m}, {m}, {m}"
         f" FROM channels WHERE incident_id = {m} AND disabled_at IS NULL ON CONFLICT DO NOTHING",
-        [str(t.state), str(ChannelStatus.PENDING), now, now, now, t.incident_id],
+        [str(t.state), _SEQ[t.state], str(ChannelStatus.PENDING), now, now, now, t.incident_id],
     )
+
+
+# The order in which a channel hears of an incident's states (an unconfirmed key may later confirm).
+_SEQ = {State.MATCHED: 1, State.REVOKED: 2, State.UNCONFIRMED: 3, State.CONFIRMED: 4}
 
 
 def channel_due(now: float, limit: int, d: Dialect, lock: str = "") -> tuple[str, list[Any]]:
@@ -465,7 +534,7 @@ def channel_due(now: float, limit: int, d: Dialect, lock: str = "") -> tuple[str
         " ON c.incident_id = e.incident_id AND c.channel_id = e.channel_id"
         f" WHERE e.next_attempt_at IS NOT NULL AND e.next_attempt_at <= {m}"
         " AND NOT EXISTS (SELECT 1 FROM channel_events p WHERE p.incident_id = e.incident_id"
-        " AND p.channel_id = e.channel_id AND p.created_at < e.created_at AND p.next_attempt_at IS NOT NULL)"
+        " AND p.channel_id = e.channel_id AND p.seq < e.seq AND p.next_attempt_at IS NOT NULL)"
         f" ORDER BY e.next_attempt_at LIMIT {m}{lock}",
         [now, limit],
     )
@@ -489,10 +558,14 @@ def channel_job(row: Row, sealer: Sealer) -> ChannelJob:
         channel_id=channel_id,
         type=ChannelType(row["type"]),
         state=State(row["state"]),
-        url=sealer.open(bytes(row["url_sealed"]), _sealing_context(incident_id, channel_id, "url"), row["sealed_key"]),
+        url=sealer.open(
+            bytes(row["url_sealed"]), _sealing_context(incident_id, channel_id, "url"), row["sealed_key"]
+        ),
         secret=None
         if secret is None
-        else sealer.open(bytes(secret), _sealing_context(incident_id, channel_id, "secret"), row["sealed_key"]),
+        else sealer.open(
+            bytes(secret), _sealing_context(incident_id, channel_id, "secret"), row["sealed_key"]
+        ),
         attempts=row["attempts"] + 1,
         created_at=row["created_at"],
         uncertain=row["status"] == ChannelStatus.SENDING,
@@ -542,7 +615,7 @@ def channel_deliveries(incident_ids: Sequence[str], d: Dialect) -> tuple[str, li
     return (
         "SELECT e.*, c.type FROM channel_events e JOIN channels c"  # noqa: S608
         " ON c.incident_id = e.incident_id AND c.channel_id = e.channel_id"
-        f" WHERE e.incident_id IN ({marks}) ORDER BY e.created_at, e.channel_id",
+        f" WHERE e.incident_id IN ({marks}) ORDER BY e.seq, e.channel_id",
         list(incident_ids),
     )
 

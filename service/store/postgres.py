@@ -775,25 +775,29 @@ class PostgresStore:
         """Reseal every token under the current data key, a batch per transaction (so an interrupted
         run keeps what it did; replicas may serve meanwhile, and a row they wipe is left alone)."""
         report = RewrapReport()
-        after = ""
-        while True:
-            sql, args = common.rewrap_batch(after, batch, self._sealer, POSTGRES)
+        for kind in common.REWRAPS:
+            after = kind.start
+            while True:
+                sql, args = kind.batch(after, batch, self._sealer, POSTGRES)
 
-            async def read(conn: Conn, sql: str = sql, args: list[Any] = args) -> list[dict[str, Any]]:
-                return await self._rows(conn, sql, args)
+                async def read(conn: Conn, sql: str = sql, args: list[Any] = args) -> list[dict[str, Any]]:
+                    return await self._rows(conn, sql, args)
 
-            rows = await self._read(read)
-            if not rows:
-                return report
-            after = rows[-1]["id"]
-            updates = common.reseal(rows, self._sealer, report)
+                rows = await self._read(read)
+                if not rows:
+                    break
+                after = kind.cursor(rows[-1])
+                updates = kind.reseal(rows, self._sealer, report)
 
-            async def work(conn: Conn, updates: list[tuple[Any, ...]] = updates) -> int:
-                async with conn.cursor() as cur:
-                    await cur.executemany(common.reseal_update(POSTGRES), updates)
-                    return cur.rowcount
+                async def work(
+                    conn: Conn, updates: list[tuple[Any, ...]] = updates, sql: str = kind.update(POSTGRES)
+                ) -> int:
+                    async with conn.cursor() as cur:
+                        await cur.executemany(sql, updates)
+                        return cur.rowcount
 
-            report.resealed += await self._write(work)
+                report.resealed += await self._write(work)
+        return report
 
     async def stats(self) -> StoreStats:
         async def work(conn: Conn) -> StoreStats:

@@ -700,18 +700,21 @@ class SqliteStore:
         """Reseal every token under the current data key, a batch per transaction (so an interrupted
         run keeps what it did, and the next run goes on from there)."""
         report = RewrapReport()
-        after = ""
-        while True:
-            rows = await self._rows(*common.rewrap_batch(after, batch, self._sealer, SQLITE))
-            if not rows:
-                return report
-            after = rows[-1]["id"]
-            updates = common.reseal(rows, self._sealer, report)
+        for kind in common.REWRAPS:
+            after = kind.start
+            while rows := await self._rows(*kind.batch(after, batch, self._sealer, SQLITE)):
+                after = kind.cursor(rows[-1])
+                updates = kind.reseal(rows, self._sealer, report)
 
-            def work(conn: sqlite3.Connection, updates: list[tuple[Any, ...]] = updates) -> int:
-                return sum(conn.execute(common.reseal_update(SQLITE), u).rowcount for u in updates)
+                def work(
+                    conn: sqlite3.Connection,
+                    updates: list[tuple[Any, ...]] = updates,
+                    sql: str = kind.update(SQLITE),
+                ) -> int:
+                    return sum(conn.execute(sql, u).rowcount for u in updates)
 
-            report.resealed += await self._write(work)
+                report.resealed += await self._write(work)
+        return report
 
     async def take_rates(self, buckets: Sequence[RateBucket]) -> RateRefusal | None:
         """In memory, on the event loop's thread (no await between reading and writing a bucket)."""

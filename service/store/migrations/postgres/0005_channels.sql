@@ -6,7 +6,8 @@
 -- naming the data key that sealed them so that a rewrap finds what to reseal.
 -- `channel_events` is the outbox: one row per incident, channel and state, written in the same
 -- transaction as the transition to that state, so each event is sent once through restarts and
--- replicas. `next_attempt_at` is set while the row still has to go out (while a sender holds it,
+-- replicas; `seq` orders a channel's events of one incident (matched, revoked, unconfirmed,
+-- confirmed), and an event waits while an earlier one is unsettled. `next_attempt_at` is set while the row still has to go out (while a sender holds it,
 -- the end of its hold): a row found `sending` past it is one whose sender died mid-send.
 
 ALTER TABLE incidents ADD COLUMN key_created_at double precision;
@@ -28,6 +29,7 @@ CREATE TABLE channel_events (
     incident_id     text NOT NULL,
     channel_id      text NOT NULL,
     state           text NOT NULL,
+    seq             integer NOT NULL,
     status          text NOT NULL,
     holder          text,
     attempts        integer NOT NULL DEFAULT 0,

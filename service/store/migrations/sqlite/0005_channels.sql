@@ -5,7 +5,8 @@
 -- naming the data key that sealed them so that a rewrap finds what to reseal.
 -- `channel_events` is the outbox: one row per incident, channel and state, written in the same
 -- transaction as the transition to that state, so each event is sent once through restarts and
--- replicas. `next_attempt_at` is set while the row still has to go out (while a sender holds it,
+-- replicas; `seq` orders a channel's events of one incident (matched, revoked, unconfirmed,
+-- confirmed), and an event waits while an earlier one is unsettled. `next_attempt_at` is set while the row still has to go out (while a sender holds it,
 -- the end of its hold): a row found `sending` past it is one whose sender died mid-send.
 
 ALTER TABLE incidents ADD COLUMN key_created_at REAL;
@@ -27,6 +28,7 @@ CREATE TABLE channel_events (
     incident_id     TEXT    NOT NULL,
     channel_id      TEXT    NOT NULL,
     state           TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
     status          TEXT    NOT NULL,
     holder          TEXT,
     attempts        INTEGER NOT NULL DEFAULT 0,
