@@ -55,7 +55,8 @@ def test_no_canary_or_channel_secret_in_any_output(sandbox, make_service, smtp, 
     service.wait_state(CANARIES[0], "closed")
     sandbox.supermemory.set_knobs(never_revoke=True)
     service.post_alert(sandbox.github, [CANARIES[1]])
-    service.wait_state(CANARIES[1], "closed")
+    service.wait_state(CANARIES[1], "unconfirmed")  # it stays open, told urgently
+    wait_until(lambda: smtp.to("canary1@example.test"))
     wait_until(lambda: len(rc.received("/slack/canary-slack-path")) == 6)
     wait_until(lambda: sentry.pages("revocation_unconfirmed"))
 
