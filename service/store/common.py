@@ -505,17 +505,28 @@ def channel_insert(d: Dialect) -> str:
     )
 
 
+def channel_state(t: Transition) -> State | None:
+    """The state a transition tells the channels of: the state it enters, or `confirmed` for an
+    unconfirmed key whose late 401 closes it at once (the channels heard it may still work)."""
+    if t.state in CHANNEL_STATES:
+        return t.state
+    if t.expected_state is State.UNCONFIRMED and t.event == State.CONFIRMED:
+        return State.CONFIRMED
+    return None
+
+
 def outbox_insert(t: Transition, now: float, d: Dialect) -> tuple[str, list[Any]] | None:
     """The outbox rows an applied transition owes: one per channel of the incident, for a state the
     channels hear of. A channel that answered 410 for this incident hears nothing more."""
-    if t.state not in CHANNEL_STATES:
+    state = channel_state(t)
+    if state is None:
         return None
     m = d.mark
     return (
         "INSERT INTO channel_events (incident_id, channel_id, state, seq, status, attempts, next_attempt_at,"  # noqa: S608
         f" created_at, updated_at) SELECT incident_id, channel_id, {m}, {m}, {m}, 0, {m}, {m}, {m}"
         f" FROM channels WHERE incident_id = {m} AND disabled_at IS NULL ON CONFLICT DO NOTHING",
-        [str(t.state), _SEQ[t.state], str(ChannelStatus.PENDING), now, now, now, t.incident_id],
+        [str(state), _SEQ[state], str(ChannelStatus.PENDING), now, now, now, t.incident_id],
     )
 
 

@@ -84,6 +84,24 @@ def test_a_transition_writes_one_event_per_channel_in_order(backend: Backend) ->
     run(body())
 
 
+def test_an_unconfirmed_key_confirmed_late_tells_the_channels(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            incident_id = await matched(store, [HOOK])
+            assert await move(store, incident_id, State.MATCHED, State.REVOKED)
+            assert await move(store, incident_id, State.REVOKED, State.UNCONFIRMED)
+            late = Transition(incident_id, State.UNCONFIRMED, "confirmed", state=State.CLOSED)
+            assert await store.apply([late]) == [True]
+            states = []
+            while jobs := await store.claim_channel_events("a", 10, 30):
+                for job in jobs:
+                    states.append(job.state)
+                    assert await store.finish_channel_event("a", job, sent())
+            assert states == [State.MATCHED, State.REVOKED, State.UNCONFIRMED, State.CONFIRMED]
+
+    run(body())
+
+
 def test_a_lost_hold_is_taken_over_as_uncertain_and_its_late_outcome_refused(backend: Backend) -> None:
     async def body() -> None:
         async with backend.opened() as (store,):
