@@ -61,16 +61,20 @@ class Received:
 
 
 class ChannelReceiver:
-    def __init__(self, secrets: Mapping[str, str] | None = None) -> None:
-        """`secrets` maps a webhook's path (`/hooks/{name}`) to its `whsec_` secret."""
+    def __init__(self, secrets: Mapping[str, str] | None = None, *, show: bool = False) -> None:
+        """`secrets` maps a webhook's path (`/hooks/{name}`) to its `whsec_` secret; `show` prints a
+        line per arrival (for a person watching `make run`, not for tests)."""
+        self._show = show
         self._lock = threading.Lock()
         self._secrets = dict(secrets or {})
         self._behaviour: dict[str, Behaviour] = {}
         self._received: list[Received] = []
 
     @classmethod
-    def for_channels(cls, channels: list[dict[str, str]]) -> ChannelReceiver:
-        return cls({urlsplit(c["url"]).path: c["secret"] for c in channels if c.get("type") == "webhook"})
+    def for_channels(cls, channels: list[dict[str, str]], *, show: bool = False) -> ChannelReceiver:
+        return cls(
+            {urlsplit(c["url"]).path: c["secret"] for c in channels if c.get("type") == "webhook"}, show=show
+        )
 
     def add_secret(self, path: str, secret: str) -> None:
         with self._lock:
@@ -108,7 +112,8 @@ class ChannelReceiver:
                 Received(path, kind, dict(request.headers), body, verified, status, time.time())
             )
         await sleep_unless_disconnected(request, behaviour.delay)
-        _show(kind, path, body, verified, status)
+        if self._show:
+            _show(kind, path, body, verified, status)
         if behaviour.redirect:
             return Response(status_code=307, headers={"Location": behaviour.redirect})
         headers = {}

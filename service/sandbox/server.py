@@ -121,7 +121,8 @@ def dev_stand_ins(host: str, receiver_port: int, keys: int) -> tuple[Supermemory
     """The Supermemory stand-in with seeded keys whose orgs' channels point at a receiver on
     `receiver_port`, and that receiver, knowing their webhook secrets."""
     seeded = seeded_keys(keys, receiver=_url(host, receiver_port))
-    return SupermemorySandbox(seeded), ChannelReceiver.for_channels([c for k in seeded for c in k.channels])
+    channels = [c for k in seeded for c in k.channels]
+    return SupermemorySandbox(seeded), ChannelReceiver.for_channels(channels, show=True)
 
 
 async def serve_sandbox(
