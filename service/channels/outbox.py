@@ -34,7 +34,16 @@ from service.channels.payload import cloud_event, event_id, slack_message
 from service.channels.sender import Attempt, ChannelSender
 from service.observability import failure
 from service.reasons import Reason
-from service.store import ChannelJob, ChannelOutcome, ChannelStatus, ChannelType, Store, StoreError
+from service.store import (
+    ChannelJob,
+    ChannelOutcome,
+    ChannelStatus,
+    ChannelType,
+    Incident,
+    Sighting,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger("service.channels")
 
@@ -114,11 +123,25 @@ class ChannelDispatcher:
                     failure(
                         log, "channels", Reason.STORE_UNAVAILABLE, f"claim failed: {exc}", level=logging.ERROR
                     )
-            for job in jobs:
-                task = asyncio.create_task(self._deliver(job))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
             if jobs:
+                # One read of the incidents and their sightings for the whole batch, not two per event.
+                try:
+                    ids = sorted({j.incident_id for j in jobs})
+                    incidents = {i.id: i for i in await self.store.incidents(ids)}
+                    sightings = await self.store.sightings(ids)
+                except StoreError as exc:
+                    # Held rows come free when their hold runs out: delayed, not lost.
+                    failure(
+                        log, "channels", Reason.STORE_UNAVAILABLE, f"read failed: {exc}", level=logging.ERROR
+                    )
+                    await self._sleep()
+                    continue
+                for job in jobs:
+                    task = asyncio.create_task(
+                        self._deliver(job, incidents[job.incident_id], sightings[job.incident_id])
+                    )
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
                 continue
             await self._sleep()
 
@@ -147,7 +170,7 @@ class ChannelDispatcher:
                 exc_info=exc,
             )
 
-    async def _deliver(self, job: ChannelJob) -> None:
+    async def _deliver(self, job: ChannelJob, incident: Incident, sightings: list[Sighting]) -> None:
         fields = {
             "incident_id": job.incident_id,
             "channel_id": job.channel_id,
@@ -162,10 +185,8 @@ class ChannelDispatcher:
                 "sending again: an earlier attempt died before recording whether it was delivered",
                 context=fields,
             )
-        found = await self.store.incidents([job.incident_id])
-        sightings = (await self.store.sightings([job.incident_id]))[job.incident_id]
         build = cloud_event if job.type is ChannelType.WEBHOOK else slack_message
-        attempt = await self.sender.send(job, build(job, found[0], sightings), event_id(job))
+        attempt = await self.sender.send(job, build(job, incident, sightings), event_id(job))
         outcome = self._outcome(job, attempt)
         if not await self.store.finish_channel_event(self.holder, job, outcome):
             log.info("channel outcome superseded: the hold ran out mid-send", extra=fields)
