@@ -116,7 +116,8 @@ class ChannelDispatcher:
             self._wake.clear()
             room = self._capacity - len(self._inflight)
             jobs: list[ChannelJob] = []
-            if room > 0:
+            # Claim in batches (a claim is a write): once a quarter of the room is free, or when idle.
+            if room >= max(1, self._capacity // 4) or not self._inflight:
                 try:
                     jobs = await self.store.claim_channel_events(self.holder, room, self._hold)
                 except StoreError as exc:
@@ -151,8 +152,8 @@ class ChannelDispatcher:
             due = await self.store.next_channel_due()
             if due is not None:
                 timeout = min(_IDLE_POLL, max(0.0, due - self._clock()) + 0.005)
-        if len(self._inflight) >= self._capacity:
-            timeout = _IDLE_POLL
+        if self._inflight and self._capacity - len(self._inflight) < max(1, self._capacity // 4):
+            timeout = _IDLE_POLL  # full: a finished send wakes the loop
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
