@@ -59,6 +59,7 @@ _FINAL = {
     Reason.CHANNEL_REDIRECTED: (ChannelStatus.REFUSED, "channel_refused"),
     Reason.CHANNEL_REJECTED: (ChannelStatus.REFUSED, "channel_refused"),
     Reason.CHANNEL_GONE: (ChannelStatus.GONE, "channel_gone"),
+    Reason.TOKEN_UNSEALABLE: (ChannelStatus.REFUSED, "channel_refused"),
 }
 
 
@@ -186,8 +187,11 @@ class ChannelDispatcher:
                 "sending again: an earlier attempt died before recording whether it was delivered",
                 context=fields,
             )
-        build = cloud_event if job.type is ChannelType.WEBHOOK else slack_message
-        attempt = await self.sender.send(job, build(job, incident, sightings), event_id(job))
+        if job.unsealable:
+            attempt = Attempt(Reason.TOKEN_UNSEALABLE)
+        else:
+            build = cloud_event if job.type is ChannelType.WEBHOOK else slack_message
+            attempt = await self.sender.send(job, build(job, incident, sightings), event_id(job))
         outcome = self._outcome(job, attempt)
         if not await self.store.finish_channel_event(self.holder, job, outcome):
             log.info("channel outcome superseded: the hold ran out mid-send", extra=fields)

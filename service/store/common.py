@@ -562,24 +562,29 @@ def channel_hold(holder: str, until: float, now: float, row: Row, d: Dialect) ->
 
 
 def channel_job(row: Row, sealer: Sealer) -> ChannelJob:
-    incident_id, channel_id = row["incident_id"], row["channel_id"]
-    secret = row["secret_sealed"]
+    """The row as a sender gets it, URL and secret opened; a value no configured data key opens makes
+    a job marked `unsealable` (the sender records it as refused) rather than an error that would
+    stop every other channel."""
+    incident_id, channel_id, key = row["incident_id"], row["channel_id"], row["sealed_key"]
+    url, secret, unsealable = "", None, False
+    try:
+        url = sealer.open(bytes(row["url_sealed"]), _sealing_context(incident_id, channel_id, "url"), key)
+        if row["secret_sealed"] is not None:
+            context = _sealing_context(incident_id, channel_id, "secret")
+            secret = sealer.open(bytes(row["secret_sealed"]), context, key)
+    except SealingError:
+        unsealable = True
     return ChannelJob(
         incident_id=incident_id,
         channel_id=channel_id,
         type=ChannelType(row["type"]),
         state=State(row["state"]),
-        url=sealer.open(
-            bytes(row["url_sealed"]), _sealing_context(incident_id, channel_id, "url"), row["sealed_key"]
-        ),
-        secret=None
-        if secret is None
-        else sealer.open(
-            bytes(secret), _sealing_context(incident_id, channel_id, "secret"), row["sealed_key"]
-        ),
+        url=url,
+        secret=secret,
         attempts=row["attempts"] + 1,
         created_at=row["created_at"],
         uncertain=row["status"] == ChannelStatus.SENDING,
+        unsealable=unsealable,
     )
 
 

@@ -208,6 +208,8 @@ class ChannelJob:
     attempts: int
     created_at: float
     uncertain: bool
+    # Its URL or secret opens with none of the configured data keys: it cannot be sent.
+    unsealable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,3 +170,24 @@ def test_rewrap_reseals_channel_urls_and_secrets(backend: Backend) -> None:
             )
 
     run(body())
+
+
+def test_a_channel_no_configured_key_opens_is_handed_out_unsealable(backend: Backend) -> None:
+    """Not an error that would stop every other channel: the sender refuses that one event."""
+
+    async def body() -> None:
+        old = os.urandom(32)
+        backend.sealer = Sealer(old)
+        async with backend.opened() as (store,):
+            (incident_id,) = await due_now(store, [key()])
+            await store.claim("w", 10, 30)
+            # The token wiped (as at close), so only the channels hold values sealed under `old`.
+            t = Transition(incident_id, State.RECEIVED, "matched", lease_owner="w", state=State.MATCHED,
+                           channels=[HOOK], wipe_token=True)  # fmt: skip
+            assert await store.apply([t]) == [True]
+        backend.sealer = Sealer(os.urandom(32))
+        async with backend.opened() as (store,):
+            (job,) = await store.claim_channel_events("a", 10, 30)
+            assert (job.unsealable, job.url, job.secret) == (True, "", None)
+
+    run(body())
