@@ -188,7 +188,17 @@ class Runtime:
             quiet=everyone,
         )
         runtime = cls(
-            settings, store, client, pager, worker, enabled, keys_http, sweeper, public_limits, flooded, channels
+            settings,
+            store,
+            client,
+            pager,
+            worker,
+            enabled,
+            keys_http,
+            sweeper,
+            public_limits,
+            flooded,
+            channels,
         )
         if settings.sentry_dsn:
             runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)

@@ -146,16 +146,6 @@ def _path(value: str) -> str:
     return value
 
 
-def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Comma-separated CIDRs that channels may reach besides public https addresses."""
-    try:
-        return tuple(
-            ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()
-        )
-    except ValueError:
-        raise ValueError("expected comma-separated CIDRs, e.g. 127.0.0.0/8,10.1.0.0/16") from None
-
-
 def _log_format(value: str) -> str:
     if value not in ("json", "text"):
         raise ValueError("expected json or text")
@@ -336,8 +326,6 @@ class Settings:
                 shown = "(set, masked)" if value else "(unset)"
             elif attribute == "operator_tokens":
                 shown = ", ".join(sorted(value)) or "(none)"
-            elif attribute == "channel_allowed_networks":
-                shown = ",".join(str(v) for v in value) or "(none)"
             elif isinstance(value, tuple):
                 shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "(none)"
             else:

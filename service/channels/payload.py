@@ -20,6 +20,7 @@ from service.store import ChannelJob, Incident, Sighting, State
 SOURCE = "/leak-responder"
 TYPE = "com.supermemory.apikey.leak."
 MEDIA_TYPE = "application/cloudevents+json"
+_SLACK_SIGHTINGS = 10
 
 _HEADLINE = {
     State.MATCHED: "found in public; revoking it now",
@@ -103,8 +104,11 @@ def slack_message(job: ChannelJob, incident: Incident, sightings: Sequence[Sight
     where = [
         f"• {_slack_text(s['url'] or '(no URL)')} ({_slack_text(s['source'] or 'unknown')},"
         f" {_slack_text(s['reporter'])})"
-        for s in data["sightings"]
+        for s in data["sightings"][:_SLACK_SIGHTINGS]
     ]
+    if len(data["sightings"]) > _SLACK_SIGHTINGS:
+        # A section's text holds 3,000 characters at most; the event and the API have them all.
+        where.append(f"… and {len(data['sightings']) - _SLACK_SIGHTINGS} more")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": f"*{headline}*"}},
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in fields]},

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.cli import main
 from service.sandbox import ChannelReceiver, ServerThread
 from service.tokens import token_hash
 from tests.harness import metric, wait_until
@@ -22,7 +23,7 @@ from tests.integration.channel_helpers import (
     verified_events,
     webhook,
 )
-from tests.integration.operator_helpers import get, operator_env
+from tests.integration.operator_helpers import TOKENS, get, operator_env
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,10 @@ def timeline(service, token: str) -> list[dict]:
         ]
 
 
-def test_each_state_reaches_the_webhook_signed_and_the_slack_channel(sandbox, make_service, receiver):
+def test_each_state_reaches_the_webhook_signed_and_the_slack_channel(
+    sandbox, make_service, receiver, capsys, monkeypatch
+):
+    monkeypatch.setenv("LEAK_RESPONDER_OPERATOR_TOKEN", TOKENS["alice"])
     rc, base = receiver
     hook, chat = webhook(base, "acme"), slack(base, "acme")
     register(rc, hook)
@@ -104,6 +108,11 @@ def test_each_state_reaches_the_webhook_signed_and_the_slack_channel(sandbox, ma
         (c, s, "sent") for c in ("wh_acme", "sl_acme") for s in STATES
     }
     assert "url" not in str(shown["channels"]) and hook["secret"] not in str(shown)
+    assert main(["incidents", "show", incident["id"], "--url", service.url]) == 0
+    shown_text = capsys.readouterr().out
+    assert "wh_acme (webhook)  confirmed   sent     x1" in shown_text
+    assert "owner   owner1@example.test  -" in shown_text, "no email without SMTP"
+    assert hook["url"] not in shown_text
     text = httpx.get(f"{service.url}/metrics").text
     assert metric(text, "leak_responder_channel_deliveries_total", type="webhook", outcome="sent") == 3
     assert metric(text, "leak_responder_channel_deliveries_total", type="slack", outcome="sent") == 3

@@ -178,3 +178,9 @@ def test_slack_text_is_escaped():
     message = json.loads(slack_message(job(), incident(key_name="<!channel> & co"), []))
     assert "<!channel>" not in json.dumps(message) and "&lt;!channel&gt; &amp; co" in message["text"]
     assert message["blocks"][0]["text"]["text"] == f"*{message['text']}*"
+
+
+def test_slack_lists_ten_sightings_at_most():
+    sightings = [Sighting("github", f"https://x.test/{n}", "commit", "t", None, 1.0) for n in range(25)]
+    found = json.loads(slack_message(job(), incident(), sightings))["blocks"][2]["text"]["text"]
+    assert found.count("https://x.test/") == 10 and found.endswith("… and 15 more")
