@@ -162,6 +162,7 @@ class Runtime:
                 timeout=settings.http_timeout,
                 concurrency=settings.concurrency,
             ),
+            replica=settings.replica_id,
             concurrency=settings.concurrency,
             # Longer than any attempt can take (it is bounded by the HTTP timeout), like a lease.
             hold=max(settings.lease_seconds, 2 * settings.http_timeout),

@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import secrets
-import socket
 import time
 from collections.abc import Callable
 
@@ -69,6 +68,7 @@ class ChannelDispatcher:
         store: Store,
         sender: ChannelSender,
         *,
+        replica: str,
         concurrency: int,
         hold: float,
         give_up_after: float,
@@ -79,7 +79,9 @@ class ChannelDispatcher:
     ) -> None:
         self.store = store
         self.sender = sender
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # `<replica>/<incarnation>`, as the worker's leases: a restart under the same replica id
+        # takes back its dead predecessor's holds at once (Store.reclaim, run by the worker's start).
+        self.holder = f"{replica}/{os.getpid()}-{secrets.token_hex(4)}"
         self._capacity = concurrency
         self._hold = hold
         self._give_up_after = give_up_after

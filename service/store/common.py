@@ -338,6 +338,17 @@ def reclaim_leases(pattern: str, d: Dialect) -> tuple[str, list[Any]]:
     return sql, [pattern]
 
 
+def reclaim_channel_holds(pattern: str, now: float, d: Dialect) -> tuple[str, list[Any]]:
+    """Make the channel events held by senders whose holder matches `pattern` due now, as their
+    predecessor's leases are: they stay `sending`, so whoever takes them knows they may have gone
+    out (and sends them again under the same event id)."""
+    m = d.mark
+    return (
+        f"UPDATE channel_events SET next_attempt_at = {m} WHERE status = {m} AND holder LIKE {m} ESCAPE '!'",  # noqa: S608
+        [now, str(ChannelStatus.SENDING), pattern],
+    )
+
+
 def like_prefix(prefix: str) -> str:
     """A LIKE pattern (escape `!`) matching every string that starts with `prefix`."""
     return prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"

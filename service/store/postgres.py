@@ -363,12 +363,14 @@ class PostgresStore:
         await self._write(work)
 
     async def reclaim(self, replica: str) -> int:
-        """Hand back the leases of this replica's dead predecessor (a process that ran under the same
-        replica id: owners are `<replica>/<incarnation>`), at once; other replicas' leases are
-        theirs until they expire. Two live processes must never share a replica id."""
+        """Hand back the leases (and channel holds) of this replica's dead predecessor (a process
+        that ran under the same replica id: owners are `<replica>/<incarnation>`), at once; other
+        replicas' are theirs until they expire. Two live processes must never share a replica id."""
 
         async def work(conn: Conn) -> int:
-            cur = await conn.execute(*common.reclaim_leases(common.like_prefix(f"{replica}/"), POSTGRES))
+            pattern = common.like_prefix(f"{replica}/")
+            cur = await conn.execute(*common.reclaim_leases(pattern, POSTGRES))
+            await conn.execute(*common.reclaim_channel_holds(pattern, self._clock(), POSTGRES))
             if cur.rowcount:
                 await self._notify(conn)
             return cur.rowcount

@@ -158,6 +158,7 @@ class SqliteStore:
             self.migrated = [m.label for m in migrate_sqlite(conn)]
             # The lock is ours, so any lease here is a dead predecessor's: its work runs now.
             conn.execute(*common.reclaim_leases("%", SQLITE))
+            conn.execute(*common.reclaim_channel_holds("%", self._clock(), SQLITE))
         except Exception as exc:
             loop.call_soon_threadsafe(ready.set_exception, StoreError(f"cannot open store: {exc}"))
             return
@@ -333,8 +334,8 @@ class SqliteStore:
         await self._write(work)
 
     async def reclaim(self, replica: str) -> int:
-        """Nothing left to take back: `open` took every lease, as the lock makes them all a dead
-        predecessor's."""
+        """Nothing left to take back: `open` took every lease and channel hold, as the lock makes
+        them all a dead predecessor's."""
         return 0
 
     async def resume(self, state: State) -> int:

@@ -191,3 +191,23 @@ def test_a_channel_no_configured_key_opens_is_handed_out_unsealable(backend: Bac
             assert (job.unsealable, job.url, job.secret) == (True, "", None)
 
     run(body())
+
+
+def test_a_restart_takes_back_its_predecessors_holds_at_once(backend: Backend) -> None:
+    """SQLite: whoever opens the file owns every hold in it; PostgreSQL: a replica restarting under
+    its id owns its predecessor's, and another replica's stay held."""
+
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            await matched(store, [HOOK, CHAT])
+            jobs = await store.claim_channel_events("r1/100-dead", 1, 300)
+            others = await store.claim_channel_events("r2/200-live", 1, 300)
+            assert len(jobs) == len(others) == 1
+        async with backend.opened() as (store,):
+            await store.reclaim("r1")
+            taken = await store.claim_channel_events("r1/101-new", 10, 300)
+            expected = [jobs[0].channel_id] if backend.kind == "postgres" else sorted(["wh", "sl"])
+            assert sorted(j.channel_id for j in taken) == sorted(expected)
+            assert all(j.uncertain for j in taken), "it may have gone out: sent again under its id"
+
+    run(body())
