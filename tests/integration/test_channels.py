@@ -59,7 +59,9 @@ def test_each_state_reaches_the_webhook_signed_and_the_slack_channel(
 ):
     monkeypatch.setenv("LEAK_RESPONDER_OPERATOR_TOKEN", TOKENS["alice"])
     rc, base = receiver
-    hook, chat = webhook(base, "acme"), slack(base, "acme")
+    # The Slack URL names a host: the rule checks the address it resolves to, the connection goes
+    # there, and the request still speaks to the name (Host header).
+    hook, chat = webhook(base, "acme"), slack(base.replace("127.0.0.1", "localhost"), "acme")
     register(rc, hook)
     key = channel_key(sandbox, 1, hook, chat)
     service = make_service({**ALLOW_LOOPBACK, **operator_env()})
@@ -94,6 +96,9 @@ def test_each_state_reaches_the_webhook_signed_and_the_slack_channel(
     assert incident["token_hash"].encode() not in raw, "never the token's hash either"
 
     messages = [r.json for r in rc.received("/slack/acme")]
+    assert {r.headers["host"] for r in rc.received("/slack/acme")} == {
+        base.replace("http://127.0.0.1", "localhost")
+    }
     assert [m["blocks"][1]["fields"][0]["text"] for m in messages] == [f"*State*\n{s}" for s in STATES]
     assert all(incident["redacted"] in m["text"] and "Acme" in m["text"] for m in messages)
     assert "confirmed dead" in messages[2]["text"]
