@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import console, core, notify, pg, public, scan
+from bench import channels, console, core, notify, pg, public, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": core.bench_ack,
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "pg": pg.run,
     "console": console.run,
     "public": public.run,
+    "channels": channels.run,
 }
 
 

@@ -66,7 +66,57 @@ _DETAIL = {
         {
             "type": "object",
             "properties": {
-                "recipients": {"type": "array", "items": {"type": "object"}},
+                "recipients": {
+                    "type": "array",
+                    "description": "who is emailed: the owner, the notify list and the org's admins",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "email": {"type": "string"},
+                            "name": {"type": "string"},
+                            "role": {"type": "string", "enum": ["owner", "notify", "admin"]},
+                        },
+                    },
+                },
+                "key_created_at": _TIME,
+                "key_last_used_at": _TIME,
+                "used_after_leak": {"type": "boolean"},
+                "org_name": {"type": ["string", "null"]},
+                "emails": {
+                    "type": "array",
+                    "description": "the email outbox: one row per recipient and purpose",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "recipient": {"type": "string"},
+                            "purpose": {"type": "string"},
+                            "status": {"type": "string", "enum": ["pending", "sending", "sent", "refused"]},
+                            "attempts": {"type": "integer"},
+                            "updated_at": _TIME,
+                        },
+                    },
+                },
+                "channels": {
+                    "type": "array",
+                    "description": "the channel outbox: one event per channel and state (never a URL)",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "channel_id": {"type": "string"},
+                            "type": {"type": "string", "enum": ["webhook", "slack"]},
+                            "event_state": {"type": "string"},
+                            "status": {
+                                "type": "string",
+                                "enum": ["pending", "sending", "sent", "refused", "gone", "gave_up"],
+                            },
+                            "attempts": {"type": "integer"},
+                            "last_status": {"type": ["integer", "null"]},
+                            "reason": {"type": ["string", "null"]},
+                            "created_at": _TIME,
+                            "updated_at": _TIME,
+                        },
+                    },
+                },
                 "events": {
                     "type": "array",
                     "description": "the append-only audit trail, oldest first",

@@ -329,6 +329,34 @@ def detail_json(detail: IncidentDetail) -> dict[str, Any]:
     return {
         **incident_json(detail.incident),
         "recipients": detail.incident.recipients,
+        "key_created_at": iso(detail.incident.key_created_at),
+        "key_last_used_at": iso(detail.incident.key_last_used_at),
+        "used_after_leak": detail.incident.used_after_leak,
+        "org_name": detail.incident.org_name,
+        "emails": [
+            {
+                "recipient": d.recipient,
+                "purpose": d.purpose,
+                "status": str(d.status),
+                "attempts": d.attempts,
+                "updated_at": iso(d.updated_at),
+            }
+            for d in detail.deliveries
+        ],
+        "channels": [
+            {
+                "channel_id": c.channel_id,
+                "type": c.type,
+                "event_state": c.state,
+                "status": str(c.status),
+                "attempts": c.attempts,
+                "last_status": c.last_status,
+                "reason": c.reason,
+                "created_at": iso(c.created_at),
+                "updated_at": iso(c.updated_at),
+            }
+            for c in detail.channels
+        ],
         "events": [
             {"at": iso(e.at), "kind": e.kind, "state": str(e.state) if e.state else None, "detail": e.detail}
             for e in detail.events

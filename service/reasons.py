@@ -84,6 +84,8 @@ class Reason(enum.StrEnum):
     # -- the pipeline ----------------------------------------------------------------------------
     SHAPE_GATE = "shape_gate"
     NOT_A_KEY = "not_a_key"
+    LOOKUP_FIELD_MALFORMED = "lookup_field_malformed"
+    CHANNEL_MALFORMED = "channel_malformed"
     DRY_RUN = "dry_run"
     STEP_CRASHED = "step_crashed"
     STORE_UNAVAILABLE = "store_unavailable"
@@ -101,6 +103,12 @@ class Reason(enum.StrEnum):
     RESEND_UNKNOWN_OUTCOME = "resend_unknown_outcome"
     NOTIFY_PENDING = "notify_pending"
     DELIVERY_HELD_ELSEWHERE = "delivery_held_elsewhere"
+    # -- the org's own endpoints: webhooks and Slack (stage `channels`) -------------------------
+    CHANNEL_ADDRESS_REFUSED = "channel_address_refused"
+    CHANNEL_REDIRECTED = "channel_redirected"
+    CHANNEL_REJECTED = "channel_rejected"
+    CHANNEL_GONE = "channel_gone"
+    CHANNEL_GAVE_UP = "channel_gave_up"
     # -- pages (stage `alerting`; each also a Sentry event) --------------------------------------
     REVOCATION_UNCONFIRMED = "revocation_unconfirmed"
     REVOCATION_FAILED = "revocation_failed"

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from service.alerting import OncePerCondition, Pager, PipelineMonitor, SentryPager, init_sentry
+from service.channels import AddressPolicy, ChannelDispatcher, ChannelSender
 from service.inbound import KeyCache, Reporter, reporters
 from service.inbound.public import ClientNames, PublicLimits
 from service.notify import EmailNotifier, Letter, SmtpSender
@@ -104,6 +105,7 @@ class Runtime:
     sweeper: Sweeper
     public_limits: PublicLimits
     flooded: OncePerCondition
+    channels: ChannelDispatcher
     caches: dict[str, KeyCache] = field(default_factory=dict)
     monitor: PipelineMonitor | None = None
 
@@ -153,6 +155,22 @@ class Runtime:
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
         )
+        channels = ChannelDispatcher(
+            store,
+            ChannelSender(
+                AddressPolicy(settings.channel_allowed_networks),
+                timeout=settings.http_timeout,
+                concurrency=settings.concurrency,
+            ),
+            replica=settings.replica_id,
+            concurrency=settings.concurrency,
+            # Longer than any attempt can take (it is bounded by the HTTP timeout), like a lease.
+            hold=max(settings.lease_seconds, 2 * settings.http_timeout),
+            give_up_after=settings.channel_give_up_after,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+        )
+        worker.after_commit = channels.wake
         enabled = reporters(settings.github_keys_url, settings.gitlab_keys_url, settings.depsdev_keys_url)
         keys_http = httpx.AsyncClient(timeout=settings.http_timeout, headers={"User-Agent": "leak-responder"})
         sweeper = Sweeper(store, retention=settings.retention_days * 86400, interval=settings.sweep_interval)
@@ -171,7 +189,17 @@ class Runtime:
             quiet=everyone,
         )
         runtime = cls(
-            settings, store, client, pager, worker, enabled, keys_http, sweeper, public_limits, flooded
+            settings,
+            store,
+            client,
+            pager,
+            worker,
+            enabled,
+            keys_http,
+            sweeper,
+            public_limits,
+            flooded,
+            channels,
         )
         if settings.sentry_dsn:
             runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)
@@ -201,6 +229,7 @@ class Runtime:
         for cache in self.caches.values():
             cache.start()
         await self.worker.start()
+        self.channels.start()
         self.sweeper.start()
         if self.monitor is not None:
             self.monitor.start()
@@ -222,6 +251,7 @@ class Runtime:
             await self.monitor.stop()
         await self.sweeper.stop()
         await self.worker.stop()
+        await self.channels.stop()
         if isinstance(self.pager, SentryPager):
             await self.pager.aclose()
         for cache in self.caches.values():

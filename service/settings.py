@@ -238,6 +238,10 @@ class Settings:
     mail_from: str | None = _setting("MAIL_FROM", _email, "")
     security_contact: str | None = _setting("SECURITY_CONTACT", _email, "")
     notify_group_wait: float = _setting("NOTIFY_GROUP_WAIT", _positive(_F), "10")
+    channel_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "CHANNEL_ALLOWED_NETWORKS", _networks, ""
+    )
+    channel_give_up_after: float = _setting("CHANNEL_GIVE_UP_AFTER", _positive(_F), "86400")
     runbook_url: str = _setting("RUNBOOK_URL", str, "docs/runbook.md")
     body_limit: int = _setting("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024))
     request_budget: float = _setting("REQUEST_BUDGET", _positive(_F), "5")

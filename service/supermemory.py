@@ -10,18 +10,21 @@ open 10,000 sockets to the provider.
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import base64
+import binascii
 import enum
 import itertools
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from service.backoff import retry_after
 from service.reasons import Reason
+from service.store.models import ChannelSpec, ChannelType
 
 LOOKUP_BATCH = 100
 _CONNECTIONS_PER_POOL = 8
@@ -51,6 +54,13 @@ class KeyInfo:
     name: str
     enabled: bool
     recipients: list[dict[str, str]]
+    # Optional facts of the second release's lookup; None or empty when the admin API omits them.
+    created_at: float | None = None
+    last_used_at: float | None = None
+    org_name: str | None = None
+    channels: list[ChannelSpec] = field(default_factory=list)
+    # Optional fields that were present but unusable, ignored: (reason, field path), never a value.
+    problems: list[tuple[Reason, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,13 +154,19 @@ class SupermemoryClient:
                         {"email": owner["email"], "name": owner.get("name") or "", "role": "owner"}
                     )
                 recipients += [{"email": e, "name": "", "role": "notify"} for e in key.get("notify") or []]
+                extra = _Optional(key)
                 found[key["keyHash"]] = KeyInfo(
                     key_hash=key["keyHash"],
                     id=str(key["id"]),
                     org_id=str(key.get("orgId") or ""),
                     name=str(key.get("name") or ""),
                     enabled=bool(key.get("enabled", True)),
-                    recipients=recipients,
+                    recipients=recipients + extra.admins,
+                    created_at=extra.instant("createdAt"),
+                    last_used_at=extra.instant("lastUsedAt"),
+                    org_name=extra.org_name,
+                    channels=extra.channels,
+                    problems=extra.problems,
                 )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CallFailed(Reason.BAD_RESPONSE, response.status_code) from None
@@ -189,6 +205,104 @@ class SupermemoryClient:
         return Probe(ProbeVerdict.INCONCLUSIVE, Reason.PROBE_UNEXPECTED_STATUS, status)
 
 
+_WHSEC = "whsec_"
+
+
+class _Optional:
+    """The lookup's optional fields of one key, each read on its own: one that is present but
+    unusable is left out and noted in `problems`, and never costs the key its revoke or its email
+    (an admin API of an older release omits them all, which is no problem at all)."""
+
+    def __init__(self, key: dict[str, Any]) -> None:
+        self._key = key
+        self.problems: list[tuple[Reason, str]] = []
+        self.org_name: str | None = None
+        self.admins: list[dict[str, str]] = []
+        self.channels: list[ChannelSpec] = []
+        org = key.get("org")
+        if org is None:
+            return
+        if not isinstance(org, dict):
+            self._bad(Reason.LOOKUP_FIELD_MALFORMED, "org")
+            return
+        name = org.get("name")
+        if isinstance(name, str):
+            self.org_name = name
+        elif name is not None:
+            self._bad(Reason.LOOKUP_FIELD_MALFORMED, "org.name")
+        self._read_admins(org.get("admins"))
+        self._read_channels(org.get("channels"))
+
+    def _bad(self, reason: Reason, path: str) -> None:
+        self.problems.append((reason, path))
+
+    def instant(self, name: str) -> float | None:
+        """An RFC 3339 time (with its offset, as RFC 3339 requires), or null."""
+        value = self._key.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is not None:
+                return parsed.timestamp()
+        self._bad(Reason.LOOKUP_FIELD_MALFORMED, name)
+        return None
+
+    def _read_admins(self, admins: object) -> None:
+        if admins is None:
+            return
+        if not isinstance(admins, list):
+            self._bad(Reason.LOOKUP_FIELD_MALFORMED, "org.admins")
+            return
+        for i, admin in enumerate(admins):
+            address = admin.get("email") if isinstance(admin, dict) else None
+            name = admin.get("name") if isinstance(admin, dict) else None
+            if not isinstance(address, str) or not address or not isinstance(name, str | None):
+                self._bad(Reason.LOOKUP_FIELD_MALFORMED, f"org.admins[{i}]")
+                continue
+            self.admins.append({"email": address, "name": name or "", "role": "admin"})
+
+    def _read_channels(self, channels: object) -> None:
+        if channels is None:
+            return
+        if not isinstance(channels, list):
+            self._bad(Reason.CHANNEL_MALFORMED, "org.channels")
+            return
+        seen: set[str] = set()
+        for i, channel in enumerate(channels):
+            spec = _channel(channel)
+            if spec is None or spec.id in seen:
+                self._bad(Reason.CHANNEL_MALFORMED, f"org.channels[{i}]")
+                continue
+            seen.add(spec.id)
+            self.channels.append(spec)
+
+
+def _channel(value: object) -> ChannelSpec | None:
+    """A channel with an id, a known type and a URL; a webhook also needs its `whsec_` secret."""
+    if not isinstance(value, dict):
+        return None
+    channel_id, kind, url = value.get("id"), value.get("type"), value.get("url")
+    if not isinstance(channel_id, str) or not channel_id or not isinstance(url, str) or not url:
+        return None
+    if kind == ChannelType.SLACK:
+        return ChannelSpec(channel_id, ChannelType.SLACK, url)
+    if kind != ChannelType.WEBHOOK:
+        return None
+    secret = value.get("secret")
+    if not isinstance(secret, str) or not secret.startswith(_WHSEC):
+        return None
+    try:
+        if not base64.b64decode(secret.removeprefix(_WHSEC), validate=True):
+            return None
+    except (binascii.Error, ValueError):
+        return None
+    return ChannelSpec(channel_id, ChannelType.WEBHOOK, url, secret)
+
+
 def _raise_for_admin(response: httpx.Response) -> None:
     status = response.status_code
     if 200 <= status < 300:
@@ -203,16 +317,4 @@ def _raise_for_admin(response: httpx.Response) -> None:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return retry_after(response.headers.get("Retry-After"))

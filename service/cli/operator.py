@@ -142,6 +142,17 @@ def cmd_incidents_show(args: argparse.Namespace) -> None:
     for s in i["sightings"]:
         who = s["reporter"] + (f" ({s['operator']})" if s["operator"] else "")
         print(f"  {s['seen_at']}  {who}  {s['source'] or '-'}  {s['url'] or '-'}")
+    print("recipients:")
+    sent = {(e["recipient"], e["purpose"]): e["status"] for e in i["emails"]}
+    for r in i["recipients"]:
+        status = sent.get((r["email"].lower(), "owner"), "-")
+        print(f"  {r['role']:<7} {r['email']}  {status}")
+    if i["channels"]:
+        print("channels:")
+    for c in i["channels"]:
+        why = f" {c['reason']}" if c["reason"] else ""
+        what = f"{c['channel_id']} ({c['type']})"
+        print(f"  {what}  {c['event_state']:<11} {c['status']:<8} x{c['attempts']}{why}")
     print("timeline:")
     for e in i["events"]:
         detail = " ".join(f"{k}={v}" for k, v in e["detail"].items())

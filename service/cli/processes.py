@@ -143,7 +143,10 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     except SealingError as exc:
         print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
         return 1
-    print(f"resealed {report.resealed} token(s) under data key {sealer_for(settings).current}")
+    print(
+        f"resealed {report.resealed} value(s) (tokens, channel URLs and secrets) under data key"
+        f" {sealer_for(settings).current}"
+    )
     if report.unopenable:
         print(
             f"leak-responder: {len(report.unopenable)} token(s) open with none of the configured keys:"
@@ -157,7 +160,9 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from service.sandbox import serve_sandbox
 
-    asyncio.run(serve_sandbox(args.host, args.supermemory_port, args.github_port, args.keys))
+    asyncio.run(
+        serve_sandbox(args.host, args.supermemory_port, args.github_port, args.receiver_port, args.keys)
+    )
     return 0
 
 
@@ -191,11 +196,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """`make run`: the sandbox and the service in one process, wired together, with a first alert to paste."""
     from service.app import create_app
     from service.observability import configure_logging
-    from service.sandbox import GitHubSandbox, SupermemorySandbox, seeded_keys
+    from service.sandbox import GitHubSandbox, dev_stand_ins
 
-    supermemory = SupermemorySandbox(seeded_keys(args.keys))
-    github = GitHubSandbox()
     host = "127.0.0.1"
+    supermemory, receiver = dev_stand_ins(host, DEV_PORTS["receiver"], args.keys)
+    github = GitHubSandbox()
     sm_url = f"http://{host}:{DEV_PORTS['supermemory']}"
     gh_url = f"http://{host}:{DEV_PORTS['github']}"
     defaults = {
@@ -205,6 +210,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         "LEAK_RESPONDER_SUPERMEMORY_ADMIN_URL": sm_url,
         "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": supermemory.knobs.admin_token,
         "LEAK_RESPONDER_LOG_FORMAT": "text",
+        # The seeded orgs' channels point at the receiver on loopback.
+        "LEAK_RESPONDER_CHANNEL_ALLOWED_NETWORKS": f"{host}/32",
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
@@ -216,6 +223,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     stand_ins = [
         _SilentServer(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
         _SilentServer(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
+        _SilentServer(_uvicorn_config(receiver.app(), host, DEV_PORTS["receiver"])),
     ]
     servers = [*stand_ins, service]
 
@@ -227,7 +235,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         key = supermemory.keys[0]
         print(
             f"\nleak-responder is running on http://127.0.0.1:{args.port}, wired to the sandbox"
-            f" (Supermemory {sm_url}, GitHub {gh_url}).\n"
+            f" (Supermemory {sm_url}, GitHub {gh_url}; the orgs' webhooks and Slack go to the receiver"
+            f" on http://{host}:{DEV_PORTS['receiver']}, which prints what arrives).\n"
             "Send it a first alert (a seeded sandbox key) with:\n\n"
             f"  {exe} simulate-github --token {key.token} --url https://github.com/octocat/demo/blob/main/.env\n",
             flush=True,
@@ -270,6 +279,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--supermemory-port", type=int, default=DEV_PORTS["supermemory"])
     sandbox.add_argument("--github-port", type=int, default=DEV_PORTS["github"])
+    sandbox.add_argument("--receiver-port", type=int, default=DEV_PORTS["receiver"])
     sandbox.add_argument("--keys", type=int, default=5, help="how many keys to seed")
     sandbox.set_defaults(func=cmd_sandbox)
 

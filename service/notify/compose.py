@@ -17,6 +17,7 @@ from email.utils import formatdate
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from service.notify.remediation import places
 from service.observability import scrub
 from service.store import Incident, Sighting, State
 
@@ -59,16 +60,20 @@ def owner_email(
     sightings: Mapping[str, Sequence[Sighting]],
     purpose: str,
 ) -> EmailMessage:
-    urgent = any(i.state is State.UNCONFIRMED for i in incidents)
+    unconfirmed = any(i.state is State.UNCONFIRMED for i in incidents)
+    used = any(i.used_after_leak for i in incidents)
+    urgent = unconfirmed or used
     keys = [_key(i, sightings.get(i.id, ())) for i in incidents]
     context = {
         "name": recipient.get("name") or "",
         "keys": keys,
         "urgent": urgent,
+        "unconfirmed": unconfirmed,
+        "used_after_leak": used,
         "console_url": CONSOLE_URL,
         "security_contact": letter.reply_to,
     }
-    message = _envelope(letter, recipient["email"], _owner_subject(keys, urgent))
+    message = _envelope(letter, recipient["email"], _owner_subject(keys, unconfirmed, used))
     message["Message-ID"] = message_id(recipient["email"], purpose, [i.id for i in incidents], letter.sender)
     if urgent:
         message["Importance"] = "high"
@@ -107,14 +112,24 @@ def _envelope(letter: Letter, to: str, subject: str) -> EmailMessage:
     return message
 
 
-def _owner_subject(keys: Sequence[Mapping[str, object]], urgent: bool) -> str:
-    if urgent:
-        if len(keys) == 1:
-            key = keys[0]["redacted"]
-            return f"URGENT: rotate your Supermemory API key {key} now: it leaked and may still work"
+def _owner_subject(keys: Sequence[Mapping[str, object]], unconfirmed: bool, used: bool) -> str:
+    one = keys[0]["redacted"] if len(keys) == 1 else None
+    if used and unconfirmed:
+        if one:
+            return f"URGENT: rotate Supermemory API key {one} now: used after the leak, it may still work"
+        return f"URGENT: {len(keys)} leaked Supermemory API keys: used after the leak, some may still work"
+    if used:
+        if one:
+            return f"URGENT: your Supermemory API key {one} was used after the leak; it has been revoked"
+        return (
+            f"URGENT: {len(keys)} of your leaked Supermemory API keys, used after the leak, have been revoked"
+        )
+    if unconfirmed:
+        if one:
+            return f"URGENT: rotate your Supermemory API key {one} now: it leaked and may still work"
         return f"URGENT: rotate {len(keys)} leaked Supermemory API keys now: some may still work"
-    if len(keys) == 1:
-        return f"Your Supermemory API key {keys[0]['redacted']} was leaked and has been revoked"
+    if one:
+        return f"Your Supermemory API key {one} was leaked and has been revoked"
     return f"{len(keys)} of your Supermemory API keys were leaked and have been revoked"
 
 
@@ -124,8 +139,14 @@ def _key(incident: Incident, sightings: Sequence[Sighting]) -> dict[str, object]
         "redacted": incident.redacted,
         "org_id": incident.org_id or "",
         "unconfirmed": incident.state is State.UNCONFIRMED,
+        "org_name": incident.org_name or "",
+        "created_at": _when(incident.key_created_at),
+        "last_used_at": _when(incident.key_last_used_at),
+        "first_seen_at": _when(incident.created_at),
+        "used_after_leak": incident.used_after_leak,
         "revoked_at": _when(incident.revoked_at),
         "confirmed_at": _when(incident.confirmed_at),
+        "places": places(sightings),
         "sightings": [
             {
                 "url": scrub(s.url) if s.url else "",

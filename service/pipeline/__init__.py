@@ -1,6 +1,7 @@
 """The incident pipeline (contract.md §5): match, revoke, confirm, notify, close, under leases."""
 
-from service.pipeline.steps import Notifier, Policy, Steps, backoff
+from service.backoff import backoff
+from service.pipeline.steps import Notifier, Policy, Steps
 from service.pipeline.sweeper import Sweeper
 from service.pipeline.worker import Worker
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.alerting import Pager
+from service.backoff import backoff
 from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
 from service.reasons import Reason
@@ -44,20 +44,6 @@ class Policy:
     # An `unconfirmed` key is probed again (and its revoke re-issued) this often, for this long.
     reprobe_interval: float = 3600.0
     unconfirmed_window: float = 7 * 24 * 3600.0
-
-
-def backoff(attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
-    """Exponential with equal jitter, so retries spread out but never collapse to zero.
-
-    A server's Retry-After is a floor, not a suggestion: we wait at least that long.
-    Past the cap the attempt count no longer matters, and is not raised to a power: a step failing
-    for days (an SMTP relay down over a weekend) counts over a thousand attempts, and 2**1024 does
-    not fit a float.
-    """
-    doublings = max(0, attempt - 1)
-    ceiling = cap if doublings >= math.log2(cap / base) else base * 2**doublings
-    delay: float = ceiling / 2 + rng.uniform(0, ceiling / 2)
-    return max(delay, retry_after) if retry_after is not None else delay
 
 
 class Steps:
@@ -199,6 +185,15 @@ class Steps:
                     )
                 )
                 continue
+            for reason, path in key.problems:
+                failure(
+                    log,
+                    "match",
+                    reason,
+                    "ignored an unusable optional field of the lookup",
+                    field=path,
+                    incident_id=incident.id,
+                )
             transitions.append(
                 Transition(
                     incident.id,
@@ -217,8 +212,17 @@ class Steps:
                         "attempts": 0,
                         "step_started_at": None,
                         "last_reason": None,
+                        "key_created_at": key.created_at,
+                        "key_last_used_at": key.last_used_at,
+                        "org_name": key.org_name,
                     },
-                    detail={"key_id": key.id, "org_id": key.org_id, "enabled": key.enabled},
+                    detail={
+                        "key_id": key.id,
+                        "org_id": key.org_id,
+                        "enabled": key.enabled,
+                        "channels": len(key.channels),
+                    },
+                    channels=key.channels,
                 )
             )
         return transitions

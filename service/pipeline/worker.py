@@ -53,6 +53,9 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat = 0.0
+        # Called after a commit that applied transitions: the channel outbox's events of those
+        # transitions are due now (set by the runtime; the pipeline does not know who listens).
+        self.after_commit: Callable[[], None] = lambda: None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -202,6 +205,8 @@ class Worker:
             )
             return
         recorded(transitions, applied)
+        if any(applied):
+            self.after_commit()
         if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
             self._wake.set()
 
@@ -229,6 +234,8 @@ class Worker:
             log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
             return labels
         recorded(transitions, applied)
+        if any(applied):
+            self.after_commit()
         hashes = {r.id: r.token_hash for r in pending}
         for t, ok in zip(transitions, applied, strict=True):
             if ok:

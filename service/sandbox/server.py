@@ -20,6 +20,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from service.sandbox.github import KEYS_PATH, GitHubSandbox
+from service.sandbox.receiver import ChannelReceiver
 from service.sandbox.supermemory import SupermemorySandbox, seeded_keys
 
 logger = logging.getLogger(__name__)
@@ -116,14 +117,25 @@ class ServerThread:
         self.stop()
 
 
-async def serve_sandbox(host: str, supermemory_port: int, github_port: int, keys: int) -> None:
-    """Serve both stand-ins in the current loop until SIGINT/SIGTERM (or cancellation), then stop both
+def dev_stand_ins(host: str, receiver_port: int, keys: int) -> tuple[SupermemorySandbox, ChannelReceiver]:
+    """The Supermemory stand-in with seeded keys whose orgs' channels point at a receiver on
+    `receiver_port`, and that receiver, knowing their webhook secrets."""
+    seeded = seeded_keys(keys, receiver=_url(host, receiver_port))
+    channels = [c for k in seeded for c in k.channels]
+    return SupermemorySandbox(seeded), ChannelReceiver.for_channels(channels, show=True)
+
+
+async def serve_sandbox(
+    host: str, supermemory_port: int, github_port: int, receiver_port: int, keys: int
+) -> None:
+    """Serve the stand-ins in the current loop until SIGINT/SIGTERM (or cancellation), then stop them
     gracefully. Prints where they listen and how to wire the service to them; never a token."""
-    supermemory = SupermemorySandbox(seeded_keys(keys))
+    supermemory, receiver = dev_stand_ins(host, receiver_port, keys)
     github = GitHubSandbox()
     servers = [
         _Server(_config(supermemory.app(), host, supermemory_port)),
         _Server(_config(github.app(), host, github_port)),
+        _Server(_config(receiver.app(), host, receiver_port)),
     ]
     loop = asyncio.get_running_loop()
 
@@ -144,7 +156,8 @@ async def serve_sandbox(host: str, supermemory_port: int, github_port: int, keys
             if any(task.done() for task in tasks):
                 raise RuntimeError("the sandbox could not start (see the log above)")
             await asyncio.sleep(0.01)
-        _announce(host, _bound_port(servers[0]), _bound_port(servers[1]), supermemory, github)
+        sm_port, gh_port, rc_port = (_bound_port(server) for server in servers)
+        _announce(host, sm_port, gh_port, rc_port, supermemory, github)
         # One server failing takes the other down with it rather than leaving half a sandbox.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -155,10 +168,16 @@ async def serve_sandbox(host: str, supermemory_port: int, github_port: int, keys
 
 
 def _announce(
-    host: str, supermemory_port: int, github_port: int, supermemory: SupermemorySandbox, github: GitHubSandbox
+    host: str,
+    supermemory_port: int,
+    github_port: int,
+    receiver_port: int,
+    supermemory: SupermemorySandbox,
+    github: GitHubSandbox,
 ) -> None:
     sm_url = _url(host, supermemory_port)
     gh_url = _url(host, github_port)
+    rc_url = _url(host, receiver_port)
     lines = [
         f"Supermemory sandbox: {sm_url}  ({len(supermemory.keys)} seeded keys:"
         f" GET {sm_url}/_sandbox/keys lists them)",
@@ -167,6 +186,9 @@ def _announce(
         f"  LEAK_RESPONDER_SUPERMEMORY_API_URL={sm_url}",
         f"  LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN={supermemory.knobs.admin_token}",
         f"  LEAK_RESPONDER_GITHUB_KEYS_URL={gh_url}{KEYS_PATH}",
+        f"  LEAK_RESPONDER_CHANNEL_ALLOWED_NETWORKS={host}/32",
+        f"Channel receiver:    {rc_url}  (the seeded orgs' webhooks and Slack;"
+        f" GET {rc_url}/_sandbox/received)",
         f"Send an alert: POST {gh_url}/_sandbox/send-alert"
         ' {"target": "http://127.0.0.1:8000/v1/alerts/github", "tokens": ["<token>"]}',
         "Knobs: POST /_sandbox/knobs on either; counters: GET /_sandbox/stats. Ctrl-C stops.",

@@ -14,6 +14,7 @@ returns the tokens: it is what lets a demo print a ready-to-paste command with a
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, TypeGuard
 
@@ -64,6 +66,14 @@ class SandboxKey:
     owner_name: str
     notify: list[str]
     enabled: bool = True
+    # What the second release's lookup adds (RFC 3339 strings as the admin API sends them).
+    created_at: str | None = None
+    last_used_at: str | None = None
+    org_name: str | None = None
+    admins: list[dict[str, str]] = field(default_factory=list)
+    channels: list[dict[str, str]] = field(default_factory=list, repr=False)
+    # Merged over this key's lookup entry as is: how a test makes the admin API send a malformed field.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _derive(seed: str, label: str, alphabet: str, length: int) -> str:
@@ -71,29 +81,62 @@ def _derive(seed: str, label: str, alphabet: str, length: int) -> str:
     return "".join(alphabet[byte % len(alphabet)] for byte in stream)
 
 
-def seeded_keys(count: int = 5, seed: str = "sandbox") -> list[SandboxKey]:
+def channel_secret(seed: str, label: str) -> str:
+    """A Standard Webhooks secret (`whsec_` + base64 of 24 bytes), the same for the same seed."""
+    return (
+        "whsec_"
+        + base64.b64encode(hashlib.shake_256(f"{seed}\x00secret/{label}".encode()).digest(24)).decode()
+    )
+
+
+def org_channels(receiver: str, org_id: str, seed: str) -> list[dict[str, str]]:
+    """An org's webhook and Slack channel, pointing at the sandbox's receiver (`receiver.py`)."""
+    return [
+        {
+            "id": f"ch_{org_id}_webhook",
+            "type": "webhook",
+            "url": f"{receiver}/hooks/{org_id}",
+            "secret": channel_secret(seed, org_id),
+        },
+        {"id": f"ch_{org_id}_slack", "type": "slack", "url": f"{receiver}/slack/{org_id}"},
+    ]
+
+
+def seeded_keys(count: int = 5, seed: str = "sandbox", receiver: str | None = None) -> list[SandboxKey]:
     """Keys shaped like real ones (`sm_` + 22 base58 + `_` + 64 alphanumerics), the same for the same seed.
 
     Owners are shared ((count + 1) // 2 of them, assigned round-robin) so that the one-email-per-owner
     and several-keys-per-owner paths are exercised by default; even-numbered owners also list a second
-    notify address so that recipient dedupe is too.
+    notify address so that recipient dedupe is too. Each key says when it was created and last used
+    (a day before the sandbox started, so before any leak it is told of). With `receiver` (the base
+    URL of a `ChannelReceiver`), each owner's org also has an admin, a webhook and a Slack channel
+    pointing there.
     """
     owners = max(1, (count + 1) // 2)
+    last_used = datetime.fromtimestamp(int(time.time()) - 86400, UTC).isoformat().replace("+00:00", "Z")
     keys = []
     for i in range(count):
         n = i % owners
         email = f"owner{n}@example.test"
         notify = [email, f"security{n}@example.test"] if n % 2 == 0 else [email]
         token = f"sm_{_derive(seed, f'key/{i}/a', _BASE58, 22)}_{_derive(seed, f'key/{i}/b', _ALNUM, 64)}"
+        org_id = f"org_{_derive(seed, f'org/{n}', _HEX, 12)}"
         keys.append(
             SandboxKey(
                 token=token,
                 id=f"key_{_derive(seed, f'id/{i}', _HEX, 16)}",
-                org_id=f"org_{_derive(seed, f'org/{n}', _HEX, 12)}",
+                org_id=org_id,
                 name=f"sandbox key {i}",
                 owner_email=email,
                 owner_name=f"Sandbox Owner {n}",
                 notify=notify,
+                created_at=f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}T09:30:00Z",
+                last_used_at=last_used,
+                org_name=f"Sandbox Org {n}",
+                admins=[{"email": f"admin{n}@example.test", "name": f"Sandbox Admin {n}"}]
+                if receiver
+                else [],
+                channels=org_channels(receiver, org_id, seed) if receiver else [],
             )
         )
     return keys
@@ -188,6 +231,31 @@ def _bearer(request: Request) -> str | None:
     return credentials.strip()
 
 
+def _lookup_entry(digest: str, key: SandboxKey) -> dict[str, Any]:
+    """A key as the admin API's lookup describes it; the optional fields only when the key has them."""
+    entry: dict[str, Any] = {
+        "keyHash": digest,
+        "id": key.id,
+        "orgId": key.org_id,
+        "name": key.name,
+        "enabled": key.enabled,
+        "owner": {"email": key.owner_email, "name": key.owner_name},
+        "notify": list(key.notify),
+    }
+    if key.created_at is not None:
+        entry["createdAt"] = key.created_at
+    if key.last_used_at is not None:
+        entry["lastUsedAt"] = key.last_used_at
+    if key.org_name is not None or key.admins or key.channels:
+        entry["org"] = {
+            "name": key.org_name,
+            "admins": copy.deepcopy(key.admins),
+            "channels": copy.deepcopy(key.channels),
+        }
+    entry.update(copy.deepcopy(key.raw))
+    return entry
+
+
 _KEY_FIELDS = {f.name: f for f in dataclasses.fields(SandboxKey)}
 
 
@@ -199,7 +267,11 @@ def _key_from_json(item: object) -> SandboxKey:
     unknown = set(item) - set(_KEY_FIELDS)
     if unknown:
         raise ValueError(f"unknown key field(s) {sorted(unknown)}")
-    missing = {name for name, f in _KEY_FIELDS.items() if f.default is dataclasses.MISSING} - set(item)
+    missing = {
+        name
+        for name, f in _KEY_FIELDS.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    } - set(item)
     if missing:
         raise ValueError(f"missing key field(s) {sorted(missing)}")
     for name in ("token", "id", "org_id", "name", "owner_email", "owner_name"):
@@ -208,6 +280,15 @@ def _key_from_json(item: object) -> SandboxKey:
     notify = item["notify"]
     if not isinstance(notify, list) or not all(isinstance(n, str) for n in notify):
         raise ValueError("notify must be a list of strings")
+    for name in ("created_at", "last_used_at", "org_name"):
+        if not isinstance(item.get(name), str | None):
+            raise ValueError(f"{name} must be a string or null")
+    for name in ("admins", "channels"):
+        value = item.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"{name} must be a list of objects")
+    if not isinstance(item.get("raw", {}), dict):
+        raise ValueError("raw must be an object")
     if not isinstance(item.get("enabled", True), bool):
         raise ValueError("enabled must be a boolean")
     return SandboxKey(**item)
@@ -270,6 +351,17 @@ class SupermemorySandbox:
                 self._by_hash[token_hash(key.token)] = key
                 self._enabled_as_added[key.id] = key.enabled
         logger.info("sandbox supermemory: added %d key(s): %s", len(new), ", ".join(k.id for k in new))
+
+    def update_key(self, key_id: str, **changes: Any) -> SandboxKey:
+        """Change fields of a key (its org, its times, `raw`), as the provider's data changes; the
+        token and id stay. Returns a copy of the key as it now is."""
+        if {"token", "id"} & set(changes):
+            raise ValueError("a key's token and id do not change")
+        with self._lock:
+            key = dataclasses.replace(self._keys[key_id], **changes)
+            self._keys[key_id] = key
+            self._by_hash[token_hash(key.token)] = key
+            return dataclasses.replace(key)
 
     def set_knobs(self, **changes: Any) -> Knobs:
         """Partial update; each given field replaces the current one whole. All fields are validated
@@ -384,17 +476,7 @@ class SupermemorySandbox:
             for digest in dict.fromkeys(hashes):
                 key = self._by_hash.get(digest)
                 if key is not None:
-                    found.append(
-                        {
-                            "keyHash": digest,
-                            "id": key.id,
-                            "orgId": key.org_id,
-                            "name": key.name,
-                            "enabled": key.enabled,
-                            "owner": {"email": key.owner_email, "name": key.owner_name},
-                            "notify": list(key.notify),
-                        }
-                    )
+                    found.append(_lookup_entry(digest, key))
         logger.info("sandbox supermemory: lookup of %d hash(es), %d known", len(hashes), len(found))
         return JSONResponse({"keys": found})
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 from service.store.base import Store, StoreError
 from service.store.common import RewrapReport
 from service.store.models import (
+    CHANNEL_STATES,
     DELIVERY_FINAL,
     FINAL_STATES,
     AlertRecord,
+    ChannelDelivery,
+    ChannelJob,
+    ChannelOutcome,
+    ChannelSpec,
+    ChannelStatus,
+    ChannelType,
     Delivery,
     DeliveryStatus,
     Event,
@@ -33,9 +40,16 @@ from service.store.sealing import Sealer, SealingError, embedded_key, key_id
 from service.store.sqlite import SqliteStore
 
 __all__ = [
+    "CHANNEL_STATES",
     "DELIVERY_FINAL",
     "FINAL_STATES",
     "AlertRecord",
+    "ChannelDelivery",
+    "ChannelJob",
+    "ChannelOutcome",
+    "ChannelSpec",
+    "ChannelStatus",
+    "ChannelType",
     "Delivery",
     "DeliveryStatus",
     "Event",

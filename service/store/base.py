@@ -13,6 +13,8 @@ from service.reasons import Reason
 from service.store.common import RewrapReport
 from service.store.models import (
     AlertRecord,
+    ChannelJob,
+    ChannelOutcome,
     Delivery,
     DeliveryStatus,
     IdempotentRequest,
@@ -107,6 +109,17 @@ class Store(Protocol):
         message_id: str | None,
         detail: str | None,
     ) -> None: ...
+
+    # -- the channel outbox: events to the org's webhooks and Slack --
+    async def claim_channel_events(self, holder: str, limit: int, hold: float) -> list[ChannelJob]:
+        """Hold up to `limit` due events for `hold` seconds, their channels' URL and secret opened."""
+        ...
+
+    async def finish_channel_event(self, holder: str, job: ChannelJob, outcome: ChannelOutcome) -> bool:
+        """Record an attempt and its timeline event; False when the hold was lost (nothing written)."""
+        ...
+
+    async def next_channel_due(self) -> float | None: ...
 
     # -- Idempotency-Key for operator requests --
     async def begin_idempotent(

@@ -20,7 +20,13 @@ from typing import Any
 
 from service.reasons import Reason
 from service.store.models import (
+    CHANNEL_STATES,
     AlertRecord,
+    ChannelDelivery,
+    ChannelJob,
+    ChannelOutcome,
+    ChannelStatus,
+    ChannelType,
     Delivery,
     DeliveryStatus,
     Event,
@@ -59,6 +65,9 @@ SETTABLE = frozenset(
         "revoke_reissued",
         "last_reason",
         "unconfirmed_at",
+        "key_created_at",
+        "key_last_used_at",
+        "org_name",
     }
 )
 
@@ -329,6 +338,17 @@ def reclaim_leases(pattern: str, d: Dialect) -> tuple[str, list[Any]]:
     return sql, [pattern]
 
 
+def reclaim_channel_holds(pattern: str, now: float, d: Dialect) -> tuple[str, list[Any]]:
+    """Make the channel events held by senders whose holder matches `pattern` due now, as their
+    predecessor's leases are: they stay `sending`, so whoever takes them knows they may have gone
+    out (and sends them again under the same event id)."""
+    m = d.mark
+    return (
+        f"UPDATE channel_events SET next_attempt_at = {m} WHERE status = {m} AND holder LIKE {m} ESCAPE '!'",  # noqa: S608
+        [now, str(ChannelStatus.SENDING), pattern],
+    )
+
+
 def like_prefix(prefix: str) -> str:
     """A LIKE pattern (escape `!`) matching every string that starts with `prefix`."""
     return prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
@@ -395,6 +415,251 @@ def reseal(rows: Sequence[Row], sealer: Sealer, report: RewrapReport) -> list[tu
 def reseal_update(d: Dialect) -> str:
     m = d.mark
     return f"UPDATE incidents SET token_sealed = {m}, sealed_key = {m} WHERE id = {m} AND token_sealed = {m}"  # noqa: S608
+
+
+def channel_rewrap_batch(
+    after: tuple[str, str], limit: int, sealer: Sealer, d: Dialect
+) -> tuple[str, list[Any]]:
+    """The next channels (by incident and channel id, after `after`) not sealed under the current key."""
+    m = d.mark
+    return (
+        "SELECT incident_id, channel_id, url_sealed, secret_sealed, sealed_key FROM channels"  # noqa: S608
+        f" WHERE sealed_key <> {m} AND (incident_id > {m} OR (incident_id = {m} AND channel_id > {m}))"
+        f" ORDER BY incident_id, channel_id LIMIT {m}",
+        [sealer.current, after[0], after[0], after[1], limit],
+    )
+
+
+def channel_reseal(rows: Sequence[Row], sealer: Sealer, report: RewrapReport) -> list[tuple[Any, ...]]:
+    """(new URL blob, new secret blob, key id, incident id, channel id, old URL blob) per channel."""
+    updates = []
+    for row in rows:
+        incident_id, channel_id, key = row["incident_id"], row["channel_id"], row["sealed_key"]
+        old = bytes(row["url_sealed"])
+        try:
+            url = sealer.open(old, _sealing_context(incident_id, channel_id, "url"), key)
+            secret = row["secret_sealed"]
+            if secret is not None:
+                context = _sealing_context(incident_id, channel_id, "secret")
+                secret = sealer.seal(sealer.open(bytes(secret), context, key), context)
+        except SealingError:
+            report.unopenable.append(incident_id)
+            continue
+        url_context = _sealing_context(incident_id, channel_id, "url")
+        updates.append((sealer.seal(url, url_context), secret, sealer.current, incident_id, channel_id, old))
+    return updates
+
+
+def channel_reseal_update(d: Dialect) -> str:
+    m = d.mark
+    return (
+        f"UPDATE channels SET url_sealed = {m}, secret_sealed = {m}, sealed_key = {m}"  # noqa: S608
+        f" WHERE incident_id = {m} AND channel_id = {m} AND url_sealed = {m}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrap:
+    """One kind of sealed row `rewrap` walks: how to page through it, reseal it and write it back."""
+
+    batch: Callable[[Any, int, Sealer, Dialect], tuple[str, list[Any]]]
+    reseal: Callable[[Sequence[Row], Sealer, RewrapReport], list[tuple[Any, ...]]]
+    update: Callable[[Dialect], str]
+    cursor: Callable[[Row], Any]
+    start: Any
+
+
+# Raw tokens, then the channels' URLs and secrets: everything sealed with the data key.
+REWRAPS = (
+    Rewrap(rewrap_batch, reseal, reseal_update, lambda row: row["id"], ""),
+    Rewrap(
+        channel_rewrap_batch,
+        channel_reseal,
+        channel_reseal_update,
+        lambda row: (row["incident_id"], row["channel_id"]),
+        ("", ""),
+    ),
+)
+
+
+# -- the channel outbox ------------------------------------------------------------------------------
+
+
+def _sealing_context(incident_id: str, channel_id: str, part: str) -> str:
+    """Associated data: a sealed URL copied onto another channel's row fails to open."""
+    return f"channel\0{incident_id}\0{channel_id}\0{part}"
+
+
+def sealed_channels(transitions: Sequence[Transition], sealer: Sealer) -> dict[str, list[tuple[Any, ...]]]:
+    """Rows of `channels` each transition brings, sealed outside the transaction (it is CPU work):
+    (incident_id, channel_id, type, url_sealed, secret_sealed, sealed_key)."""
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    for t in transitions:
+        for c in t.channels:
+            secret = (
+                None
+                if c.secret is None
+                else sealer.seal(c.secret, _sealing_context(t.incident_id, c.id, "secret"))
+            )
+            rows.setdefault(t.incident_id, []).append(
+                (t.incident_id, c.id, str(c.type),
+                 sealer.seal(c.url, _sealing_context(t.incident_id, c.id, "url")), secret, sealer.current)
+            )  # fmt: skip
+    return rows
+
+
+def channel_insert(d: Dialect) -> str:
+    m = d.mark
+    return (
+        "INSERT INTO channels (incident_id, channel_id, type, url_sealed, secret_sealed, sealed_key)"  # noqa: S608
+        f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}) ON CONFLICT DO NOTHING"
+    )
+
+
+def channel_state(t: Transition) -> State | None:
+    """The state a transition tells the channels of: the state it enters, or `confirmed` for an
+    unconfirmed key whose late 401 closes it at once (the channels heard it may still work)."""
+    if t.state in CHANNEL_STATES:
+        return t.state
+    if t.expected_state is State.UNCONFIRMED and t.event == State.CONFIRMED:
+        return State.CONFIRMED
+    return None
+
+
+def outbox_insert(t: Transition, now: float, d: Dialect) -> tuple[str, list[Any]] | None:
+    """The outbox rows an applied transition owes: one per channel of the incident, for a state the
+    channels hear of. A channel that answered 410 for this incident hears nothing more."""
+    state = channel_state(t)
+    if state is None:
+        return None
+    m = d.mark
+    return (
+        "INSERT INTO channel_events (incident_id, channel_id, state, seq, status, attempts, next_attempt_at,"  # noqa: S608
+        f" created_at, updated_at) SELECT incident_id, channel_id, {m}, {m}, {m}, 0, {m}, {m}, {m}"
+        f" FROM channels WHERE incident_id = {m} AND disabled_at IS NULL ON CONFLICT DO NOTHING",
+        [str(state), _SEQ[state], str(ChannelStatus.PENDING), now, now, now, t.incident_id],
+    )
+
+
+# The order in which a channel hears of an incident's states (an unconfirmed key may later confirm).
+_SEQ = {State.MATCHED: 1, State.REVOKED: 2, State.UNCONFIRMED: 3, State.CONFIRMED: 4}
+
+
+def channel_due(now: float, limit: int, d: Dialect, lock: str = "") -> tuple[str, list[Any]]:
+    """Outbox rows due now, with their channel: pending ones whose time has come, and rows still
+    `sending` past their sender's hold (it died mid-send). A channel hears of an incident's states in
+    order: an event waits while an earlier one of the same incident and channel is unsettled."""
+    m = d.mark
+    return (
+        "SELECT e.incident_id, e.channel_id, e.state, e.status, e.attempts, e.created_at, c.type,"  # noqa: S608
+        " c.url_sealed, c.secret_sealed, c.sealed_key FROM channel_events e JOIN channels c"
+        " ON c.incident_id = e.incident_id AND c.channel_id = e.channel_id"
+        f" WHERE e.next_attempt_at IS NOT NULL AND e.next_attempt_at <= {m}"
+        " AND NOT EXISTS (SELECT 1 FROM channel_events p WHERE p.incident_id = e.incident_id"
+        " AND p.channel_id = e.channel_id AND p.seq < e.seq AND p.next_attempt_at IS NOT NULL)"
+        f" ORDER BY e.next_attempt_at LIMIT {m}{lock}",
+        [now, limit],
+    )
+
+
+def channel_hold(holder: str, until: float, now: float, row: Row, d: Dialect) -> tuple[str, list[Any]]:
+    m = d.mark
+    return (
+        f"UPDATE channel_events SET status = {m}, holder = {m}, attempts = attempts + 1,"  # noqa: S608
+        f" next_attempt_at = {m}, updated_at = {m} WHERE incident_id = {m} AND channel_id = {m}"
+        f" AND state = {m}",
+        [str(ChannelStatus.SENDING), holder, until, now, row["incident_id"], row["channel_id"], row["state"]],
+    )
+
+
+def channel_job(row: Row, sealer: Sealer) -> ChannelJob:
+    """The row as a sender gets it, URL and secret opened; a value no configured data key opens makes
+    a job marked `unsealable` (the sender records it as refused) rather than an error that would
+    stop every other channel."""
+    incident_id, channel_id, key = row["incident_id"], row["channel_id"], row["sealed_key"]
+    url, secret, unsealable = "", None, False
+    try:
+        url = sealer.open(bytes(row["url_sealed"]), _sealing_context(incident_id, channel_id, "url"), key)
+        if row["secret_sealed"] is not None:
+            context = _sealing_context(incident_id, channel_id, "secret")
+            secret = sealer.open(bytes(row["secret_sealed"]), context, key)
+    except SealingError:
+        unsealable = True
+    return ChannelJob(
+        incident_id=incident_id,
+        channel_id=channel_id,
+        type=ChannelType(row["type"]),
+        state=State(row["state"]),
+        url=url,
+        secret=secret,
+        attempts=row["attempts"] + 1,
+        created_at=row["created_at"],
+        uncertain=row["status"] == ChannelStatus.SENDING,
+        unsealable=unsealable,
+    )
+
+
+def channel_finish(
+    holder: str, job: ChannelJob, outcome: ChannelOutcome, now: float, d: Dialect
+) -> tuple[str, list[Any]]:
+    """Record an attempt's outcome, only if this sender still holds the row."""
+    m = d.mark
+    return (
+        f"UPDATE channel_events SET status = {m}, holder = NULL, next_attempt_at = {m}, updated_at = {m},"  # noqa: S608
+        f" last_status = {m}, reason = {m} WHERE incident_id = {m} AND channel_id = {m} AND state = {m}"
+        f" AND holder = {m} AND status = {m}",
+        [str(outcome.status), outcome.next_attempt_at, now, outcome.http_status, outcome.reason,
+         job.incident_id, job.channel_id, str(job.state), holder, str(ChannelStatus.SENDING)],
+    )  # fmt: skip
+
+
+def channel_stop(job: ChannelJob, now: float, reason: str, d: Dialect) -> list[tuple[str, list[Any]]]:
+    """After a 410: the channel is off for this incident, and its rows still waiting are dropped."""
+    m = d.mark
+    return [
+        (
+            f"UPDATE channels SET disabled_at = {m} WHERE incident_id = {m} AND channel_id = {m}",  # noqa: S608
+            [now, job.incident_id, job.channel_id],
+        ),
+        (
+            f"UPDATE channel_events SET status = {m}, next_attempt_at = NULL, updated_at = {m}, reason = {m}"  # noqa: S608
+            f" WHERE incident_id = {m} AND channel_id = {m} AND status = {m}",
+            [
+                str(ChannelStatus.GONE),
+                now,
+                reason,
+                job.incident_id,
+                job.channel_id,
+                str(ChannelStatus.PENDING),
+            ],
+        ),
+    ]
+
+
+def channel_deliveries(incident_ids: Sequence[str], d: Dialect) -> tuple[str, list[Any]]:
+    m = d.mark
+    marks = ", ".join([m] * len(incident_ids))
+    return (
+        "SELECT e.*, c.type FROM channel_events e JOIN channels c"  # noqa: S608
+        " ON c.incident_id = e.incident_id AND c.channel_id = e.channel_id"
+        f" WHERE e.incident_id IN ({marks}) ORDER BY e.seq, e.channel_id",
+        list(incident_ids),
+    )
+
+
+def channel_delivery_from(row: Row) -> ChannelDelivery:
+    return ChannelDelivery(
+        incident_id=row["incident_id"],
+        channel_id=row["channel_id"],
+        type=row["type"],
+        state=row["state"],
+        status=ChannelStatus(row["status"]),
+        attempts=row["attempts"],
+        last_status=row["last_status"],
+        reason=row["reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
 
 
 # -- the outbox and Idempotency-Key ------------------------------------------------------------------
@@ -482,6 +747,9 @@ def incident_from(row: Row) -> Incident:
         last_reason=row["last_reason"],
         has_token=row["token_sealed"] is not None,
         unconfirmed_at=row["unconfirmed_at"],
+        key_created_at=row["key_created_at"],
+        key_last_used_at=row["key_last_used_at"],
+        org_name=row["org_name"],
     )
 
 

@@ -96,6 +96,15 @@ class Incident:
     last_reason: str | None
     has_token: bool
     unconfirmed_at: float | None = None
+    # What the lookup said of the key besides its owner (None when the admin API did not say).
+    key_created_at: float | None = None
+    key_last_used_at: float | None = None
+    org_name: str | None = None
+
+    @property
+    def used_after_leak(self) -> bool:
+        """The key was used after its first sighting: someone may have used the leaked copy."""
+        return self.key_last_used_at is not None and self.key_last_used_at > self.created_at
 
     @property
     def time_to_revoke(self) -> float | None:
@@ -130,6 +139,8 @@ class IncidentDetail:
     incident: Incident
     events: list[Event]
     sightings: list[Sighting]
+    deliveries: list[Delivery] = field(default_factory=list)
+    channels: list[ChannelDelivery] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -151,6 +162,83 @@ class Transition:
     detail: dict[str, Any] = field(default_factory=dict)
     page: str | None = None
     wipe_token: bool = False
+    # The org's channels, as the lookup gave them: recorded (sealed) with a `matched` transition.
+    channels: list[ChannelSpec] = field(default_factory=list)
+
+
+# The states each of an incident's channels hears of, once each (the channel outbox).
+CHANNEL_STATES = frozenset({State.MATCHED, State.REVOKED, State.CONFIRMED, State.UNCONFIRMED})
+
+
+class ChannelType(enum.StrEnum):
+    WEBHOOK = "webhook"
+    SLACK = "slack"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One of the org's endpoints. URL and secret are secrets (a Slack URL is its own credential):
+    they stay out of `repr` and are sealed at rest."""
+
+    id: str
+    type: ChannelType
+    url: str = field(repr=False)
+    secret: str | None = field(default=None, repr=False)
+
+
+class ChannelStatus(enum.StrEnum):
+    PENDING = "pending"  # to be sent (again) from `next_attempt_at` on
+    SENDING = "sending"  # held by a sender; past its hold, the outcome is unknown
+    SENT = "sent"
+    REFUSED = "refused"  # not sendable, or refused by the endpoint: not retried
+    GONE = "gone"  # the endpoint answered 410: nothing more goes to it for this incident
+    GAVE_UP = "gave_up"  # still failing after the give-up window
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelJob:
+    """One outbox row handed to a sender, with its channel's URL and secret opened."""
+
+    incident_id: str
+    channel_id: str
+    type: ChannelType
+    state: State
+    url: str = field(repr=False)
+    secret: str | None = field(repr=False)
+    attempts: int
+    created_at: float
+    uncertain: bool
+    # Its URL or secret opens with none of the configured data keys: it cannot be sent.
+    unsealable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOutcome:
+    """What became of one attempt: the row's new status (and when to try again, for `pending`), and
+    the timeline event to append (`kind`, `detail`) when the row is settled or retried."""
+
+    status: ChannelStatus
+    kind: str | None
+    detail: dict[str, Any]
+    next_attempt_at: float | None = None
+    http_status: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDelivery:
+    """An outbox row as the operator API shows it: never the URL or the secret."""
+
+    incident_id: str
+    channel_id: str
+    type: str
+    state: str
+    status: ChannelStatus
+    attempts: int
+    last_status: int | None
+    reason: str | None
+    created_at: float
+    updated_at: float
 
 
 class DeliveryStatus(enum.StrEnum):

@@ -43,6 +43,9 @@ from service.store.base import FailureHook, StoreError, ignore_failure
 from service.store.common import Dialect, IntakePlan, RewrapReport, Take
 from service.store.models import (
     AlertRecord,
+    ChannelJob,
+    ChannelOutcome,
+    ChannelStatus,
     Delivery,
     DeliveryStatus,
     IdempotencyState,
@@ -312,6 +315,7 @@ class PostgresStore:
         common.check_transitions(transitions)
         if not transitions:
             return []
+        channels = common.sealed_channels(transitions, self._sealer)
 
         async def work(conn: Conn) -> list[bool]:
             cursors = []
@@ -327,6 +331,15 @@ class PostgresStore:
                     )
                     cursors.append(cur)
             applied = [cur.rowcount == 1 for cur in cursors]
+            done = [t for t, ok in zip(transitions, applied, strict=True) if ok]
+            async with conn.cursor() as cur:
+                rows = [row for t in done for row in channels.get(t.incident_id, [])]
+                if rows:
+                    await cur.executemany(common.channel_insert(POSTGRES), rows)
+                for t in done:
+                    outbox = common.outbox_insert(t, now, POSTGRES)
+                    if outbox is not None:
+                        await cur.execute(*outbox)
             due = [
                 ok and t.next_run_at is not None and t.next_run_at <= now
                 for t, ok in zip(transitions, applied, strict=True)
@@ -350,12 +363,14 @@ class PostgresStore:
         await self._write(work)
 
     async def reclaim(self, replica: str) -> int:
-        """Hand back the leases of this replica's dead predecessor (a process that ran under the same
-        replica id: owners are `<replica>/<incarnation>`), at once; other replicas' leases are
-        theirs until they expire. Two live processes must never share a replica id."""
+        """Hand back the leases (and channel holds) of this replica's dead predecessor (a process
+        that ran under the same replica id: owners are `<replica>/<incarnation>`), at once; other
+        replicas' are theirs until they expire. Two live processes must never share a replica id."""
 
         async def work(conn: Conn) -> int:
-            cur = await conn.execute(*common.reclaim_leases(common.like_prefix(f"{replica}/"), POSTGRES))
+            pattern = common.like_prefix(f"{replica}/")
+            cur = await conn.execute(*common.reclaim_leases(pattern, POSTGRES))
+            await conn.execute(*common.reclaim_channel_holds(pattern, self._clock(), POSTGRES))
             if cur.rowcount:
                 await self._notify(conn)
             return cur.rowcount
@@ -423,10 +438,16 @@ class PostgresStore:
             sightings = await self._rows(
                 conn, "SELECT * FROM sightings WHERE incident_id = %s ORDER BY id", (incident_id,)
             )
+            deliveries = await self._rows(
+                conn, "SELECT * FROM deliveries WHERE incident_id = %s", (incident_id,)
+            )
+            channels = await self._rows(conn, *common.channel_deliveries([incident_id], POSTGRES))
             return IncidentDetail(
                 common.incident_from(rows[0]),
                 [common.event_from(e) for e in events],
                 [common.sighting_from(s) for s in sightings],
+                [common.delivery_from(d) for d in deliveries],
+                [common.channel_delivery_from(c) for c in channels],
             )
 
         return await self._read(work)
@@ -589,6 +610,51 @@ class PostgresStore:
 
         await self._write(work)
 
+    # -- the channel outbox ------------------------------------------------------------------------
+
+    async def claim_channel_events(self, holder: str, limit: int, hold: float) -> list[ChannelJob]:
+        """Due rows no other replica holds (`SKIP LOCKED`), held for `hold` seconds."""
+
+        async def work(conn: Conn) -> list[dict[str, Any]]:
+            now = self._clock()
+            rows = await self._rows(
+                conn, *common.channel_due(now, limit, POSTGRES, " FOR UPDATE OF e SKIP LOCKED")
+            )
+            async with conn.cursor() as cur:
+                for row in rows:
+                    await cur.execute(*common.channel_hold(holder, now + hold, now, row, POSTGRES))
+            return rows
+
+        return [common.channel_job(row, self._sealer) for row in await self._write(work)]
+
+    async def finish_channel_event(self, holder: str, job: ChannelJob, outcome: ChannelOutcome) -> bool:
+        async def work(conn: Conn) -> bool:
+            now = self._clock()
+            cur = await conn.execute(*common.channel_finish(holder, job, outcome, now, POSTGRES))
+            if cur.rowcount != 1:
+                return False
+            if outcome.kind is not None:
+                await conn.execute(
+                    _EVENT_INSERT,
+                    common.event_args(POSTGRES, job.incident_id, now, outcome.kind, None, outcome.detail),
+                )
+            if outcome.status is ChannelStatus.GONE:
+                for statement in common.channel_stop(job, now, outcome.reason or "", POSTGRES):
+                    await conn.execute(*statement)
+            return True
+
+        return await self._write(work)
+
+    async def next_channel_due(self) -> float | None:
+        rows = await self._read(
+            lambda conn: self._rows(
+                conn,
+                "SELECT min(next_attempt_at) AS due FROM channel_events WHERE next_attempt_at IS NOT NULL",
+            )
+        )
+        due: float | None = rows[0]["due"]
+        return due
+
     # -- Idempotency-Key ---------------------------------------------------------------------------
 
     async def begin_idempotent(
@@ -711,25 +777,29 @@ class PostgresStore:
         """Reseal every token under the current data key, a batch per transaction (so an interrupted
         run keeps what it did; replicas may serve meanwhile, and a row they wipe is left alone)."""
         report = RewrapReport()
-        after = ""
-        while True:
-            sql, args = common.rewrap_batch(after, batch, self._sealer, POSTGRES)
+        for kind in common.REWRAPS:
+            after = kind.start
+            while True:
+                sql, args = kind.batch(after, batch, self._sealer, POSTGRES)
 
-            async def read(conn: Conn, sql: str = sql, args: list[Any] = args) -> list[dict[str, Any]]:
-                return await self._rows(conn, sql, args)
+                async def read(conn: Conn, sql: str = sql, args: list[Any] = args) -> list[dict[str, Any]]:
+                    return await self._rows(conn, sql, args)
 
-            rows = await self._read(read)
-            if not rows:
-                return report
-            after = rows[-1]["id"]
-            updates = common.reseal(rows, self._sealer, report)
+                rows = await self._read(read)
+                if not rows:
+                    break
+                after = kind.cursor(rows[-1])
+                updates = kind.reseal(rows, self._sealer, report)
 
-            async def work(conn: Conn, updates: list[tuple[Any, ...]] = updates) -> int:
-                async with conn.cursor() as cur:
-                    await cur.executemany(common.reseal_update(POSTGRES), updates)
-                    return cur.rowcount
+                async def work(
+                    conn: Conn, updates: list[tuple[Any, ...]] = updates, sql: str = kind.update(POSTGRES)
+                ) -> int:
+                    async with conn.cursor() as cur:
+                        await cur.executemany(sql, updates)
+                        return cur.rowcount
 
-            report.resealed += await self._write(work)
+                report.resealed += await self._write(work)
+        return report
 
     async def stats(self) -> StoreStats:
         async def work(conn: Conn) -> StoreStats:

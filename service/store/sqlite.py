@@ -29,6 +29,9 @@ from service.store.common import Dialect, IntakePlan, RewrapReport, Take
 from service.store.migrations import migrate_sqlite
 from service.store.models import (
     AlertRecord,
+    ChannelJob,
+    ChannelOutcome,
+    ChannelStatus,
     Delivery,
     DeliveryStatus,
     IdempotencyState,
@@ -155,6 +158,7 @@ class SqliteStore:
             self.migrated = [m.label for m in migrate_sqlite(conn)]
             # The lock is ours, so any lease here is a dead predecessor's: its work runs now.
             conn.execute(*common.reclaim_leases("%", SQLITE))
+            conn.execute(*common.reclaim_channel_holds("%", self._clock(), SQLITE))
         except Exception as exc:
             loop.call_soon_threadsafe(ready.set_exception, StoreError(f"cannot open store: {exc}"))
             return
@@ -312,9 +316,10 @@ class SqliteStore:
         """Apply step outcomes; each one only if its incident is still as the step found it."""
         now = self._clock()
         common.check_transitions(transitions)
+        channels = common.sealed_channels(transitions, self._sealer)
 
         def work(conn: sqlite3.Connection) -> list[bool]:
-            return [_apply_one(conn, t, now) for t in transitions]
+            return [_apply_one(conn, t, now, channels.get(t.incident_id, [])) for t in transitions]
 
         return await self._write(work)
 
@@ -329,8 +334,8 @@ class SqliteStore:
         await self._write(work)
 
     async def reclaim(self, replica: str) -> int:
-        """Nothing left to take back: `open` took every lease, as the lock makes them all a dead
-        predecessor's."""
+        """Nothing left to take back: `open` took every lease and channel hold, as the lock makes
+        them all a dead predecessor's."""
         return 0
 
     async def resume(self, state: State) -> int:
@@ -398,7 +403,15 @@ class SqliteStore:
                     "SELECT * FROM sightings WHERE incident_id = ? ORDER BY id", (incident_id,)
                 )
             ]
-            return IncidentDetail(common.incident_from(row), events, sightings)
+            deliveries = [
+                common.delivery_from(d)
+                for d in conn.execute("SELECT * FROM deliveries WHERE incident_id = ?", (incident_id,))
+            ]
+            channels = [
+                common.channel_delivery_from(c)
+                for c in conn.execute(*common.channel_deliveries([incident_id], SQLITE))
+            ]
+            return IncidentDetail(common.incident_from(row), events, sightings, deliveries, channels)
 
         return await self._read(work)
 
@@ -554,6 +567,42 @@ class SqliteStore:
 
         await self._write(work)
 
+    # -- the channel outbox ------------------------------------------------------------------------
+
+    async def claim_channel_events(self, holder: str, limit: int, hold: float) -> list[ChannelJob]:
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            now = self._clock()
+            rows = conn.execute(*common.channel_due(now, limit, SQLITE)).fetchall()
+            for row in rows:
+                conn.execute(*common.channel_hold(holder, now + hold, now, row, SQLITE))
+            return rows
+
+        return [common.channel_job(row, self._sealer) for row in await self._write(work)]
+
+    async def finish_channel_event(self, holder: str, job: ChannelJob, outcome: ChannelOutcome) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            now = self._clock()
+            if conn.execute(*common.channel_finish(holder, job, outcome, now, SQLITE)).rowcount != 1:
+                return False
+            if outcome.kind is not None:
+                _event(conn, job.incident_id, now, outcome.kind, None, outcome.detail)
+            if outcome.status is ChannelStatus.GONE:
+                for statement in common.channel_stop(job, now, outcome.reason or "", SQLITE):
+                    conn.execute(*statement)
+            return True
+
+        return await self._write(work)
+
+    async def next_channel_due(self) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            due: float | None
+            (due,) = conn.execute(
+                "SELECT min(next_attempt_at) FROM channel_events WHERE next_attempt_at IS NOT NULL"
+            ).fetchone()
+            return due
+
+        return await self._read(work)
+
     # -- Idempotency-Key ---------------------------------------------------------------------------
 
     async def begin_idempotent(
@@ -652,18 +701,21 @@ class SqliteStore:
         """Reseal every token under the current data key, a batch per transaction (so an interrupted
         run keeps what it did, and the next run goes on from there)."""
         report = RewrapReport()
-        after = ""
-        while True:
-            rows = await self._rows(*common.rewrap_batch(after, batch, self._sealer, SQLITE))
-            if not rows:
-                return report
-            after = rows[-1]["id"]
-            updates = common.reseal(rows, self._sealer, report)
+        for kind in common.REWRAPS:
+            after = kind.start
+            while rows := await self._rows(*kind.batch(after, batch, self._sealer, SQLITE)):
+                after = kind.cursor(rows[-1])
+                updates = kind.reseal(rows, self._sealer, report)
 
-            def work(conn: sqlite3.Connection, updates: list[tuple[Any, ...]] = updates) -> int:
-                return sum(conn.execute(common.reseal_update(SQLITE), u).rowcount for u in updates)
+                def work(
+                    conn: sqlite3.Connection,
+                    updates: list[tuple[Any, ...]] = updates,
+                    sql: str = kind.update(SQLITE),
+                ) -> int:
+                    return sum(conn.execute(sql, u).rowcount for u in updates)
 
-            report.resealed += await self._write(work)
+                report.resealed += await self._write(work)
+        return report
 
     async def take_rates(self, buckets: Sequence[RateBucket]) -> RateRefusal | None:
         """In memory, on the event loop's thread (no await between reading and writing a bucket)."""
@@ -711,9 +763,16 @@ def _event(
     )
 
 
-def _apply_one(conn: sqlite3.Connection, t: Transition, now: float) -> bool:
+def _apply_one(
+    conn: sqlite3.Connection, t: Transition, now: float, channels: Sequence[tuple[Any, ...]]
+) -> bool:
     sql, args = common.fenced_update(t, SQLITE)
     if conn.execute(sql, args).rowcount != 1:
         return False
     _event(conn, t.incident_id, now, t.event, t.state, t.detail)
+    if channels:
+        conn.executemany(common.channel_insert(SQLITE), channels)
+    outbox = common.outbox_insert(t, now, SQLITE)
+    if outbox is not None:
+        conn.execute(*outbox)
     return True

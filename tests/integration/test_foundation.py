@@ -106,9 +106,9 @@ def test_data_key_check_rotation_and_rewrap(sandbox, make_service, tmp_path):
     first = Service(tmp_path, {**sandbox.env(), **rotating})
     rewrap = first.cli("rewrap", "--batch", "2")
     assert rewrap.returncode == 0, rewrap.stderr
-    assert rewrap.stdout.startswith("resealed 3 token(s)")
+    assert rewrap.stdout.startswith("resealed 3 value(s)")
     again = first.cli("rewrap")
-    assert again.returncode == 0 and again.stdout.startswith("resealed 0 token(s)")
+    assert again.returncode == 0 and again.stdout.startswith("resealed 0 value(s)")
 
     # The old key can go: everything opens with the new one, and the re-probes still run with it.
     sandbox.supermemory.set_knobs(never_revoke=False)

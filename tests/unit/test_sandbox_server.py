@@ -59,10 +59,10 @@ def _free_port() -> int:
 
 
 def test_serve_sandbox_serves_both_and_prints_no_token(capsys):
-    sm_port, gh_port = _free_port(), _free_port()
+    sm_port, gh_port, rc_port = _free_port(), _free_port(), _free_port()
 
     async def scenario() -> tuple[list[dict[str, object]], int]:
-        task = asyncio.create_task(serve_sandbox("127.0.0.1", sm_port, gh_port, keys=3))
+        task = asyncio.create_task(serve_sandbox("127.0.0.1", sm_port, gh_port, rc_port, keys=3))
         async with httpx.AsyncClient(timeout=5) as client:
             while True:
                 assert not task.done(), "serve_sandbox ended on its own"
@@ -85,6 +85,11 @@ def test_serve_sandbox_serves_both_and_prints_no_token(capsys):
     assert f"http://127.0.0.1:{sm_port}" in out
     assert re.search(rf"LEAK_RESPONDER_GITHUB_KEYS_URL=http://127\.0\.0\.1:{gh_port}{KEYS_PATH}", out)
     assert not any(k["token"] in out for k in keys)
-    for port in (sm_port, gh_port):
+    # Every seeded org's channels point at the receiver the sandbox runs.
+    assert {c["url"].rsplit("/", 2)[0] for k in keys for c in k["channels"]} == {
+        f"http://127.0.0.1:{rc_port}"
+    }
+    assert f"Channel receiver:    http://127.0.0.1:{rc_port}" in out
+    for port in (sm_port, gh_port, rc_port):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/_sandbox/stats")

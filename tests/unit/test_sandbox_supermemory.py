@@ -90,11 +90,28 @@ def test_lookup_returns_known_keys_and_omits_unknown_hashes(client, sandbox):
                 "enabled": True,
                 "owner": {"email": key.owner_email, "name": key.owner_name},
                 "notify": key.notify,
+                "createdAt": key.created_at,
+                "lastUsedAt": key.last_used_at,
+                "org": {"name": key.org_name, "admins": [], "channels": []},
             }
             for key in (first, second)
         ]
     }
     assert sandbox.stats()["lookup_batches"] == [4]
+
+
+def test_lookup_serves_the_orgs_admins_and_channels_and_raw_overrides():
+    keys = seeded_keys(2, receiver="http://127.0.0.1:9")
+    keys[1].raw = {"createdAt": 5, "org": "not an object"}
+    with ServerThread(SupermemorySandbox(keys).app()) as server, httpx.Client(base_url=server.url) as client:
+        first, second = lookup(client, keys[0].token, keys[1].token).json()["keys"]
+    assert first["createdAt"].endswith("T09:30:00Z") and first["lastUsedAt"].endswith("Z")
+    assert first["org"]["admins"] == [{"email": "admin0@example.test", "name": "Sandbox Admin 0"}]
+    webhook, slack = first["org"]["channels"]
+    assert (webhook["type"], webhook["url"]) == ("webhook", f"http://127.0.0.1:9/hooks/{keys[0].org_id}")
+    assert webhook["secret"].startswith("whsec_")
+    assert (slack["type"], slack["url"]) == ("slack", f"http://127.0.0.1:9/slack/{keys[0].org_id}")
+    assert (second["createdAt"], second["org"]) == (5, "not an object")
 
 
 def test_lookup_includes_revoked_keys_as_disabled(client, sandbox):
@@ -345,7 +362,17 @@ def test_keys_over_http_add_and_list_with_tokens(client, sandbox):
 
     listed = client.get("/_sandbox/keys").json()
     assert len(listed) == 6
-    assert listed[-1] == {**new, "enabled": True, "key_hash": token_hash(new["token"])}
+    assert listed[-1] == {
+        **new,
+        "enabled": True,
+        "key_hash": token_hash(new["token"]),
+        "created_at": None,
+        "last_used_at": None,
+        "org_name": None,
+        "admins": [],
+        "channels": [],
+        "raw": {},
+    }
     assert listed[0]["token"] == sandbox.keys[0].token
 
     other = SupermemorySandbox(seeded_keys(0))
