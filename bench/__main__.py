@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import channels, console, core, notify, pg, public, scan
+from bench import ack, channels, console, core, notify, pg, public, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
-    "ack": core.bench_ack,
+    "ack": ack.run,
     "confirm": core.bench_confirm,
     "big": core.bench_big,
     "scan": scan.run,

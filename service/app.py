@@ -81,16 +81,15 @@ async def receive_alert(request: Request) -> Response:
         return error(exc.status, exc.reason, exc.message)
     sightings = [TokenSighting(i.token, i.type, i.url, i.source, name) for i in items]
     record = AlertRecord(name, hashlib.sha256(body).hexdigest(), len(items))
-    budget = rt.settings.request_budget
     try:
-        refs = await rt.store.intake(record, sightings, match_after=budget)
+        # Lookup first, then one commit of the alert with its labels (see Worker.accept).
+        refs, labels = await rt.worker.accept(
+            record, sightings, rt.settings.request_budget - (time.monotonic() - started)
+        )
     except StoreError as exc:
         ALERTS.labels(reporter=name, outcome="store_unavailable").inc()
         failure(log, "intake", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR, reporter=name)
         return error(503, Reason.STORE_UNAVAILABLE, "the alert could not be recorded; retry later")
-    # No wake-up here: intake holds new tokens for this request's own lookup, which wakes the
-    # worker once a key is matched; the worker's timer takes over whatever the budget leaves.
-    labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
     ALERTS.labels(reporter=name, outcome="accepted").inc()
     log.info(
         "alert accepted",

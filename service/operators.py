@@ -34,6 +34,8 @@ from service.store import (
     Incident,
     IncidentDetail,
     IncidentFilter,
+    IncidentRef,
+    Label,
     State,
     Store,
     StoreError,
@@ -177,12 +179,13 @@ async def accept_report(
         TokenSighting(i.token, i.token_type, i.url or i.file, MANUAL_SOURCE, MANUAL, operator, report.note)
         for i in report.items
     ]
-    refs = []
-    budget = rt.settings.request_budget
+    refs: list[IncidentRef] = []
+    labels: dict[str, Label] = {}
     if sightings:
         record = AlertRecord(MANUAL, hashlib.sha256(body).hexdigest(), len(sightings), operator)
-        refs = await rt.store.intake(record, sightings, match_after=budget)
-    labels = await rt.worker.labels(refs, budget - (time.monotonic() - started))
+        refs, labels = await rt.worker.accept(
+            record, sightings, rt.settings.request_budget - (time.monotonic() - started)
+        )
     by_hash = {r.token_hash: (r.id, r.state) for r in refs}
     # The labelling may have moved incidents on; a failed re-read only shows intake's states.
     with contextlib.suppress(StoreError):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import enum
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -78,6 +80,99 @@ class RevokeResult(enum.StrEnum):
 
 _QUOTA_WORDS = ("rate limit", "rate-limit", "ratelimit", "quota", "too many")
 
+LookupCall = Callable[[list[str]], Awaitable[dict[str, KeyInfo]]]
+
+
+class Coalescer:
+    """Shares lookup calls among concurrent callers: one call carries up to `batch` hashes of
+    whoever asked while the previous call was in flight.
+
+    In a burst (a new token pattern backfilled over all of a host, a repository forked a thousand
+    times) every alert would otherwise cost the admin API one call. Rules:
+
+    - nothing in flight: the hashes go out at once, so a lone alert waits for nothing;
+    - a call in flight: hashes queue, and the queue goes out as one call when it ends;
+    - a full batch queued: it goes out beside the calls in flight (up to `parallel` of them), so a
+      10,000-token alert is not serialised behind one call at a time.
+
+    A caller's hashes travel in chunks of at most `batch`; a chunk is never split between calls, so
+    a call that fails fails exactly the callers whose chunks it carried.
+    """
+
+    def __init__(self, call: LookupCall, *, batch: int = LOOKUP_BATCH, parallel: int = 8) -> None:
+        self._call = call
+        self._batch = batch
+        self._parallel = parallel
+        self._queue: collections.deque[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]
+        self._queue = collections.deque()
+        self._queued = 0
+        self._inflight = 0
+        # Strong references: the event loop keeps only weak ones to running tasks.
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
+        """Which of these hashes are keys; CallFailed if a call carrying any of them failed."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(hashes), self._batch):
+            chunk = list(hashes[start : start + self._batch])
+            future: asyncio.Future[dict[str, KeyInfo]] = loop.create_future()
+            self._queue.append((chunk, future))
+            self._queued += len(chunk)
+            futures.append(future)
+        self._dispatch()
+        found: dict[str, KeyInfo] = {}
+        try:
+            for future in futures:
+                found |= await future
+        finally:
+            # A caller that gave up (its budget ran out) takes its queued chunks with it.
+            for future in futures:
+                if not future.cancel() and not future.cancelled():
+                    future.exception()  # retrieved: a later chunk's failure is not "never retrieved"
+        return found
+
+    def _dispatch(self) -> None:
+        while self._queue and self._inflight < self._parallel:
+            if self._inflight and self._queued < self._batch:
+                return
+            group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] = []
+            size = 0
+            while self._queue and size + len(self._queue[0][0]) <= self._batch:
+                chunk, future = self._queue.popleft()
+                self._queued -= len(chunk)
+                if not future.done():
+                    group.append((chunk, future))
+                    size += len(chunk)
+            if group:
+                self._inflight += 1
+                task = asyncio.get_running_loop().create_task(self._send(group))
+                self._calls.add(task)
+                task.add_done_callback(functools.partial(self._sent, group=group))
+
+    async def _send(self, group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]) -> None:
+        try:
+            found = await self._call(list(dict.fromkeys(h for chunk, _ in group for h in chunk)))
+        except Exception as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for chunk, future in group:
+                if not future.done():
+                    future.set_result({h: found[h] for h in chunk if h in found})
+
+    def _sent(
+        self, task: asyncio.Task[None], *, group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]
+    ) -> None:
+        """A callback rather than a `finally`, so that it also runs for a call cancelled before it
+        started: its callers then hear CancelledError instead of waiting forever."""
+        self._calls.discard(task)
+        for _, future in group:
+            future.cancel()  # a no-op for those answered above
+        self._inflight -= 1
+        self._dispatch()
+
 
 class SupermemoryClient:
     def __init__(
@@ -116,6 +211,7 @@ class SupermemoryClient:
             for _ in range(shards)
         ]
         self._next_pool = itertools.cycle(self._pools)
+        self._lookups = Coalescer(self._lookup_call, parallel=concurrency)
 
     async def aclose(self) -> None:
         for pool in self._pools:
@@ -134,13 +230,19 @@ class SupermemoryClient:
                 raise CallFailed(Reason.BAD_RESPONSE) from None
 
     async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
-        """Which of these hashes are Supermemory keys. A hash absent from the answer is not one."""
-        if len(hashes) > LOOKUP_BATCH:
-            raise ValueError(f"at most {LOOKUP_BATCH} hashes per lookup")
+        """Which of these hashes are Supermemory keys. A hash absent from the answer is not one.
+
+        Concurrent callers share calls (see `Coalescer`); CallFailed when a call carrying any of
+        these hashes failed.
+        """
+        return await self._lookups.lookup(hashes)
+
+    async def _lookup_call(self, hashes: list[str]) -> dict[str, KeyInfo]:
+        """One admin call; the Coalescer never hands it more than LOOKUP_BATCH hashes."""
         response = await self._send(
             "POST",
             self._admin_url + self._lookup_path,
-            json={"keyHashes": list(hashes)},
+            json={"keyHashes": hashes},
             headers=self._admin_headers,
         )
         _raise_for_admin(response)

@@ -21,7 +21,7 @@ from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
 from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, SealingError, State, Store, Transition
-from service.supermemory import LOOKUP_BATCH, CallFailed, ProbeVerdict, SupermemoryClient
+from service.supermemory import LOOKUP_BATCH, CallFailed, KeyInfo, ProbeVerdict, SupermemoryClient
 
 log = logging.getLogger("service.pipeline")
 
@@ -141,91 +141,105 @@ class Steps:
 
     # -- match -----------------------------------------------------------------------------------
 
-    async def match(self, incidents: Sequence[Incident | IncidentRef], owner: str | None) -> list[Transition]:
-        """Batched lookup. The request path (no owner) passes the intake's refs and, on failure,
-        records nothing: the incident is already scheduled for a worker once the budget has passed."""
+    async def match(self, incidents: Sequence[Incident], owner: str) -> list[Transition]:
+        """The worker's batched lookup of claimed incidents; a failed call reschedules its chunk."""
         chunks = [incidents[i : i + LOOKUP_BATCH] for i in range(0, len(incidents), LOOKUP_BATCH)]
         results = await asyncio.gather(*(self._match_chunk(chunk, owner) for chunk in chunks))
         return [t for chunk in results for t in chunk]
 
-    async def _match_chunk(
-        self, incidents: Sequence[Incident | IncidentRef], owner: str | None
-    ) -> list[Transition]:
+    async def _match_chunk(self, incidents: Sequence[Incident], owner: str) -> list[Transition]:
         try:
             found = await self.client.lookup([i.token_hash for i in incidents])
         except CallFailed as exc:
             SUPERMEMORY_CALLS.labels(call="lookup", outcome=exc.reason).inc()
             failure(log, "match", exc.reason, "key lookup failed", count=len(incidents), status=exc.status)
-            if owner is None:
-                return []
             transitions = []
             for incident in incidents:
-                assert isinstance(incident, Incident), "the worker path passes whole incidents"
                 t = self._retry(incident, owner, "lookup_failed", exc.reason, exc.retry_after)
                 if exc.reason == Reason.ADMIN_UNAUTHORIZED:
                     self._page(incident, t, Reason.LOOKUP_UNAUTHORIZED, "Supermemory refused the admin token")
                 transitions.append(t)
             return transitions
         SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
-        now = self._clock()
-        transitions = []
-        for incident in incidents:
-            key = found.get(incident.token_hash)
-            if key is None:
-                transitions.append(
-                    Transition(
-                        incident.id,
-                        State.RECEIVED,
-                        "false_positive",
-                        lease_owner=owner,
-                        state=State.FALSE_POSITIVE,
-                        wipe_token=True,
-                        set={"label": Label.FALSE_POSITIVE, "last_reason": Reason.NOT_A_KEY, "attempts": 0},
-                        detail={"reason": Reason.NOT_A_KEY},
-                    )
+        return [self.matched(i.id, found.get(i.token_hash), owner) for i in incidents]
+
+    async def lookup(self, hashes: Sequence[str], budget: float) -> dict[str, KeyInfo | None]:
+        """The request path's lookup, before anything is committed: per hash, its key or None (not
+        a key), for the hashes answered within `budget` seconds. A failed or unfinished call
+        leaves its hashes out; they are committed as received and a worker takes them over."""
+        chunks = [hashes[i : i + LOOKUP_BATCH] for i in range(0, len(hashes), LOOKUP_BATCH)]
+        tasks = {asyncio.ensure_future(self.client.lookup(chunk)): chunk for chunk in chunks}
+        done, pending = await asyncio.wait(tasks, timeout=budget) if budget > 0 else (set(), set(tasks))
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.info("labels incomplete within the request budget", extra={"detail": "TimeoutError"})
+        outcomes: dict[str, KeyInfo | None] = {}
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, CallFailed):
+                SUPERMEMORY_CALLS.labels(call="lookup", outcome=exc.reason).inc()
+                failure(
+                    log, "match", exc.reason, "key lookup failed", count=len(tasks[task]), status=exc.status
                 )
                 continue
-            for reason, path in key.problems:
-                failure(
-                    log,
-                    "match",
-                    reason,
-                    "ignored an unusable optional field of the lookup",
-                    field=path,
-                    incident_id=incident.id,
-                )
-            transitions.append(
-                Transition(
-                    incident.id,
-                    State.RECEIVED,
-                    "matched",
-                    lease_owner=owner,
-                    state=State.MATCHED,
-                    next_run_at=now,
-                    set={
-                        "label": Label.TRUE_POSITIVE,
-                        "key_id": key.id,
-                        "org_id": key.org_id,
-                        "key_name": key.name,
-                        "recipients": key.recipients,
-                        "matched_at": now,
-                        "attempts": 0,
-                        "step_started_at": None,
-                        "last_reason": None,
-                        "key_created_at": key.created_at,
-                        "key_last_used_at": key.last_used_at,
-                        "org_name": key.org_name,
-                    },
-                    detail={
-                        "key_id": key.id,
-                        "org_id": key.org_id,
-                        "enabled": key.enabled,
-                        "channels": len(key.channels),
-                    },
-                    channels=key.channels,
-                )
+            found = task.result()
+            SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
+            outcomes |= {h: found.get(h) for h in tasks[task]}
+        return outcomes
+
+    def matched(self, incident_id: str, key: KeyInfo | None, owner: str | None) -> Transition:
+        """A lookup's answer for one incident in `received`: matched to its key, or a false positive."""
+        if key is None:
+            return Transition(
+                incident_id,
+                State.RECEIVED,
+                "false_positive",
+                lease_owner=owner,
+                state=State.FALSE_POSITIVE,
+                wipe_token=True,
+                set={"label": Label.FALSE_POSITIVE, "last_reason": Reason.NOT_A_KEY, "attempts": 0},
+                detail={"reason": Reason.NOT_A_KEY},
             )
-        return transitions
+        for reason, path in key.problems:
+            failure(
+                log,
+                "match",
+                reason,
+                "ignored an unusable optional field of the lookup",
+                field=path,
+                incident_id=incident_id,
+            )
+        now = self._clock()
+        return Transition(
+            incident_id,
+            State.RECEIVED,
+            "matched",
+            lease_owner=owner,
+            state=State.MATCHED,
+            next_run_at=now,
+            set={
+                "label": Label.TRUE_POSITIVE,
+                "key_id": key.id,
+                "org_id": key.org_id,
+                "key_name": key.name,
+                "recipients": key.recipients,
+                "matched_at": now,
+                "attempts": 0,
+                "step_started_at": None,
+                "last_reason": None,
+                "key_created_at": key.created_at,
+                "key_last_used_at": key.last_used_at,
+                "org_name": key.org_name,
+            },
+            detail={
+                "key_id": key.id,
+                "org_id": key.org_id,
+                "enabled": key.enabled,
+                "channels": len(key.channels),
+            },
+            channels=key.channels,
+        )
 
     # -- revoke ----------------------------------------------------------------------------------
 
@@ -484,7 +498,7 @@ def gated(refs: Sequence[IncidentRef]) -> None:
     """Log the tokens the intake's shape gate made false positives, as `recorded` logs those of the
     lookup: they never reach a step, so without this line no log would say why they were dropped."""
     for ref in refs:
-        if ref.created and ref.state is State.FALSE_POSITIVE:
+        if ref.created and ref.state is State.FALSE_POSITIVE and ref.applied is None:
             log.info(
                 "incident false_positive",
                 extra={"incident_id": ref.id, "event": "false_positive", "reason": Reason.SHAPE_GATE},

@@ -19,7 +19,17 @@ from service.observability import failure
 from service.pipeline.retry import resolve_transition, retry_transition
 from service.pipeline.steps import Steps, gated, recorded
 from service.reasons import Reason
-from service.store import Incident, IncidentRef, Label, State, StoreError, Transition
+from service.store import (
+    AlertRecord,
+    Incident,
+    IncidentRef,
+    Label,
+    State,
+    StoreError,
+    TokenSighting,
+    Transition,
+)
+from service.tokens import is_key_shaped, token_hash
 
 log = logging.getLogger("service.pipeline")
 
@@ -212,43 +222,36 @@ class Worker:
 
     # -- the request path ------------------------------------------------------------------------
 
-    async def labels(self, refs: Sequence[IncidentRef], budget: float) -> dict[str, Label]:
-        """Labels for an intake's tokens, looking up those not yet known within `budget` seconds.
+    async def accept(
+        self, alert: AlertRecord, sightings: Sequence[TokenSighting], budget: float
+    ) -> tuple[list[IncidentRef], dict[str, Label]]:
+        """Look up an alert's key-shaped tokens within `budget` seconds, then commit the alert with
+        the labels in one transaction: one commit per alert, and nothing committed (so nothing
+        acknowledged) before it. The lookup only reads, so doing it first risks nothing.
 
-        A token whose lookup does not finish in time gets no label; it is already scheduled for a
-        worker, so a slow Supermemory delays the answer's completeness, never the alert. Every intake
-        passes here, so this is where the shape gate's own decisions are logged.
+        A token whose lookup failed or did not finish in time is committed in `received`, due at
+        once, and gets no label here: a worker takes it over, so a slow Supermemory delays the
+        answer's completeness, never the alert. A token already known keeps the label it has.
+        Every intake passes here, so this is where the shape gate's own decisions are logged.
         """
+        hashes = list(dict.fromkeys(token_hash(s.token) for s in sightings if is_key_shaped(s.token)))
+        found = await self.steps.lookup(hashes, budget) if hashes else {}
+
+        def decide(ref: IncidentRef) -> Transition | None:
+            if ref.token_hash not in found:
+                return None
+            return self.steps.matched(ref.id, found[ref.token_hash], None)
+
+        refs = await self.store.intake(alert, sightings, match_after=0, decide=decide)
         gated(refs)
-        labels = {r.token_hash: r.label for r in refs if r.label is not None}
-        pending = [r for r in refs if r.label is None and r.state is State.RECEIVED]
-        if not pending or budget <= 0:
-            return labels
-        transitions: list[Transition] = []
-        applied: list[bool] = []
-        try:
-            async with asyncio.timeout(budget):
-                transitions = await self.steps.match(pending, None)
-                applied = await self.store.apply(transitions) if transitions else []
-        except (TimeoutError, StoreError) as exc:
-            log.info("labels incomplete within the request budget", extra={"detail": type(exc).__name__})
-            return labels
-        recorded(transitions, applied)
-        if any(applied):
+        applied = [r.applied for r in refs if r.applied is not None]
+        recorded(applied, [True] * len(applied))
+        if applied:
             self.after_commit()
-        hashes = {r.id: r.token_hash for r in pending}
-        for t, ok in zip(transitions, applied, strict=True):
-            if ok:
-                labels[hashes[t.incident_id]] = t.set["label"]
-        if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
+        # Work this commit made due now: tokens left for a worker, keys just matched.
+        if any(r.state is State.RECEIVED or (r.state is State.MATCHED and r.applied) for r in refs):
             self.wake()
-        if not all(applied):
-            # Another path (a worker, a concurrent redelivery) got there first: read what it decided.
-            with contextlib.suppress(StoreError):
-                for incident in await self.store.incidents([t.incident_id for t in transitions]):
-                    if incident.label is not None:
-                        labels[incident.token_hash] = incident.label
-        return labels
+        return refs, {r.token_hash: r.label for r in refs if r.label is not None}
 
     async def retry(self, incident: Incident, operator: str) -> bool:
         """Run a stuck incident's step now, on an operator's word (see `retry_transition`).

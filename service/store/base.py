@@ -15,6 +15,7 @@ from service.store.models import (
     AlertRecord,
     ChannelJob,
     ChannelOutcome,
+    Decide,
     Delivery,
     DeliveryStatus,
     IdempotentRequest,
@@ -65,8 +66,16 @@ class Store(Protocol):
         ...
 
     async def intake(
-        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
-    ) -> list[IncidentRef]: ...
+        self,
+        alert: AlertRecord,
+        items: Sequence[TokenSighting],
+        match_after: float,
+        decide: Decide | None = None,
+    ) -> list[IncidentRef]:
+        """Record an alert (its incidents, sightings and record) in one transaction; with `decide`,
+        the same transaction also applies the decided transitions of its incidents still in
+        `received`, so that an alert and its labels cost one commit."""
+        ...
 
     async def claim(self, owner: str, limit: int, lease: float) -> list[Incident]: ...
     async def apply(self, transitions: Sequence[Transition]) -> list[bool]: ...

@@ -7,6 +7,7 @@ only by `Store.reveal_token`, for the one step that needs it (the probe).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,8 @@ class AlertRecord:
 
 @dataclass(frozen=True, slots=True)
 class IncidentRef:
-    """One distinct token of an intake, in order of first appearance."""
+    """One distinct token of an intake, in order of first appearance; `applied` is the transition
+    the intake applied to it in the same transaction (see `Decide`), its state and label after it."""
 
     id: str
     token_hash: str
@@ -68,6 +70,7 @@ class IncidentRef:
     state: State
     label: Label | None
     created: bool
+    applied: Transition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,11 @@ class ChannelDelivery:
     reason: str | None
     created_at: float
     updated_at: float
+
+
+# What an intake should do with one of its incidents still in `received` (new, or left there by an
+# earlier delivery): the transition to apply in the intake's own transaction, or None to leave it.
+Decide = Callable[[IncidentRef], Transition | None]
 
 
 class DeliveryStatus(enum.StrEnum):

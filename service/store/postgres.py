@@ -5,14 +5,16 @@ Same contract as the SQLite store, with the concurrency SQLite never had to face
 - **Intake** dedupes with `INSERT … ON CONFLICT (token_hash) DO NOTHING`: two replicas taking the
   same token at once make one incident (the second waits on the first's uncommitted row, then reads
   it). Candidate rows go in token-hash order, so two intakes with overlapping tokens lock them in the
-  same order and cannot deadlock each other.
+  same order and cannot deadlock each other. Concurrent intakes of one process are batched into one
+  transaction of a few statements, the way SQLite's writer groups its commits.
 - **Claims** take due rows with `FOR UPDATE SKIP LOCKED`, so replicas never take the same incident
   and never wait on each other's claims; transitions stay fenced by expected state and lease owner.
 - **Wake-ups** cross replicas by `NOTIFY` in a transaction that makes work due now (delivered at
   commit, never before): every process `LISTEN`s on one connection of its own and wakes its worker,
-  which then claims. A process ignores its own notifications (it woke its worker in-process already),
-  and intake notifies nobody: its tokens wait for the request's own lookup, whose commit does. A
-  missed notification costs at most the worker's idle poll.
+  which then claims. A process ignores its own notifications (it woke its worker in-process already);
+  an intake notifies the others only for keys its lookup matched, while tokens it leaves in
+  `received` are taken by its own process's worker. A missed notification costs at most the
+  worker's idle poll.
 - Commits are durable (`synchronous_commit` stays on, the server's default). Deadlocks and
   serialization failures are retried a few times, since the transaction is simply run again; any
   other driver error is a `StoreError`, which the app answers with 503.
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -40,12 +44,13 @@ from psycopg_pool import AsyncConnectionPool
 from service.reasons import Reason
 from service.store import common, migrations
 from service.store.base import FailureHook, StoreError, ignore_failure
-from service.store.common import Dialect, IntakePlan, RewrapReport, Take
+from service.store.common import Dialect, IntakePlan, NewIncident, RewrapReport, Take
 from service.store.models import (
     AlertRecord,
     ChannelJob,
     ChannelOutcome,
     ChannelStatus,
+    Decide,
     Delivery,
     DeliveryStatus,
     IdempotencyState,
@@ -77,7 +82,32 @@ _RATES_PRUNE_EVERY = 60.0
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
+# Intake batches: how many may be recording at once (each holds a pooled connection), and how
+# many intakes one transaction takes.
+_BATCHERS = 4
+_MAX_BATCH = 64
+
 _EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (%s, %s, %s, %s, %s)"
+
+
+@dataclass(frozen=True, slots=True)
+class _Intake:
+    """One request's intake, waiting for a batch to record it."""
+
+    alert: AlertRecord
+    items: Sequence[TokenSighting]
+    plan: IntakePlan
+    decide: Decide | None
+    future: asyncio.Future[list[IncidentRef]]
+
+
+def _settle(future: asyncio.Future[list[IncidentRef]], outcome: list[IncidentRef] | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class PostgresStore:
@@ -103,6 +133,9 @@ class PostgresStore:
             name="leak-responder",
         )
         self._listener: asyncio.Task[None] | None = None
+        self._intakes: list[_Intake] = []
+        self._batchers = 0
+        self._batcher_tasks: set[asyncio.Task[None]] = set()
         # The payload of this process's notifications, so that its listener can skip them.
         self._instance = secrets.token_hex(8)
         self._rates_pruned = 0.0
@@ -134,6 +167,8 @@ class PostgresStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        # Queued and running intakes finish first: their requests wait for the commit.
+        await asyncio.gather(*self._batcher_tasks, return_exceptions=True)
         await self._pool.close()
 
     async def ping(self) -> None:
@@ -206,23 +241,106 @@ class PostgresStore:
     # -- intake ----------------------------------------------------------------------------------
 
     async def intake(
-        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
+        self,
+        alert: AlertRecord,
+        items: Sequence[TokenSighting],
+        match_after: float,
+        decide: Decide | None = None,
     ) -> list[IncidentRef]:
-        """Record an alert, one incident per distinct token and a sighting per item, atomically."""
-        now = self._clock()
-        plan = IntakePlan.prepare(items, self._sealer, now, match_after)
+        """Record an alert, one incident per distinct token and a sighting per item, and apply the
+        decided transitions, atomically; batched with the intakes of concurrent requests.
 
-        async def work(conn: Conn) -> list[IncidentRef]:
-            news = sorted(plan.candidates.values(), key=lambda n: n.token_hash)
-            inserted = await self._rows(
+        Intakes queue; up to `_BATCHERS` tasks each take whatever is queued (at most
+        `_MAX_BATCH`) and record it in one transaction of four statements (see `_intake_batch`),
+        so that under load an alert costs a fraction of a transaction, not one of its own, while a
+        lone alert goes out at once. A batch that fails is retried one intake at a time, so that
+        one bad intake fails only its own request.
+        """
+        plan = IntakePlan.prepare(items, self._sealer, self._clock(), match_after)
+        future: asyncio.Future[list[IncidentRef]] = asyncio.get_running_loop().create_future()
+        self._intakes.append(_Intake(alert, items, plan, decide, future))
+        if self._batchers < _BATCHERS:
+            self._batchers += 1
+            task = asyncio.create_task(self._run_intakes(), name="store-intake")
+            self._batcher_tasks.add(task)
+            task.add_done_callback(self._batcher_tasks.discard)
+        return await future
+
+    async def _run_intakes(self) -> None:
+        batch: list[_Intake] = []
+        try:
+            while self._intakes:
+                batch = self._intakes[:_MAX_BATCH]
+                del self._intakes[:_MAX_BATCH]
+                if len(batch) > 1:
+                    try:
+                        done = await self._write(functools.partial(self._intake_batch, batch=batch))
+                    except StoreError as exc:
+                        if isinstance(exc.__cause__, psycopg.OperationalError):
+                            # The database is out of reach (a pool timeout among them): each
+                            # intake alone would wait as long again and fail the same way.
+                            for intake in batch:
+                                _settle(intake.future, exc)
+                            continue
+                    except Exception:  # noqa: S110 - retried one at a time just below
+                        pass
+                    else:
+                        for intake, refs in zip(batch, done, strict=True):
+                            _settle(intake.future, refs)
+                        continue
+                for intake in batch:
+                    try:
+                        (refs,) = await self._write(functools.partial(self._intake_batch, batch=[intake]))
+                    except Exception as exc:
+                        _settle(intake.future, exc)
+                    else:
+                        _settle(intake.future, refs)
+        finally:
+            self._batchers -= 1
+            for intake in batch:
+                # Only if this task was cancelled mid-batch (the store closing under it).
+                _settle(intake.future, StoreError("the store closed before the intake committed"))
+
+    async def _intake_batch(self, conn: Conn, batch: Sequence[_Intake]) -> list[list[IncidentRef]]:
+        """Intakes in four statements whatever their number and size.
+
+        The first inserts the new incidents with their events; it waits on a concurrent insert of
+        the same token by another replica and then skips it, so once it has run every token has a
+        committed or own row. The second, with a snapshot taken after that wait, records the
+        alerts and their sightings and reads the incidents back. The third applies the transitions
+        the intakes' `decide` make of those still in `received`; the fourth is the commit.
+
+        A token in several intakes of the batch is created by the first of them, and decided by
+        the first that decides it; the others see it as they would after that intake committed.
+        """
+        now = self._clock()
+        first: dict[str, tuple[int, NewIncident]] = {}
+        for n, intake in enumerate(batch):
+            for digest, new in intake.plan.candidates.items():
+                first.setdefault(digest, (n, new))
+        news = sorted((new for _, new in first.values()), key=lambda new: new.token_hash)
+        events = [
+            (new.token_hash, kind, str(state), Jsonb(detail))
+            for n, new in first.values()
+            for kind, state, detail in new.events(batch[n].alert)
+        ]
+        created = {
+            r["token_hash"]
+            for r in await self._rows(
                 conn,
-                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
-                " state, label, created_at, next_run_at, last_reason)"
+                "WITH created AS (INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key,"
+                " token_type, state, label, created_at, next_run_at, last_reason)"
                 " SELECT id, token_hash, redacted, token_sealed, sealed_key, token_type, state, label, %s,"
                 " next_run_at, last_reason FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[],"
                 " %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::text[]) AS n (id,"
                 " token_hash, redacted, token_sealed, sealed_key, token_type, state, label, next_run_at,"
-                " last_reason) ORDER BY token_hash ON CONFLICT (token_hash) DO NOTHING RETURNING token_hash",
+                " last_reason) ORDER BY token_hash ON CONFLICT (token_hash) DO NOTHING"
+                " RETURNING id, token_hash),"
+                " logged AS (INSERT INTO events (incident_id, at, kind, state, detail)"
+                " SELECT created.id, %s, e.kind, e.state, e.detail FROM created JOIN unnest(%s::text[],"
+                " %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY AS e (token_hash, kind, state, detail,"
+                " n) ON e.token_hash = created.token_hash ORDER BY e.n)"
+                " SELECT token_hash FROM created",
                 [
                     now,
                     [n.id for n in news],
@@ -235,30 +353,59 @@ class PostgresStore:
                     [common.plain(n.label) for n in news],
                     [n.next_run_at for n in news],
                     [n.last_reason for n in news],
+                    now,
+                    [e[0] for e in events],
+                    [e[1] for e in events],
+                    [e[2] for e in events],
+                    [e[3] for e in events],
                 ],
             )
-            created = {r["token_hash"] for r in inserted}
-            known = {
-                r["token_hash"]: r
-                for r in await self._rows(
-                    conn,
-                    "SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%s)",
-                    [[d for d in plan.candidates if d not in created]],
-                )
-            }
+        }
+        ours = [
+            {d for d in i.plan.candidates if d in created and first[d][0] == n} for n, i in enumerate(batch)
+        ]
+        seen = [
+            (n + 1, digest, item)
+            for n, intake in enumerate(batch)
+            for digest, item in intake.plan.distinct_sightings(intake.items)
+        ]
+        # Alert ids come from an identity in insertion order, and the insert follows ORDER BY n:
+        # the k-th smallest id returned is the k-th alert of the batch.
+        rows = await self._rows(
+            conn,
+            "WITH alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
+            " new_incidents) SELECT a.reporter, a.operator, %s, a.body_sha256, a.item_count,"
+            " a.new_incidents FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
+            " WITH ORDINALITY AS a (reporter, operator, body_sha256, item_count, new_incidents, n)"
+            " ORDER BY a.n RETURNING id),"
+            " numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM alert),"
+            " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
+            " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
+            " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS s (alert_n,"
+            " token_hash, reporter, operator, url, source, token_type, note, n)"
+            " JOIN numbered ON numbered.n = s.alert_n JOIN incidents i ON i.token_hash = s.token_hash"
+            " ORDER BY s.n)"
+            " SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%s)",
+            [
+                now,
+                [i.alert.reporter for i in batch], [i.alert.operator for i in batch],
+                [i.alert.body_sha256 for i in batch], [i.alert.item_count for i in batch],
+                [len(o) for o in ours],
+                now,
+                [n for n, _, _ in seen], [d for _, d, _ in seen], [i.reporter for _, _, i in seen],
+                [i.operator for _, _, i in seen], [i.url for _, _, i in seen],
+                [i.source for _, _, i in seen], [i.token_type for _, _, i in seen],
+                [i.note for _, _, i in seen],
+                list(first),
+            ],
+        )  # fmt: skip
+        by_hash = {r["token_hash"]: r for r in rows}
+        results: list[dict[str, IncidentRef]] = []
+        for n, intake in enumerate(batch):
             refs: dict[str, IncidentRef] = {}
-            events = []
-            for digest, new in plan.candidates.items():
-                if digest in created:
-                    refs[digest] = IncidentRef(
-                        new.id, digest, new.token_type, new.redacted, new.state, new.label, True
-                    )
-                    events += [
-                        common.event_args(POSTGRES, new.id, now, kind, state, detail)
-                        for kind, state, detail in new.events(alert)
-                    ]
-                    continue
-                row = known[digest]
+            for digest, new in intake.plan.candidates.items():
+                row = by_hash[digest]
                 refs[digest] = IncidentRef(
                     row["id"],
                     digest,
@@ -266,25 +413,29 @@ class PostgresStore:
                     row["redacted"],
                     State(row["state"]),
                     Label(row["label"]) if row["label"] else None,
-                    created=False,
+                    created=digest in ours[n],
                 )
-            (alert_row,) = await self._rows(
-                conn,
-                "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
-                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, len(created)),
-            )
-            async with conn.cursor() as cur:
-                if events:
-                    await cur.executemany(_EVENT_INSERT, events)
-                await cur.executemany(
-                    "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
-                    " token_type, seen_at, note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_row["id"], now),
-                )
-            return list(refs.values())
-
-        return await self._write(work)
+            results.append(refs)
+        decided: dict[str, tuple[int, Transition]] = {}
+        for n, intake in enumerate(batch):
+            for digest, ref in results[n].items():
+                if ref.state is not State.RECEIVED or digest in decided or intake.decide is None:
+                    continue
+                if (t := intake.decide(ref)) is not None:
+                    decided[digest] = (n, t)
+        transitions = [t for _, t in decided.values()]
+        common.check_transitions(transitions)
+        applied = await self._apply_in(
+            conn, transitions, now, common.sealed_channels(transitions, self._sealer)
+        )
+        for (digest, (n, t)), ok in zip(decided.items(), applied, strict=True):
+            # Not applied: another replica moved the incident on since the read-back; the answer
+            # then shows it as read, and its label comes with a later delivery.
+            if ok:
+                for m, refs in enumerate(results):
+                    if digest in refs:
+                        refs[digest] = common.after(refs[digest], t, own=m == n)
+        return [list(refs.values()) for refs in results]
 
     # -- work ------------------------------------------------------------------------------------
 
@@ -316,39 +467,46 @@ class PostgresStore:
         if not transitions:
             return []
         channels = common.sealed_channels(transitions, self._sealer)
+        return await self._write(lambda conn: self._apply_in(conn, transitions, now, channels))
 
-        async def work(conn: Conn) -> list[bool]:
-            cursors = []
-            async with conn.pipeline():
-                for t in transitions:
-                    update, args = common.fenced_update(t, POSTGRES)
-                    _, *event = common.event_args(POSTGRES, t.incident_id, now, t.event, t.state, t.detail)
-                    cur = conn.cursor()
-                    await cur.execute(
-                        f"WITH applied AS ({update} RETURNING id) INSERT INTO events"  # noqa: S608
-                        " (incident_id, at, kind, state, detail) SELECT id, %s, %s, %s, %s FROM applied",
-                        [*args, *event],
-                    )
-                    cursors.append(cur)
-            applied = [cur.rowcount == 1 for cur in cursors]
-            done = [t for t, ok in zip(transitions, applied, strict=True) if ok]
-            async with conn.cursor() as cur:
-                rows = [row for t in done for row in channels.get(t.incident_id, [])]
-                if rows:
-                    await cur.executemany(common.channel_insert(POSTGRES), rows)
-                for t in done:
-                    outbox = common.outbox_insert(t, now, POSTGRES)
-                    if outbox is not None:
-                        await cur.execute(*outbox)
-            due = [
-                ok and t.next_run_at is not None and t.next_run_at <= now
-                for t, ok in zip(transitions, applied, strict=True)
-            ]
-            if any(due):
-                await self._notify(conn)
-            return applied
-
-        return await self._write(work)
+    async def _apply_in(
+        self,
+        conn: Conn,
+        transitions: Sequence[Transition],
+        now: float,
+        channels: dict[str, list[tuple[Any, ...]]],
+    ) -> list[bool]:
+        """Each transition is one statement (the fenced UPDATE feeding its event's INSERT), all sent
+        in one pipeline: a batch of a thousand costs about one round trip, not a thousand. Then the
+        channel rows and outbox events the applied ones owe (`channels` sealed beforehand)."""
+        if not transitions:
+            return []
+        cursors = []
+        # Pipeline mode only pays for several statements: psycopg polls the socket while it waits.
+        async with conn.pipeline() if len(transitions) > 1 else contextlib.nullcontext():
+            for t in transitions:
+                update, args = common.fenced_update(t, POSTGRES)
+                _, *event = common.event_args(POSTGRES, t.incident_id, now, t.event, t.state, t.detail)
+                cur = conn.cursor()
+                await cur.execute(
+                    f"WITH applied AS ({update} RETURNING id) INSERT INTO events"  # noqa: S608
+                    " (incident_id, at, kind, state, detail) SELECT id, %s, %s, %s, %s FROM applied",
+                    [*args, *event],
+                )
+                cursors.append(cur)
+        applied = [cur.rowcount == 1 for cur in cursors]
+        done = [t for t, ok in zip(transitions, applied, strict=True) if ok]
+        async with conn.cursor() as cur:
+            rows = [row for t in done for row in channels.get(t.incident_id, [])]
+            if rows:
+                await cur.executemany(common.channel_insert(POSTGRES), rows)
+            for t in done:
+                outbox = common.outbox_insert(t, now, POSTGRES)
+                if outbox is not None:
+                    await cur.execute(*outbox)
+        if any(t.next_run_at is not None and t.next_run_at <= now for t in done):
+            await self._notify(conn)
+        return applied
 
     async def release(self, owner: str) -> None:
         """Hand back every lease of a process that is shutting down, and tell the others."""

@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from service.store.models import (
     ChannelJob,
     ChannelOutcome,
     ChannelStatus,
+    Decide,
     Delivery,
     DeliveryStatus,
     IdempotencyState,
@@ -56,6 +57,8 @@ from service.store.sealing import Sealer
 
 _MAX_GROUP = 512
 _RATES_PRUNE_EVERY = 60.0
+# Hashes per `IN (...)` lookup: well under SQLite's limit on host parameters.
+_IN_CHUNK = 500
 
 T = TypeVar("T")
 
@@ -203,12 +206,13 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {exc}")
             outcomes = [(False, StoreError(f"commit failed: {exc}"))] * len(group)
+        # One hand-off per event loop for the whole group: each call_soon_threadsafe wakes the
+        # loop with a system call, and under load a group holds dozens of requests.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, future), (ok, value) in zip(group, outcomes, strict=True):
-            loop = future.get_loop()
-            if ok:
-                loop.call_soon_threadsafe(_resolve, future, value)
-            else:
-                loop.call_soon_threadsafe(_fail, future, value)
+            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle, settled)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
@@ -241,23 +245,51 @@ class SqliteStore:
     # -- intake ----------------------------------------------------------------------------------
 
     async def intake(
-        self, alert: AlertRecord, items: Sequence[TokenSighting], match_after: float
+        self,
+        alert: AlertRecord,
+        items: Sequence[TokenSighting],
+        match_after: float,
+        decide: Decide | None = None,
     ) -> list[IncidentRef]:
         """Record an alert, one incident per distinct token and a sighting per item, atomically.
 
         A token already known adds a sighting only (see `common.IntakePlan` for what a new one is).
+        Decided transitions are applied in the same transaction (one writer: nothing can move an
+        incident between this read of it and that write).
         """
         now = self._clock()
         plan = IntakePlan.prepare(items, self._sealer, now, match_after)
 
         def work(conn: sqlite3.Connection) -> list[IncidentRef]:
+            digests = list(plan.candidates)
+            known: dict[str, sqlite3.Row] = {}
+            for i in range(0, len(digests), _IN_CHUNK):
+                chunk = digests[i : i + _IN_CHUNK]
+                for row in conn.execute(
+                    "SELECT id, token_hash, state, label, redacted FROM incidents"  # noqa: S608
+                    f" WHERE token_hash IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    known[row["token_hash"]] = row
             refs: dict[str, IncidentRef] = {}
+            news = [new for digest, new in plan.candidates.items() if digest not in known]
+            # Rows as generators: a 10,000-token alert would otherwise hold every row twice.
+            conn.executemany(
+                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
+                " state, label, created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    (new.id, new.token_hash, new.redacted, new.sealed, new.sealed_key, new.token_type,
+                     str(new.state), common.plain(new.label), now, new.next_run_at, new.last_reason)
+                    for new in news
+                ),
+            )  # fmt: skip
+            _events(conn, ((new.id, now, *e) for new in news for e in new.events(alert)))
             for digest, new in plan.candidates.items():
-                row = conn.execute(
-                    "SELECT id, state, label, redacted FROM incidents WHERE token_hash = ?", (digest,)
-                ).fetchone()
-                if row is not None:
-                    refs[digest] = IncidentRef(
+                row = known.get(digest)
+                refs[digest] = (
+                    IncidentRef(new.id, digest, new.token_type, new.redacted, new.state, new.label, True)
+                    if row is None
+                    else IncidentRef(
                         row["id"],
                         digest,
                         new.token_type,
@@ -266,19 +298,34 @@ class SqliteStore:
                         Label(row["label"]) if row["label"] else None,
                         created=False,
                     )
-                    continue
-                conn.execute(
-                    "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
-                    " state, label, created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (new.id, digest, new.redacted, new.sealed, new.sealed_key, new.token_type,
-                     str(new.state), common.plain(new.label), now, new.next_run_at, new.last_reason),
-                )  # fmt: skip
-                for kind, state, detail in new.events(alert):
-                    _event(conn, new.id, now, kind, state, detail)
-                refs[digest] = IncidentRef(
-                    new.id, digest, new.token_type, new.redacted, new.state, new.label, True
                 )
-            created = sum(r.created for r in refs.values())
+            created = len(news)
+            decided = [
+                (digest, t)
+                for digest, ref in refs.items()
+                if ref.state is State.RECEIVED and decide is not None and (t := decide(ref)) is not None
+            ]
+            common.check_transitions([t for _, t in decided])
+            # The fences hold for every decided transition: this transaction read the states just
+            # now, and it is the only writer. Those that owe nothing beyond their row and event (a
+            # false positive, a key without channels to tell) go grouped by statement, one
+            # executemany each; the others as `apply` writes them, channels and outbox included.
+            plain = [t for _, t in decided if not t.channels and common.outbox_insert(t, now, SQLITE) is None]
+            updates: dict[str, list[list[Any]]] = {}
+            for t in plain:
+                sql, args = common.fenced_update(t, SQLITE)
+                updates.setdefault(sql, []).append(args)
+            for sql, rows in updates.items():
+                if conn.executemany(sql, rows).rowcount != len(rows):
+                    raise StoreError("an incident moved under the writer's own transaction")
+            _events(conn, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
+            owing = [t for _, t in decided if t.channels or common.outbox_insert(t, now, SQLITE) is not None]
+            channels = common.sealed_channels(owing, self._sealer)
+            for t in owing:
+                if not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
+                    raise StoreError("an incident moved under the writer's own transaction")
+            for digest, t in decided:
+                refs[digest] = common.after(refs[digest], t)
             alert_id = conn.execute(
                 "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
                 " VALUES (?,?,?,?,?,?)",
@@ -739,14 +786,25 @@ class SqliteStore:
         """Nothing to watch: one process, whose commits wake its worker in-process."""
 
 
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
+def _settle(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """In the futures' loop: each one's result, or its exception (unless its waiter gave up)."""
+    for future, ok, value in settled:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+def _events(
+    conn: sqlite3.Connection, events: Iterable[tuple[str, float, str, State | None, dict[str, Any]]]
+) -> None:
+    """Many events at once: (incident_id, at, kind, state, detail) each."""
+    conn.executemany(
+        "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)",
+        (common.event_args(SQLITE, *e) for e in events),
+    )
 
 
 def _event(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import httpx
 import pytest
 
 from service.sandbox import seeded_keys
@@ -69,3 +72,32 @@ def test_killed_before_the_request_lookup_finished(sandbox, make_service, keys, 
     for key in keys:
         restarted.wait_state(key.token, "confirmed", timeout=30)
     assert sandbox.supermemory.stats()["effective_revokes"] == {k.id: 1 for k in keys}
+
+
+def test_killed_during_the_request_lookup_acknowledged_nothing_and_recorded_nothing(
+    sandbox, make_service, keys, tmp_path
+):
+    """The lookup runs before the alert's one commit: a process killed while it waits has sent no
+    2xx and written nothing, so the reporter's redelivery is the alert's only record."""
+    service = make_service({"LEAK_RESPONDER_REQUEST_BUDGET": "10"})
+    sandbox.supermemory.set_knobs(hang_ms={"lookup": 60_000})
+    outcome: list[object] = []
+
+    def send() -> None:
+        try:
+            outcome.append(service.post_alert(sandbox.github, [k.token for k in keys]))
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: sandbox.supermemory.stats()["calls"]["lookup"] >= 1)
+    service.kill()
+    sender.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.HTTPError)
+    assert service.count("alerts") == 0 and service.count("incidents") == 0
+
+    sandbox.supermemory.set_knobs(hang_ms={})
+    restarted = make_service(workdir=tmp_path)
+    response = restarted.post_alert(sandbox.github, [k.token for k in keys])
+    assert response.status_code == 200 and len(response.json()) == len(keys)

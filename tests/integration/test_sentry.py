@@ -174,7 +174,7 @@ def test_exception_while_handling_an_alert_reports_no_token(sandbox, sentry, tmp
     runtime = Runtime.build(settings)
     token = sandbox.tokens[0]
 
-    async def broken_intake(alert, items, match_after):
+    async def broken_intake(alert, items, match_after, decide=None):
         raise RuntimeError(f"cannot record {items[0].token}: simulated bug")
 
     monkeypatch.setattr(runtime.store, "intake", broken_intake)

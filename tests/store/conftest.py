@@ -65,6 +65,14 @@ class Backend:
             for store in stores:
                 await store.close()
 
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        """Raw rows behind the store's back, to check what it wrote where."""
+        if self.url is None:
+            with contextlib.closing(sqlite3.connect(self.path)) as conn:
+                return conn.execute(sql).fetchall()
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(sql).fetchall()  # type: ignore[arg-type]
+
     def execute(self, sql: str) -> None:
         """Raw SQL behind the store's back, as an intruder (or a careless operator) would run it."""
         if self.url is None:

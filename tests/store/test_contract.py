@@ -23,6 +23,7 @@ from service.store import (
     DeliveryStatus,
     IdempotencyState,
     IncidentFilter,
+    IncidentRef,
     Label,
     Sealer,
     State,
@@ -121,6 +122,192 @@ def test_two_replicas_taking_the_same_tokens_at_once_make_one_incident_each(back
             assert set(created.values()) == {1}
             stats = await one.stats()
             assert stats.incidents_by_state == {"received": len(tokens)}
+
+    run(body())
+
+
+def not_a_key(ref: IncidentRef) -> Transition:
+    """What the lookup's "unknown hash" makes of an incident (as Steps.matched decides it)."""
+    return Transition(
+        ref.id,
+        State.RECEIVED,
+        "false_positive",
+        state=State.FALSE_POSITIVE,
+        wipe_token=True,
+        set={"label": Label.FALSE_POSITIVE, "last_reason": "not_a_key"},
+        detail={"reason": "not_a_key"},
+    )
+
+
+def test_intake_applies_the_decided_transitions_in_its_own_transaction(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            shaped, decided = key(), []
+
+            def decide(ref: IncidentRef) -> Transition:
+                decided.append(ref.token_hash)
+                return not_a_key(ref)
+
+            refs = await store.intake(ALERT, [sighting(shaped), sighting("nope")], 0, decide)
+            # Only the incident still in `received` is decided; the shape gate's is final already.
+            assert decided == [token_hash(shaped)]
+            assert [(r.state, r.label, r.created) for r in refs] == [
+                (State.FALSE_POSITIVE, Label.FALSE_POSITIVE, True)
+            ] * 2
+            assert refs[0].applied is not None and refs[0].applied.event == "false_positive"
+            assert refs[1].applied is None
+            detail = await store.detail(refs[0].id)
+            assert detail is not None and not detail.incident.has_token
+            assert detail.incident.last_reason == "not_a_key" and detail.incident.next_run_at is None
+            assert [e.kind for e in detail.events] == ["received", "false_positive"]
+
+    run(body())
+
+
+def test_a_redelivery_keeps_the_label_and_decides_only_what_is_still_received(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            labelled, waiting = key(), key()
+            await store.intake(ALERT, [sighting(labelled)], 0, not_a_key)
+            await store.intake(ALERT, [sighting(waiting)], 0)  # its lookup missed the budget
+            decided: list[str] = []
+
+            def decide(ref: IncidentRef) -> Transition:
+                decided.append(ref.token_hash)
+                return not_a_key(ref)
+
+            again = await store.intake(ALERT, [sighting(labelled), sighting(waiting)], 0, decide)
+            assert decided == [token_hash(waiting)]
+            assert [(r.created, r.label) for r in again] == [(False, Label.FALSE_POSITIVE)] * 2
+            detail = await store.detail(again[0].id)
+            assert detail is not None and [e.kind for e in detail.events] == ["received", "false_positive"]
+
+    run(body())
+
+
+def test_an_intake_whose_decision_fails_records_nothing(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            token = key()
+
+            def broken(ref: IncidentRef) -> Transition:
+                raise RuntimeError("a bug in a decision")
+
+            with pytest.raises(RuntimeError):
+                await store.intake(ALERT, [sighting(token)], 0, broken)
+            stats = await store.stats()
+            assert stats.incidents_by_state == {}
+            (ref,) = await store.intake(ALERT, [sighting(token)], 0)
+            assert ref.created
+
+    run(body())
+
+
+def test_two_replicas_deciding_the_same_tokens_at_once_apply_each_decision_once(backend: Backend) -> None:
+    async def body() -> None:
+        tokens = [key() for _ in range(20)]
+        async with backend.opened(2) as (one, two):
+            # Already known and still received (their first lookup missed the budget): each intake
+            # below reads them as received and decides, and only one decision per token may apply.
+            await one.intake(ALERT, [sighting(t) for t in tokens], 0)
+            results = await asyncio.gather(
+                *(
+                    store.intake(ALERT, [sighting(t) for t in order], 0, not_a_key)
+                    for store, order in ((one, tokens), (two, tokens[::-1])) * 3
+                )
+            )
+            applied: dict[str, int] = {}
+            for refs in results:
+                for r in refs:
+                    applied[r.token_hash] = applied.get(r.token_hash, 0) + (r.applied is not None)
+                    assert r.label is Label.FALSE_POSITIVE or r.state is State.RECEIVED
+            assert set(applied.values()) == {1}
+            stats = await one.stats()
+            assert stats.incidents_by_state == {"false_positive": len(tokens)}
+            for refs in results[:1]:
+                for r in refs:
+                    detail = await one.detail(r.id)
+                    assert detail is not None
+                    assert [e.kind for e in detail.events] == ["received", "false_positive"]
+
+    run(body())
+
+
+def test_concurrent_intakes_record_each_alert_with_its_own_sightings(backend: Backend) -> None:
+    """Intakes arriving together may share a transaction (PostgreSQL batches them, SQLite groups
+    its commits): each alert still gets its own record, its own sightings and its own count."""
+
+    async def body() -> None:
+        shared, own = key(), [key() for _ in range(12)]
+        async with backend.opened() as (store,):
+            results = await asyncio.gather(
+                *(
+                    store.intake(
+                        AlertRecord("github", f"{n:064x}", 2),
+                        [sighting(shared, f"https://x.test/{n}"), sighting(own[n], f"https://x.test/{n}")],
+                        0,
+                    )
+                    for n in range(12)
+                )
+            )
+        assert sum(refs[0].created for refs in results) == 1
+        assert all(refs[1].created for refs in results)
+        assert len({refs[0].id for refs in results}) == 1
+        rows = backend.query(
+            "SELECT a.body_sha256, a.new_incidents, s.url, i.token_hash FROM sightings s"
+            " JOIN alerts a ON a.id = s.alert_id JOIN incidents i ON i.id = s.incident_id"
+        )
+        assert len(rows) == 24
+        for body_sha256, _, url, digest in rows:
+            n = int(str(body_sha256), 16)
+            assert url == f"https://x.test/{n}"
+            assert digest in (token_hash(shared), token_hash(own[n]))
+        assert sorted({(r[0], r[1]) for r in rows}, key=lambda r: r[1]) == sorted(
+            {(f"{n:064x}", 1 + (results[n][0].created)) for n in range(12)}, key=lambda r: r[1]
+        )
+
+    run(body())
+
+
+def test_a_failing_intake_among_concurrent_ones_fails_alone(backend: Backend) -> None:
+    async def body() -> None:
+        tokens = [key() for _ in range(6)]
+
+        def broken(ref: IncidentRef) -> Transition:
+            raise RuntimeError("a bug in one decision")
+
+        async with backend.opened() as (store,):
+            results = await asyncio.gather(
+                *(
+                    store.intake(ALERT, [sighting(t)], 0, broken if n == 3 else not_a_key)
+                    for n, t in enumerate(tokens)
+                ),
+                return_exceptions=True,
+            )
+            assert isinstance(results[3], RuntimeError)
+            for n, refs in enumerate(results):
+                if n != 3:
+                    assert isinstance(refs, list) and refs[0].label is Label.FALSE_POSITIVE
+            stats = await store.stats()
+            assert stats.incidents_by_state == {"false_positive": 5}
+
+    run(body())
+
+
+def test_one_token_in_concurrent_intakes_is_decided_once(backend: Backend) -> None:
+    async def body() -> None:
+        token = key()
+        async with backend.opened() as (store,):
+            results = await asyncio.gather(
+                *(store.intake(ALERT, [sighting(token)], 0, not_a_key) for _ in range(8))
+            )
+            assert [refs[0].label for refs in results] == [Label.FALSE_POSITIVE] * 8
+            assert sum(refs[0].applied is not None for refs in results) == 1
+            assert sum(refs[0].created for refs in results) == 1
+            detail = await store.detail(results[0][0].id)
+            assert detail is not None
+            assert [e.kind for e in detail.events] == ["received", "false_positive"]
+            assert len(detail.sightings) == 8
 
     run(body())
 

@@ -241,14 +241,18 @@ def steps_for(
     )
 
 
-async def intake_refs(store: SqliteStore, *tokens: str, reporter: str = "manual") -> list[IncidentRef]:
-    """One alert carrying `tokens`, as the intake records it (due at once for a worker)."""
+def alert_of(*tokens: str, reporter: str = "manual") -> tuple[AlertRecord, list[TokenSighting]]:
+    """One alert carrying `tokens`: its record and its items."""
     items = [
         TokenSighting(t, TOKEN_TYPE, f"https://paste.example/{i}", "paste", reporter)
         for i, t in enumerate(tokens)
     ]
-    alert = AlertRecord(reporter, hashlib.sha256(repr(tokens).encode()).hexdigest(), len(items))
-    return await store.intake(alert, items, match_after=0.0)
+    return AlertRecord(reporter, hashlib.sha256(repr(tokens).encode()).hexdigest(), len(items)), items
+
+
+async def intake_refs(store: SqliteStore, *tokens: str, reporter: str = "manual") -> list[IncidentRef]:
+    """One alert carrying `tokens`, as the intake records it (due at once for a worker)."""
+    return await store.intake(*alert_of(*tokens, reporter=reporter), match_after=0.0)
 
 
 async def intake(store: SqliteStore, *numbers: int, reporter: str = "manual") -> list[str]:

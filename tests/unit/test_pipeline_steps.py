@@ -7,6 +7,7 @@ tests see what the step decided as the store keeps it, including which pages are
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 from service.notify.result import NotifyResult
 from service.pipeline import backoff
 from service.reasons import Reason
-from service.store import IncidentRef, Label, State, Transition
+from service.store import Label, State, Transition
 from service.supermemory import LOOKUP_BATCH, CallFailed, RevokeResult
 from service.tokens import token_hash
 from tests.unit.pipeline_doubles import (
@@ -227,39 +228,47 @@ def test_match_admin_unauthorized_pages_once_per_incident(tmp_path, clock):
     assert incident.pages == {Reason.LOOKUP_UNAUTHORIZED} and incident.attempts == 2
 
 
-def test_match_on_the_request_path_records_nothing_on_failure(tmp_path, clock):
+def test_the_request_paths_lookup_leaves_out_what_failed_and_records_nothing(tmp_path, clock):
     client, pager = FakeSupermemory(), RecordingPager()
     client.lookup_error = CallFailed(Reason.ADMIN_UNAUTHORIZED, 401)
 
     async def scenario(store):
         [incident_id] = await intake(store, 1)
-        ref = IncidentRef(
-            incident_id, token_hash(token(1)), "supermemory_api_key", "sm_…", State.RECEIVED, None, True
-        )
-        transitions = await steps_for(store, clock, client, pager).match([ref], None)
-        return transitions, await one(store, incident_id)
+        found = await steps_for(store, clock, client, pager).lookup([token_hash(token(1))], budget=5.0)
+        return found, await one(store, incident_id)
 
-    transitions, incident = run_with_store(tmp_path, clock, scenario)
-    assert transitions == [] and pager.pages == []
+    found, incident = run_with_store(tmp_path, clock, scenario)
+    # Nothing to commit with the alert, no page (the worker's own lookup pages), no retry recorded.
+    assert found == {} and pager.pages == []
     assert incident.state is State.RECEIVED and incident.attempts == 0 and incident.next_run_at == START
 
 
-def test_match_on_the_request_path_labels_without_a_lease(tmp_path, clock):
+def test_the_request_paths_lookup_answers_per_hash_and_its_decisions_need_no_lease(tmp_path, clock):
     client = FakeSupermemory()
     client.know(key_info(1, "ann@example.test"))
 
     async def scenario(store):
         ids = await intake(store, 1, 2)
-        refs = [
-            IncidentRef(i, token_hash(token(n)), "supermemory_api_key", "sm_…", State.RECEIVED, None, True)
-            for i, n in zip(ids, (1, 2), strict=True)
-        ]
-        transitions = await steps_for(store, clock, client).match(refs, None)
-        return transitions, await record(store, *transitions)
+        hashes = [token_hash(token(n)) for n in (1, 2)]
+        found = await steps_for(store, clock, client).lookup(hashes, budget=5.0)
+        steps = steps_for(store, clock, client)
+        transitions = [steps.matched(i, found[h], None) for i, h in zip(ids, hashes, strict=True)]
+        return found, transitions, await record(store, *transitions)
 
-    transitions, applied = run_with_store(tmp_path, clock, scenario)
+    found, transitions, applied = run_with_store(tmp_path, clock, scenario)
+    assert found == {token_hash(token(1)): key_info(1, "ann@example.test"), token_hash(token(2)): None}
     assert [t.state for t in transitions] == [State.MATCHED, State.FALSE_POSITIVE]
     assert all(t.lease_owner is None for t in transitions) and applied == [True, True]
+
+
+def test_the_request_paths_lookup_leaves_out_what_the_budget_did_not_cover(tmp_path, clock):
+    client = FakeSupermemory()
+    client.lookup_gate = asyncio.Event()  # never opens
+
+    async def scenario(store):
+        return await steps_for(store, clock, client).lookup([token_hash(token(1))], budget=0.001)
+
+    assert run_with_store(tmp_path, clock, scenario) == {}
 
 
 def test_match_looks_up_in_batches(tmp_path, clock):

@@ -24,6 +24,7 @@ from tests.unit.pipeline_doubles import (
     Clock,
     FakeNotifier,
     FakeSupermemory,
+    alert_of,
     dead,
     drive,
     intake,
@@ -154,18 +155,23 @@ def test_a_step_that_raises_is_logged_and_frees_its_room(tmp_path, clock, caplog
 # -- the request path ------------------------------------------------------------------------------
 
 
-def test_labels_looks_up_what_is_unknown_and_wakes_the_worker(tmp_path, clock, caplog):
+def test_accept_looks_up_then_commits_the_labels_with_the_alert_and_wakes_the_worker(tmp_path, clock, caplog):
     client = FakeSupermemory()
     client.know(key_info(1, "a@example.test"))
+    looked_up_before_any_commit: list[int] = []
 
     async def scenario(store):
-        refs = await intake_refs(store, token(1), token(2), "not-a-key")
+        async def count_alerts():
+            looked_up_before_any_commit.append((await store.stats()).pending)
+
+        client.on_lookup = count_alerts
         worker = worker_for(store, clock, client)
         with caplog.at_level(logging.INFO, logger="service.pipeline"):
-            labels = await worker.labels(refs, budget=5.0)
+            refs, labels = await worker.accept(*alert_of(token(1), token(2), "not-a-key"), budget=5.0)
         return refs, labels, worker._wake.is_set(), await store.incidents([r.id for r in refs])
 
     refs, labels, woken, incidents = run_with_store(tmp_path, clock, scenario)
+    assert looked_up_before_any_commit == [0], "nothing is committed before the lookup"
     assert labels == {
         refs[0].token_hash: Label.TRUE_POSITIVE,
         refs[1].token_hash: Label.FALSE_POSITIVE,
@@ -173,35 +179,39 @@ def test_labels_looks_up_what_is_unknown_and_wakes_the_worker(tmp_path, clock, c
     }
     assert client.lookups == [[refs[0].token_hash, refs[1].token_hash]], "the shape gate's token is not sent"
     assert [i.state for i in incidents] == [State.MATCHED, State.FALSE_POSITIVE, State.FALSE_POSITIVE]
+    assert [r.applied is not None for r in refs] == [True, True, False]
     assert woken, "a matched key is revoked in the same breath"
-    # The shape gate's decision is logged here, since it never reaches a step.
-    assert any(getattr(r, "reason", None) == Reason.SHAPE_GATE for r in caplog.records)
+    # The shape gate's decision is logged here, since it never reaches a step; the lookup's once each.
+    reasons = [
+        getattr(r, "reason", None) for r in caplog.records if r.getMessage() == "incident false_positive"
+    ]
+    assert reasons == [Reason.SHAPE_GATE, Reason.NOT_A_KEY]
 
 
-def test_labels_of_known_tokens_and_a_zero_budget_need_no_lookup(tmp_path, clock):
+def test_accept_with_no_budget_left_looks_nothing_up_and_a_known_token_keeps_its_label(tmp_path, clock):
     client = FakeSupermemory()
 
     async def scenario(store):
         first = await intake_refs(store, token(1))
         await drive(store, first[0].id, State.MATCHED, None, **key_fields(1))
         # A redelivery: the token is known, labelled; a new one waits, the budget spent.
-        refs = await intake_refs(store, token(1), token(2))
         worker = worker_for(store, clock, client)
-        return refs, await worker.labels(refs, budget=0.0), await one(store, refs[1].id)
+        refs, labels = await worker.accept(*alert_of(token(1), token(2)), budget=0.0)
+        return refs, labels, await one(store, refs[1].id), worker._wake.is_set()
 
-    refs, labels, waiting = run_with_store(tmp_path, clock, scenario)
+    refs, labels, waiting, woken = run_with_store(tmp_path, clock, scenario)
     assert client.lookups == []
     assert labels == {refs[0].token_hash: Label.TRUE_POSITIVE}
     assert waiting.state is State.RECEIVED and waiting.next_run_at == START
+    assert woken, "the token left in received is the worker's at once"
 
 
-def test_labels_after_a_failed_lookup_are_missing_and_nothing_is_recorded(tmp_path, clock):
+def test_accept_after_a_failed_lookup_commits_the_alert_unlabelled(tmp_path, clock):
     client = FakeSupermemory()
     client.lookup_error = CallFailed(Reason.SERVER_ERROR, 503)
 
     async def scenario(store):
-        refs = await intake_refs(store, token(1))
-        labels = await worker_for(store, clock, client).labels(refs, budget=5.0)
+        refs, labels = await worker_for(store, clock, client).accept(*alert_of(token(1)), budget=5.0)
         return labels, await one(store, refs[0].id)
 
     labels, incident = run_with_store(tmp_path, clock, scenario)
@@ -209,13 +219,12 @@ def test_labels_after_a_failed_lookup_are_missing_and_nothing_is_recorded(tmp_pa
     assert (incident.state, incident.attempts, incident.next_run_at) == (State.RECEIVED, 0, START)
 
 
-def test_labels_of_a_lookup_slower_than_the_budget_are_missing(tmp_path, clock):
+def test_accept_of_a_lookup_slower_than_the_budget_commits_the_alert_unlabelled(tmp_path, clock):
     client = FakeSupermemory()
     client.lookup_gate = asyncio.Event()  # never opens: the lookup outlives any budget
 
     async def scenario(store):
-        refs = await intake_refs(store, token(1))
-        labels = await worker_for(store, clock, client).labels(refs, budget=0.001)
+        refs, labels = await worker_for(store, clock, client).accept(*alert_of(token(1)), budget=0.001)
         return labels, await one(store, refs[0].id)
 
     labels, incident = run_with_store(tmp_path, clock, scenario)
@@ -223,21 +232,23 @@ def test_labels_of_a_lookup_slower_than_the_budget_are_missing(tmp_path, clock):
     assert incident.state is State.RECEIVED and incident.next_run_at == START
 
 
-def test_labels_read_what_another_path_decided_first(tmp_path, clock):
+def test_accept_keeps_what_another_path_decided_during_its_lookup(tmp_path, clock):
     client = FakeSupermemory()
     client.know(key_info(1, "a@example.test"))
 
     async def scenario(store):
-        refs = await intake_refs(store, token(1))
+        earlier = await intake_refs(store, token(1))  # its lookup had missed the budget
 
         async def a_worker_gets_there_first():
-            await drive(store, refs[0].id, State.FALSE_POSITIVE, None, label="false_positive")
+            await drive(store, earlier[0].id, State.FALSE_POSITIVE, None, label="false_positive")
 
         client.on_lookup = a_worker_gets_there_first
-        return refs, await worker_for(store, clock, client).labels(refs, budget=5.0)
+        refs, labels = await worker_for(store, clock, client).accept(*alert_of(token(1)), budget=5.0)
+        return refs, labels, await one(store, refs[0].id)
 
-    refs, labels = run_with_store(tmp_path, clock, scenario)
+    refs, labels, incident = run_with_store(tmp_path, clock, scenario)
     assert labels == {refs[0].token_hash: Label.FALSE_POSITIVE}
+    assert refs[0].applied is None and incident.state is State.FALSE_POSITIVE
 
 
 # -- start -----------------------------------------------------------------------------------------

@@ -173,9 +173,17 @@ def test_an_unreadable_answer_is_a_bad_response_not_a_crash():
     assert run(probe_with(handler)).reason == "probe_bad_response"
 
 
-def test_lookup_refuses_more_than_100():
-    with pytest.raises(ValueError, match="at most 100"):
-        run(lookup_with(answer(200, {"keys": []}), ["a" * 64] * 101))
+def test_lookup_of_more_than_100_hashes_goes_out_in_calls_of_at_most_100():
+    batches: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        batches.append(json.loads(request.content)["keyHashes"])
+        return httpx.Response(200, json={"keys": []})
+
+    hashes = [f"{i:064x}" for i in range(250)]
+    assert run(lookup_with(handler, hashes)) == {}
+    assert sorted(len(b) for b in batches) == [50, 100, 100]
+    assert sorted(h for b in batches for h in b) == sorted(hashes)
 
 
 async def revoke_with(handler, key_id="key_1"):
