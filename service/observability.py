@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -24,16 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.reasons import Reason
-from service.tokens import redact
+from service.tokens import scrub
 
 if TYPE_CHECKING:
     # A hint only: the store reports its own failures through this module, so it cannot be imported.
     from service.store.models import StoreStats
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-
-# Looser than the shape gate on purpose: a net should also catch near-keys and fragments.
-_KEYISH = re.compile(r"sm_[A-Za-z0-9_-]{8,}")
 
 FAILURES = Counter(
     "leak_responder_failures_total",
@@ -138,10 +134,6 @@ def failure(
         exc_info=exc_info,
         extra={"reason": str(reason), "stage": stage, **(context or {}), **fields},
     )
-
-
-def scrub(text: str) -> str:
-    return _KEYISH.sub(lambda m: redact(m.group(0)), text)
 
 
 class ScrubFilter(logging.Filter):

@@ -41,6 +41,7 @@ from service.store import (
     StoreError,
     TokenSighting,
 )
+from service.tokens import safe_text
 
 log = logging.getLogger("service.operators")
 
@@ -385,7 +386,7 @@ def finding_json(item: ReportItem, incident_id: str, state: State, label: str | 
         "redacted": item.redacted,
         "confidence": item.confidence,
         "encoding": item.encoding,
-        "file": item.file,
+        "file": safe_text(item.file) if item.file is not None else None,
         "line": item.line,
         "column": item.column,
         "incident_id": incident_id,

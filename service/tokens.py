@@ -16,6 +16,12 @@ KEY_SHAPE = re.compile(r"sm_[A-Za-z0-9_-]{20,300}")
 
 _ELLIPSIS = "…"
 
+# Looser than the shape gate on purpose: a net should also catch near-keys and fragments.
+_KEYISH = re.compile(r"sm_[A-Za-z0-9_-]{8,}")
+# A lone UTF-16 surrogate: JSON's `\ud800` escape decodes to one, and no encoder will write it out.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
 
 def token_hash(token: str) -> str:
     """SHA-256 hex of the exact token string: the dedupe key, the label key and the lookup key."""
@@ -36,4 +42,18 @@ def redact(token: str) -> str:
     body = token[len(prefix) :]
     if len(body) < 16:
         return f"{prefix}{_ELLIPSIS}"
-    return f"{prefix}{body[:4]}{_ELLIPSIS}{body[-4:]}"
+    return _SURROGATE.sub(REPLACEMENT, f"{prefix}{body[:4]}{_ELLIPSIS}{body[-4:]}")
+
+
+def scrub(text: str) -> str:
+    """Anything key-shaped in `text` replaced by its redacted form."""
+    return _KEYISH.sub(lambda m: redact(m.group(0)), text)
+
+
+def safe_text(text: str) -> str:
+    """A string from outside made fit to store and show: key-shaped parts redacted (a URL or a file
+    name can hold the key itself) and lone surrogates replaced by U+FFFD, because JSON lets a
+    sender put them in a string and every encoder after that (SQLite, PostgreSQL, the JSON answer)
+    refuses them. Every string a sender gives us, except the token, goes through here before it is
+    kept or echoed."""
+    return _SURROGATE.sub(REPLACEMENT, scrub(text))

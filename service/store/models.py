@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.tokens import safe_text
+
 
 class State(enum.StrEnum):
     """contract.md §5, in order:
@@ -46,6 +48,14 @@ class TokenSighting:
     operator: str | None = None
     # An operator's free-text context for a manual report; never holds a key (refused at parsing).
     note: str | None = None
+
+    def __post_init__(self) -> None:
+        # Whoever builds a sighting (an alert, a report, a tool), what it says around the token is
+        # stored and shown later, so it is made safe here, once, for every caller.
+        for name in ("token_type", "url", "source", "note"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, safe_text(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ def test_raw_tokens_never_appear_in_any_output(sandbox, make_service, tmp_path):
     unshaped = f"canary-{secrets.token_hex(12)}"
     in_bad_body = canary_key()
     in_bad_signature = canary_key()
-    canaries = [live, unknown_shaped, unshaped, in_bad_body, in_bad_signature]
+    in_url = canary_key()
+    canaries = [live, unknown_shaped, unshaped, in_bad_body, in_bad_signature, in_url]
 
     service = make_service()
     responses: list[httpx.Response] = []
@@ -40,6 +41,10 @@ def test_raw_tokens_never_appear_in_any_output(sandbox, make_service, tmp_path):
         propagation_delay_s=0.3,
     )
     responses.append(service.post_alert(sandbox.github, [live, unknown_shaped, unshaped]))
+    # The key inside the URL (and the source) of its own alert, as a leak in a query string shows.
+    responses.append(
+        service.post_alert(sandbox.github, [in_url], url=f"https://example.test/x?key={in_url}&live={live}")
+    )
     responses.append(
         service.post_alert(sandbox.github, [], body=json.dumps([{"token": in_bad_body, "type": 5}]).encode())
     )
@@ -64,7 +69,7 @@ def test_raw_tokens_never_appear_in_any_output(sandbox, make_service, tmp_path):
     responses.append(httpx.get(f"{restarted.url}/readyz"))
     restarted.stop()
 
-    assert [r.status_code for r in responses] == [200, 400, 401, 200, 200, 200]
+    assert [r.status_code for r in responses] == [200, 200, 400, 401, 200, 200, 200]
     outputs = {f"response {i}": r.content for i, r in enumerate(responses)}
     outputs |= {f"response {i} headers": str(r.headers).encode() for i, r in enumerate(responses)}
     outputs["service log"] = restarted.log_path.read_bytes()

@@ -28,19 +28,28 @@ def test_reports_and_cli_never_show_tokens_in_clear(sandbox, make_service, tmp_p
         [SandboxKey(live, "key_canary", "org_canary", "canary", "canary@example.test", "Canary", [], True)]
     )
     in_text, listed, in_gitleaks, in_trufflehog, encoded = (canary_key() for _ in range(5))
-    in_note, too_large, via_cli, scanned = (canary_key() for _ in range(4))
+    in_note, too_large, via_cli, scanned, in_url = (canary_key() for _ in range(5))
     unshaped = f"canary-{secrets.token_hex(12)}"
     canaries = [live, in_text, listed, in_gitleaks, in_trufflehog, encoded, in_note, too_large, via_cli]
-    canaries += [scanned, unshaped]
+    canaries += [scanned, unshaped, in_url]
     service = make_service(operator_env())
 
     b64 = base64.b64encode(f'{{"apiKey": "{encoded}"}}'.encode()).decode()
-    gitleaks = [{"RuleID": "generic", "File": "a.env", "StartLine": 1, "Secret": in_gitleaks, "Match": ""}]
+    # Keys inside a file name, a link and a URL: each is stored and echoed, so each must be redacted.
+    gitleaks = [
+        {
+            "RuleID": "generic",
+            "File": f"{in_gitleaks}.env",
+            "Link": f"https://x/{in_gitleaks}",
+            "StartLine": 1,
+        }
+        | {"Secret": in_gitleaks, "Match": ""}
+    ]
     trufflehog = {"SourceMetadata": {"Data": {"Git": {"file": "b.ts", "line": 2}}}, "Raw": in_trufflehog}
     sent = [
         report(service, f"key: {live}\nother: {in_text}\ndata: {b64}\n", content_type="text/plain", key="k1"),
         report(service, f"key: {live}\nother: {in_text}\ndata: {b64}\n", content_type="text/plain", key="k1"),
-        report(service, {"tokens": [listed, unshaped, live]}),
+        report(service, {"tokens": [listed, unshaped, live], "url": f"https://paste.example/?k={in_url}"}),
         report(service, gitleaks),
         report(service, json.dumps(trufflehog)),
         report(service, {"text": "hello", "note": f"was {in_note}"}),
