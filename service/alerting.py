@@ -31,9 +31,10 @@ from sentry_sdk.integrations.starlette import StarletteIntegration
 if TYPE_CHECKING:
     from sentry_sdk._types import LogLevelStr, MonitorConfig
 
-from service.observability import PAGES, failure, scrub
+from service.observability import PAGES, failure
 from service.reasons import Reason
 from service.store import IncidentDetail, Store, StoreError
+from service.tokens import scrub
 
 log = logging.getLogger("service.alerting")
 

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,10 +56,24 @@ from service.store import AlertRecord, StoreError, TokenSighting
 log = logging.getLogger("service.app")
 
 
+PROBLEM = "application/problem+json"
+
+
 def error(
     status: int, reason: Reason, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": str(reason), "message": message}, status_code=status, headers=headers)
+    """Every error answer, whatever the route or the fault: RFC 9457 problem details, the ecosystem's
+    shape, so a caller's generic client reads them all, plus our reason code as `error`, the word an
+    operator greps for in the log and the metrics. The type is a URN, not a link: the reason codes
+    are documented with the deployment (docs/reasons.md), not served."""
+    body = {
+        "type": f"urn:leak-responder:reason:{reason}",
+        "title": reason.replace("_", " ").capitalize(),
+        "status": status,
+        "detail": message,
+        "error": str(reason),
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM)
 
 
 async def receive_alert(request: Request) -> Response:
@@ -68,7 +83,9 @@ async def receive_alert(request: Request) -> Response:
     name = request.path_params["reporter"]
     reporter, cache = rt.reporters.get(name), rt.caches.get(name)
     if reporter is None or cache is None:
-        return error(404, Reason.REPORTER_DISABLED, f"reporter {name!r} is not enabled here")
+        # The path is the caller's text: it is neither echoed nor a metric label (any word would do).
+        failure(log, "inbound", Reason.REPORTER_DISABLED, "alert for a reporter not enabled here", status=404)
+        return error(404, Reason.REPORTER_DISABLED, "no such reporter is enabled here")
     try:
         body = await read_limited(request.stream(), rt.settings.body_limit)
         await verify_request(reporter, cache, request.headers, body)
@@ -310,8 +327,19 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+async def http_refusal(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in the one error shape."""
+    assert isinstance(exc, HTTPException)
+    reason = Reason.METHOD_NOT_ALLOWED if exc.status_code == 405 else Reason.ROUTE_NOT_FOUND
+    failure(log, "http", reason, exc.detail, level=logging.INFO, status=exc.status_code)
+    return error(exc.status_code, reason, exc.detail, exc.headers)
+
+
 class RequestIdMiddleware:
-    """Tags every log line of a request with one id, echoed to the caller as X-Request-Id."""
+    """Tags every log line of a request with one id, echoed to the caller as X-Request-Id, and
+    answers what escapes the routes: a client that hung up is an INFO line (not our fault, not an
+    error, nothing to send), any other exception a 500 in the one error shape, carrying the id, so
+    the caller can quote it and the ERROR line with the traceback can be found by it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -323,13 +351,30 @@ class RequestIdMiddleware:
         rid = secrets.token_hex(8)
         token = request_id.set(rid)
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            failure(
+                log,
+                "http",
+                Reason.CLIENT_DISCONNECTED,
+                "the client went away mid-request",
+                level=logging.INFO,
+            )
+        except Exception as exc:
+            failure(log, "http", Reason.INTERNAL_ERROR, "unexpected error", level=logging.ERROR, exc_info=exc)
+            if not started:
+                answer = error(500, Reason.INTERNAL_ERROR, f"unexpected error; quote request id {rid}")
+                await answer(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
 
@@ -363,6 +408,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
         Route("/metrics", metrics),
         console.mount(),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_refusal})
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -29,6 +29,11 @@ class Reason(enum.StrEnum):
     ITEM_MISSING_TYPE = "item_missing_type"
     ITEM_BAD_FIELD = "item_bad_field"
     REPORTER_DISABLED = "reporter_disabled"
+    # -- any route (stage `http`) -------------------------------------------------------------------
+    ROUTE_NOT_FOUND = "route_not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    INTERNAL_ERROR = "internal_error"
     # -- the verification-key cache (events, not refusals) -----------------------------------------
     KEYS_FETCH_FAILED = "keys_fetch_failed"
     KEYS_BAD_RESPONSE = "keys_bad_response"

@@ -49,10 +49,10 @@ def _api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any
     try:
         body = response.json()
     except ValueError:
-        body = {"error": "bad_response", "message": response.text[:200]}
+        body = {"error": "bad_response", "detail": response.text[:200]}
     if response.status_code >= 300:
         raise _ApiError(
-            f"the service answered {response.status_code} {body.get('error')}: {body.get('message')}", 1
+            f"the service answered {response.status_code} {body.get('error')}: {body.get('detail')}", 1
         )
     return body
 

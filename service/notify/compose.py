@@ -18,8 +18,8 @@ from email.utils import formatdate
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from service.notify.remediation import places
-from service.observability import scrub
 from service.store import Incident, Sighting, State
+from service.tokens import scrub
 
 CONSOLE_URL = "https://console.supermemory.ai"
 # How a sighting's reporter reads in an email, where it differs from its name in the store.
