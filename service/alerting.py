@@ -20,6 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sentry_sdk
@@ -31,7 +32,7 @@ from sentry_sdk.integrations.starlette import StarletteIntegration
 if TYPE_CHECKING:
     from sentry_sdk._types import LogLevelStr, MonitorConfig
 
-from service.observability import PAGES, failure
+from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, failure
 from service.reasons import Reason
 from service.store import IncidentDetail, Store, StoreError
 from service.tokens import scrub
@@ -51,10 +52,80 @@ LEVELS: dict[Reason, int] = {
 }
 
 
+# The tags that tell one condition from another. A reporter's keys being unavailable or the admin
+# token being refused is one condition however many requests or incidents meet it; a key that could
+# not be revoked is a condition of its own, because each needs its own action.
+CONDITION: dict[Reason, tuple[str, ...]] = {
+    Reason.REPORTER_KEYS_UNAVAILABLE: ("reporter",),
+    Reason.SIGNING_KEY_CHANGED: ("reporter", "key_identifier"),
+    Reason.LOOKUP_UNAUTHORIZED: (),
+}
+PER_INCIDENT = ("incident_id",)
+# How long one page stands for its condition: repeats within it are counted, not sent.
+REPEAT_WINDOW = 300.0
+
+
+@dataclass
+class _Condition:
+    since: float
+    message: str
+    tags: dict[str, str]
+    repeats: int = 0
+
+
 class Pager:
-    """Logs every page with its reason code and counts it; delivery channels build on this."""
+    """One page per condition: the first occurrence pages at once, repeats within `repeat_window`
+    are only counted, and when the window closes with repeats one more page says how many. Pages
+    raised on the request path (a reporter's keys unavailable) are raised once per request, and a
+    flood of requests must not become a flood of pages.
+
+    Delivery: every page sent is logged with its reason code and counted; channels build on this by
+    overriding `_deliver`."""
+
+    def __init__(
+        self, repeat_window: float = REPEAT_WINDOW, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._window = repeat_window
+        self._clock = clock
+        self._open: dict[tuple[Reason, tuple[tuple[str, str], ...]], _Condition] = {}
 
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
+        now = self._clock()
+        self._open = {k: c for k, c in self._open.items() if now - c.since < self._window or c.repeats}
+        key = (code, tuple((name, tags.get(name, "")) for name in CONDITION.get(code, PER_INCIDENT)))
+        held = self._open.get(key)
+        if held is not None and now - held.since >= self._window:
+            self._close(key)
+            held = None
+        if held is None:
+            self._open[key] = _Condition(now, message, dict(tags))
+            self._deliver(code, message, tags, context)
+            return
+        held.repeats += 1
+        PAGES_REPEATED.labels(event=str(code)).inc()
+        if held.repeats == 1:
+            self._at(held.since + self._window - now, lambda: self._close(key))
+
+    def flush(self) -> None:
+        """Send the count of every condition still repeating (at shutdown: nothing counted is lost)."""
+        for key in list(self._open):
+            self._close(key)
+
+    def _close(self, key: tuple[Reason, tuple[tuple[str, str], ...]]) -> None:
+        held = self._open.pop(key, None)
+        if held is not None and held.repeats:
+            message = f"{held.message} (and {held.repeats} more times within {self._window:g} s)"
+            self._deliver(key[0], message, {**held.tags, "repeats": str(held.repeats)}, {})
+
+    def _at(self, delay: float, action: Callable[[], None]) -> None:
+        try:
+            asyncio.get_running_loop().call_later(max(delay, 0.0), action)
+        except RuntimeError:
+            pass  # No loop (a CLI command): the count goes out with the next page or at flush().
+
+    def _deliver(
+        self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]
+    ) -> None:
         PAGES.labels(event=str(code)).inc()
         failure(log, "alerting", code, message, level=LEVELS[code], page=True, context=tags)
 
@@ -159,14 +230,46 @@ def scrub_event(value: Any) -> Any:
     return value
 
 
+class EventBudget:
+    """A token bucket for the events that are not pages (errors logged, exceptions).
+
+    The SDK hands events to one background thread through a bounded queue and drops what does not
+    fit, whatever it is. A flood of errors (a bug on the request path, a database gone) would fill
+    that queue and push out the page that says what is wrong; so errors are let through at a
+    bounded rate, the rest counted and dropped here, and pages are never held back.
+    """
+
+    def __init__(
+        self, burst: int = 20, per_second: float = 0.2, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._burst = float(burst)
+        self._rate = per_second
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def admit(self, event: Mapping[str, Any]) -> bool:
+        if event.get("tags", {}).get("page"):
+            return True
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        EVENTS_DROPPED.inc()
+        return False
+
+
 def init_sentry(dsn: str, environment: str) -> None:
+    budget = EventBudget()
     sentry_sdk.init(
         dsn=dsn,
         environment=environment,
         send_default_pii=False,
         include_local_variables=False,
         max_request_body_size="never",
-        before_send=lambda event, hint: scrub_event(event),
+        before_send=lambda event, hint: scrub_event(event) if budget.admit(event) else None,
         before_breadcrumb=lambda crumb, hint: scrub_event(crumb),
         integrations=[
             StarletteIntegration(),
@@ -182,13 +285,16 @@ class SentryPager(Pager):
     """Pages as Sentry events: one fixed fingerprint per code, tags to search by, the incident's
     timeline and the runbook section that says what to do."""
 
-    def __init__(self, store: Store, runbook_url: str) -> None:
+    def __init__(self, store: Store, runbook_url: str, repeat_window: float = REPEAT_WINDOW) -> None:
+        super().__init__(repeat_window)
         self.store = store
         self.runbook_url = runbook_url
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
-        super().page(code, message, tags, context)
+    def _deliver(
+        self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]
+    ) -> None:
+        super()._deliver(code, message, tags, context)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

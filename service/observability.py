@@ -56,6 +56,15 @@ SUPERMEMORY_CALLS = Counter(
     "leak_responder_supermemory_calls_total", "Supermemory calls by call and outcome.", ["call", "outcome"]
 )
 PAGES = Counter("leak_responder_pages_total", "On-call pages raised, by event.", ["event"])
+PAGES_REPEATED = Counter(
+    "leak_responder_pages_repeated_total",
+    "Pages not sent because their condition was paged within the repeat window, by event.",
+    ["event"],
+)
+EVENTS_DROPPED = Counter(
+    "leak_responder_sentry_events_dropped_total",
+    "Sentry events other than pages dropped because errors came faster than their budget.",
+)
 TIME_TO_REVOKE = Histogram(
     "leak_responder_time_to_revoke_seconds",
     "From alert received to revoke acknowledged.",

@@ -252,6 +252,7 @@ class Runtime:
         await self.sweeper.stop()
         await self.worker.stop()
         await self.channels.stop()
+        self.pager.flush()
         if isinstance(self.pager, SentryPager):
             await self.pager.aclose()
         for cache in self.caches.values():

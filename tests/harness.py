@@ -8,6 +8,7 @@ it again on the same database, exactly as a crash in production would go.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -473,6 +474,8 @@ class SentrySink:
     def __init__(self) -> None:
         self.envelopes: list[list[tuple[dict[str, Any], bytes]]] = []
         self.raw: list[bytes] = []
+        # Seconds each envelope takes to be accepted: a slow ingest, behind which the SDK's queue fills.
+        self.delay = 0.0
         self._lock = threading.Lock()
         self._server = ServerThread(
             Starlette(routes=[Route("/api/{project}/envelope/", self._receive, methods=["POST"])])
@@ -494,6 +497,7 @@ class SentrySink:
 
     async def _receive(self, request: Request) -> Response:
         body = await request.body()
+        await asyncio.sleep(self.delay)
         if request.headers.get("content-encoding") == "gzip":
             body = gzip.decompress(body)
         items = _envelope_items(body)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from service.alerting import FILTERED, scrub_event
+from service.alerting import FILTERED, EventBudget, Pager, scrub_event
+from service.reasons import Reason
 from service.tokens import redact
 
 TOKEN = "sm_" + "A" * 22 + "_" + "b" * 64
@@ -43,3 +44,64 @@ def test_values_under_token_like_keys_are_dropped_whatever_they_look_like():
 
 def test_keys_themselves_are_scrubbed():
     assert scrub_event({TOKEN: 1}) == {redact(TOKEN): 1}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder(Pager):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(repeat_window=60, clock=clock)
+        self.sent: list[tuple[Reason, str, dict[str, str]]] = []
+
+    def _deliver(self, code, message, tags, context) -> None:
+        self.sent.append((code, message, dict(tags)))
+
+
+def test_one_page_per_condition_and_then_its_count():
+    clock = Clock()
+    pager = Recorder(clock)
+    for _ in range(200):
+        pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no keys", {"reporter": "gitlab"}, {})
+    pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no keys", {"reporter": "github"}, {})
+    assert [(c, t["reporter"]) for c, _, t in pager.sent] == [
+        (Reason.REPORTER_KEYS_UNAVAILABLE, "gitlab"),
+        (Reason.REPORTER_KEYS_UNAVAILABLE, "github"),
+    ]
+    # The window closes: the next occurrence sends the count of the last window, then pages anew.
+    clock.now += 61
+    pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no keys", {"reporter": "gitlab"}, {})
+    assert pager.sent[2][2] == {"reporter": "gitlab", "repeats": "199"}
+    assert "199 more times" in pager.sent[2][1]
+    assert pager.sent[3] == (Reason.REPORTER_KEYS_UNAVAILABLE, "no keys", {"reporter": "gitlab"})
+    pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no keys", {"reporter": "gitlab"}, {})
+    pager.flush()
+    assert pager.sent[4][2]["repeats"] == "1" and len(pager.sent) == 5
+
+
+def test_admin_token_refused_is_one_condition_but_each_unrevoked_key_is_its_own():
+    pager = Recorder(Clock())
+    for n in range(5):
+        tags = {"incident_id": f"inc_{n}", "org_id": "o"}
+        pager.page(Reason.LOOKUP_UNAUTHORIZED, "admin token refused", tags, {})
+        pager.page(Reason.REVOCATION_FAILED, "not revoked", tags, {})
+        pager.page(Reason.REVOCATION_FAILED, "not revoked", tags, {})
+    codes = [c for c, _, _ in pager.sent]
+    assert codes.count(Reason.LOOKUP_UNAUTHORIZED) == 1
+    assert codes.count(Reason.REVOCATION_FAILED) == 5
+
+
+def test_error_events_have_a_budget_and_pages_do_not():
+    clock = Clock()
+    budget = EventBudget(burst=3, per_second=0.5, clock=clock)
+    error = {"level": "error", "message": "boom"}
+    page = {"level": "fatal", "tags": {"page": "revocation_failed"}}
+    assert [budget.admit(error) for _ in range(5)] == [True, True, True, False, False]
+    assert all(budget.admit(page) for _ in range(1000))
+    clock.now += 2  # one token back
+    assert [budget.admit(error) for _ in range(2)] == [True, False]

@@ -1,0 +1,46 @@
+"""Floods over real HTTP: junk requests that each meet a paged condition make one page, and a flood
+of errors towards a slow Sentry does not push a page out of the SDK's queue."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.harness import free_port, metric, wait_until
+from tests.integration.operator_helpers import auth, operator_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_error_flood_and_junk_flood_leave_one_page_that_arrives(sandbox, sentry, make_service):
+    dead_keys = f"http://127.0.0.1:{free_port()}/keys"
+    service = make_service({**sentry.env(), **operator_env(), "LEAK_RESPONDER_GITLAB_KEYS_URL": dead_keys})
+    token = sandbox.tokens[0]
+    assert service.post_alert(sandbox.github, [token]).status_code == 200
+    incident = service.wait_state(token, "confirmed") and service.incident(token)
+    # A bug on a route: every read of this incident is a 500 and an ERROR line (a Sentry event).
+    with service.db(writable=True) as conn:
+        conn.execute(
+            "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?, ?, 'x', NULL, '{')",
+            (incident["id"], time.time()),
+        )
+    sentry.delay = 0.05  # a slow ingest: the SDK's queue (100 events) fills behind it
+    with httpx.Client(base_url=service.url, headers=auth()) as client:
+        for _ in range(300):
+            assert client.get(f"/v1/incidents/{incident['id']}").status_code == 500
+    junk = {"Gitlab-Public-Key-Identifier": "junk", "Gitlab-Public-Key-Signature": "MEUCIQ=="}
+    for _ in range(100):
+        response = httpx.post(f"{service.url}/v1/alerts/gitlab", content=b"[]", headers=junk)
+        assert response.status_code == 503
+    wait_until(lambda: sentry.pages("reporter_keys_unavailable"), timeout=30)
+    time.sleep(1)
+    assert len(sentry.pages("reporter_keys_unavailable")) == 1
+    errors = [e for e in sentry.events() if not e.get("tags", {}).get("page")]
+    assert 1 <= len(errors) <= 20
+    text = httpx.get(f"{service.url}/metrics").text
+    assert metric(text, "leak_responder_pages_total", event="reporter_keys_unavailable") == 1
+    assert metric(text, "leak_responder_pages_repeated_total", event="reporter_keys_unavailable") == 99
+    assert metric(text, "leak_responder_sentry_events_dropped_total") >= 280
+    assert len([r for r in service.logged("reporter_keys_unavailable") if r.get("page")]) == 1
