@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.inbound import InboundError, KeyCache, reporters, verify_request
+from service.inbound import InboundError, KeyCache, reporters, signed_by
 
 
 def main(keys_url: str, port: int) -> None:
@@ -25,7 +25,7 @@ def main(keys_url: str, port: int) -> None:
     async def alert(request: Request) -> Response:
         body = await request.body()
         try:
-            await verify_request(reporter, cache, request.headers, body)
+            (await signed_by(reporter, cache, request.headers)).verify(body)
         except InboundError as exc:
             return JSONResponse({"error": exc.reason}, status_code=exc.status)
         return JSONResponse([])

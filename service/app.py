@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import console
-from service.inbound import InboundError, parse_alert, read_limited, verify_request
+from service.inbound import InboundError, parse_alert, signed_by
 from service.inbound.public import (
     PUBLIC,
     PublicError,
@@ -87,15 +87,17 @@ async def receive_alert(request: Request) -> Response:
         failure(log, "inbound", Reason.REPORTER_DISABLED, "alert for a reporter not enabled here", status=404)
         return error(404, Reason.REPORTER_DISABLED, "no such reporter is enabled here")
     try:
-        body = await read_limited(request.stream(), rt.settings.body_limit)
-        await verify_request(reporter, cache, request.headers, body)
+        # The sender is known from its headers before its body is read: a stranger costs no body.
+        claim = await signed_by(reporter, cache, request.headers)
+        body = await rt.bodies.read(request.stream(), request.headers, rt.settings.body_limit)
+        claim.verify(body)
         items = parse_alert(body)
     except InboundError as exc:
         ALERTS.labels(reporter=name, outcome=exc.reason).inc()
         failure(log, "inbound", exc.reason, exc.message, reporter=name, status=exc.status)
         if exc.reason is Reason.KEYS_UNAVAILABLE:
             rt.pager.page(Reason.REPORTER_KEYS_UNAVAILABLE, "no verification keys", {"reporter": name}, {})
-        return error(exc.status, exc.reason, exc.message)
+        return error(exc.status, exc.reason, exc.message, exc.headers)
     sightings = [TokenSighting(i.token, i.type, i.url, i.source, name) for i in items]
     record = AlertRecord(name, hashlib.sha256(body).hexdigest(), len(items))
     try:
@@ -223,7 +225,7 @@ async def receive_report(request: Request, operator: str) -> Response:
     rt: Runtime = request.app.state.runtime
     started = time.monotonic()
     key = idempotency_key(request.headers)
-    body = await read_report(request.stream())
+    body = await read_report(request.stream(), request.headers, rt.bodies)
     content_type = request.headers.get("content-type")
 
     return await idempotent(

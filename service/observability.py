@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.reasons import Reason
@@ -60,6 +60,10 @@ PAGES_REPEATED = Counter(
     "leak_responder_pages_repeated_total",
     "Pages not sent because their condition was paged within the repeat window, by event.",
     ["event"],
+)
+BODY_BYTES = Gauge(
+    "leak_responder_body_bytes_reserved",
+    "Bytes reserved by request bodies being received, all requests together (see BodyBudget).",
 )
 EVENTS_DROPPED = Counter(
     "leak_responder_sentry_events_dropped_total",

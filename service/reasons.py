@@ -21,6 +21,7 @@ class Reason(enum.StrEnum):
     KEY_UNKNOWN = "key_unknown"
     KEYS_UNAVAILABLE = "keys_unavailable"
     BODY_TOO_LARGE = "body_too_large"
+    BODY_BUDGET_FULL = "body_budget_full"
     BODY_NOT_JSON = "body_not_json"
     BODY_NOT_LIST = "body_not_list"
     BODY_EMPTY = "body_empty"

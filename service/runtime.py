@@ -10,7 +10,7 @@ import httpx
 
 from service.alerting import OncePerCondition, Pager, PipelineMonitor, SentryPager, init_sentry
 from service.channels import AddressPolicy, ChannelDispatcher, ChannelSender
-from service.inbound import KeyCache, Reporter, reporters
+from service.inbound import BodyBudget, KeyCache, Reporter, reporters
 from service.inbound.public import ClientNames, PublicLimits
 from service.notify import EmailNotifier, Letter, SmtpSender
 from service.observability import failure
@@ -21,6 +21,9 @@ from service.store import RewrapReport, Sealer, SqliteStore, Store, embedded_key
 from service.supermemory import SupermemoryClient
 
 log = logging.getLogger("service.runtime")
+
+# How many bodies at the limit may be held at once, all requests together (see BodyBudget).
+BODIES_IN_FLIGHT = 6
 
 
 def data_key(settings: Settings) -> bytes:
@@ -106,6 +109,7 @@ class Runtime:
     public_limits: PublicLimits
     flooded: OncePerCondition
     channels: ChannelDispatcher
+    bodies: BodyBudget
     caches: dict[str, KeyCache] = field(default_factory=dict)
     monitor: PipelineMonitor | None = None
 
@@ -188,6 +192,8 @@ class Runtime:
             gather=min(10.0, everyone),
             quiet=everyone,
         )
+        # Room for a few bodies at the limit at once, well inside the container's memory limit.
+        bodies = BodyBudget(BODIES_IN_FLIGHT * settings.body_limit)
         runtime = cls(
             settings,
             store,
@@ -200,6 +206,7 @@ class Runtime:
             public_limits,
             flooded,
             channels,
+            bodies,
         )
         if settings.sentry_dsn:
             runtime.monitor = PipelineMonitor(lambda: worker.heartbeat, settings.sentry_checkin_interval)

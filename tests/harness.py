@@ -56,6 +56,16 @@ FAST = {
 }
 
 
+def stranger_signature() -> str:
+    """A well-formed signature by a key no reporter publishes: it passes the header checks and
+    fails only against a body, which is what a forger's request looks like."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    der = ec.generate_private_key(ec.SECP256R1()).sign(b"forged", ec.ECDSA(hashes.SHA256()))
+    return base64.b64encode(der).decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

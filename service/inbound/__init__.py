@@ -1,14 +1,16 @@
 """Partner alerts in: the signature checked over the raw bytes, then the body parsed strictly."""
 
 from service.inbound.alerts import AlertItem, parse_alert
-from service.inbound.body import read_limited
+from service.inbound.body import BodyBudget, read_limited
 from service.inbound.keys import KeyCache
 from service.inbound.reasons import InboundError
 from service.inbound.reporters import Reporter, reporters
-from service.inbound.verify import verify_request, verify_signature
+from service.inbound.verify import Claim, signed_by, verify_signature
 
 __all__ = [
     "AlertItem",
+    "BodyBudget",
+    "Claim",
     "InboundError",
     "KeyCache",
     "Reason",
@@ -16,6 +18,6 @@ __all__ = [
     "parse_alert",
     "read_limited",
     "reporters",
-    "verify_request",
+    "signed_by",
     "verify_signature",
 ]

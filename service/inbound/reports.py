@@ -13,12 +13,12 @@ offline `scan` and the service read reports the same way.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from service.detection import Finding, scan_text
-from service.inbound.body import read_limited
+from service.inbound.body import BodyBudget
 from service.inbound.reasons import InboundError
 from service.reasons import Reason
 from service.refusal import Refusal
@@ -32,6 +32,7 @@ NOTE_LIMIT = 2000
 
 STATUS: dict[Reason, int] = {
     Reason.REPORT_TOO_LARGE: 413,
+    Reason.BODY_BUDGET_FULL: 503,
     Reason.REPORT_NOT_UTF8: 400,
     Reason.REPORT_UNRECOGNISED: 400,
     Reason.REPORT_BAD_FIELD: 400,
@@ -85,11 +86,15 @@ LISTED = "listed"
 _JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl", "application/json-seq")
 
 
-async def read_report(chunks: AsyncIterator[bytes], limit: int = REPORT_LIMIT) -> bytes:
-    """The body under the report limit, counted on the bytes received (see `read_limited`)."""
+async def read_report(
+    chunks: AsyncIterator[bytes], headers: Mapping[str, str], budget: BodyBudget, limit: int = REPORT_LIMIT
+) -> bytes:
+    """The body under the report limit and within the bodies' shared budget (see `BodyBudget`)."""
     try:
-        return await read_limited(chunks, limit)
-    except InboundError:
+        return await budget.read(chunks, headers, limit)
+    except InboundError as exc:
+        if exc.reason is Reason.BODY_BUDGET_FULL:
+            raise ReportError(exc.reason, exc.message, exc.headers) from None
         raise ReportError(Reason.REPORT_TOO_LARGE, f"report exceeds the limit of {limit} bytes") from None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -20,35 +21,55 @@ from service.inbound.reporters import Reporter
 from service.reasons import Reason
 
 
-def verify_signature(public_key: ec.EllipticCurvePublicKey, body: bytes, signature_b64: str) -> None:
+def decode_signature(signature_b64: str) -> bytes:
+    """The DER signature in a header; checked apart from the verification so a sender with a broken
+    encoder hears "malformed", not "invalid", which would send it looking for a key problem."""
     try:
         der = base64.b64decode(signature_b64.strip(), validate=True)
     except ValueError:  # binascii.Error, and non-ASCII text
         raise InboundError(Reason.SIGNATURE_MALFORMED, "signature is not valid base64") from None
     try:
-        # Checked apart from verify() so a sender with a broken encoder hears "malformed", not
-        # "invalid", which would send it looking for a key problem.
         decode_dss_signature(der)
     except ValueError:
         raise InboundError(Reason.SIGNATURE_MALFORMED, "signature is not a DER ECDSA signature") from None
-    try:
-        public_key.verify(der, body, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise InboundError(Reason.SIGNATURE_INVALID, "signature does not match the body") from None
+    return der
 
 
-async def verify_request(
-    reporter: Reporter, cache: KeyCache, headers: Mapping[str, str], body: bytes
-) -> None:
-    """`headers` is looked up case-insensitively whatever the Mapping (Starlette's Headers, or a
+def verify_signature(public_key: ec.EllipticCurvePublicKey, body: bytes, signature_b64: str) -> None:
+    Claim(public_key, decode_signature(signature_b64)).verify(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a request's headers claim before its body is read: the key that signed it and the
+    signature. Getting one is the whole of what can be checked from the headers, so a stranger is
+    refused before a byte of its body is held."""
+
+    public_key: ec.EllipticCurvePublicKey
+    der: bytes
+
+    def verify(self, body: bytes) -> None:
+        """High-S signatures verify (OpenSSL accepts both s and n−s): the signature is never used
+        as an identity (a replay is recognised by the body's hash), so its malleability gives a
+        sender nothing it could not do by resending the same bytes."""
+        try:
+            self.public_key.verify(self.der, body, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise InboundError(Reason.SIGNATURE_INVALID, "signature does not match the body") from None
+
+
+async def signed_by(reporter: Reporter, cache: KeyCache, headers: Mapping[str, str]) -> Claim:
+    """The request's claim, from its headers alone.
+
+    `headers` is looked up case-insensitively whatever the Mapping (Starlette's Headers, or a
     plain dict in tests and tools), because partners vary the header names' case."""
     signed = _signed_pair(reporter, headers)
     if signed is None:
         names = " or ".join(f"{p.identifier} and {p.signature}" for p in reporter.header_pairs)
         raise InboundError(Reason.SIGNATURE_MISSING, f"headers {names} are required")
     identifier, signature = signed
-    public_key = await cache.get(identifier.strip())
-    verify_signature(public_key, body, signature)
+    der = decode_signature(signature)
+    return Claim(await cache.get(identifier.strip()), der)
 
 
 def _signed_pair(reporter: Reporter, headers: Mapping[str, str]) -> tuple[str, str] | None:

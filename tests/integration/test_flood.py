@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import free_port, metric, wait_until
+from tests.harness import free_port, metric, stranger_signature, wait_until
 from tests.integration.operator_helpers import auth, operator_env
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def test_error_flood_and_junk_flood_leave_one_page_that_arrives(sandbox, sentry,
     with httpx.Client(base_url=service.url, headers=auth()) as client:
         for _ in range(300):
             assert client.get(f"/v1/incidents/{incident['id']}").status_code == 500
-    junk = {"Gitlab-Public-Key-Identifier": "junk", "Gitlab-Public-Key-Signature": "MEUCIQ=="}
+    junk = {"Gitlab-Public-Key-Identifier": "junk", "Gitlab-Public-Key-Signature": stranger_signature()}
     for _ in range(100):
         response = httpx.post(f"{service.url}/v1/alerts/gitlab", content=b"[]", headers=junk)
         assert response.status_code == 503

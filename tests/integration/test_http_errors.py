@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import metric, wait_until
+from tests.harness import metric, stranger_signature, wait_until
 from tests.integration.operator_helpers import auth, operator_env
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def test_a_client_hanging_up_mid_body_is_an_info_line(sandbox, service):
     head = (
         "POST /v1/alerts/github HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Github-Public-Key-Identifier: {sandbox.github.key_identifier}\r\n"
-        "Github-Public-Key-Signature: MEUCIQ==\r\nContent-Length: 100000\r\n\r\n"
+        f"Github-Public-Key-Signature: {stranger_signature()}\r\nContent-Length: 100000\r\n\r\n"
     )
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", service.port)) as sock:

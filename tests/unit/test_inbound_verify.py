@@ -7,13 +7,14 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from starlette.datastructures import Headers
 
 from service.inbound import (
     InboundError,
     KeyCache,
     reporters,
-    verify_request,
+    signed_by,
     verify_signature,
 )
 from service.inbound.reasons import STATUS
@@ -90,7 +91,7 @@ def _keys_client() -> httpx.AsyncClient:
 def _verify(headers, body: bytes = PAYLOAD, reporter=GITHUB) -> None:
     async def run() -> None:
         async with _keys_client() as client:
-            await verify_request(reporter, KeyCache(reporter, client), headers, body)
+            (await signed_by(reporter, KeyCache(reporter, client), headers)).verify(body)
 
     asyncio.run(run())
 
@@ -253,3 +254,23 @@ def test_every_reason_has_one_status():
     error = InboundError(Reason.KEY_UNKNOWN, "unknown public key identifier")
     assert str(error) == "unknown public key identifier"
     assert error.reason == "key_unknown"
+
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def test_a_high_s_signature_verifies_as_documented():
+    """ECDSA's (r, s) and (r, n - s) both verify. We accept both, on purpose (see Claim.verify): the
+    signature is never an identity, a replay is recognised by the body's hash (docs/architecture.md).
+    This pins the behaviour so that a change to it is a decision, not an accident."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    body = b'[{"token":"x","type":"t"}]'
+    r, s = decode_dss_signature(private.sign(body, ec.ECDSA(hashes.SHA256())))
+    low, high = sorted((s, P256_ORDER - s))
+    for value in (low, high):
+        signature = base64.b64encode(encode_dss_signature(r, value)).decode()
+        verify_signature(private.public_key(), body, signature)
+    forged = base64.b64encode(encode_dss_signature(r, (high + 1) % P256_ORDER)).decode()
+    with pytest.raises(InboundError) as caught:
+        verify_signature(private.public_key(), body, forged)
+    assert caught.value.reason is Reason.SIGNATURE_INVALID
