@@ -19,6 +19,7 @@ class Reason(enum.StrEnum):
     SIGNATURE_MALFORMED = "signature_malformed"
     SIGNATURE_INVALID = "signature_invalid"
     KEY_UNKNOWN = "key_unknown"
+    KEY_NOT_YET_FETCHED = "key_not_yet_fetched"
     KEYS_UNAVAILABLE = "keys_unavailable"
     BODY_TOO_LARGE = "body_too_large"
     BODY_BUDGET_FULL = "body_budget_full"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -81,12 +82,17 @@ class KeyCache:
             self.hits += 1
             return key
         self.misses += 1
+        # Whether the reporter was asked since this request arrived: only its fresh answer can
+        # say an identifier is unknown.
+        asked = False
         if self._inflight is not None and not self._inflight.done():
             # A fetch already under way may well bring this key: wait for it rather than start one.
             await asyncio.shield(self._inflight)
+            asked = True
         if identifier not in self._keys and self._miss_refetch_allowed():
             self._last_miss_fetch = self._clock()
             await self.refresh()
+            asked = True
         key = self._keys.get(identifier)
         if key is not None:
             return key
@@ -94,6 +100,16 @@ class KeyCache:
             raise InboundError(
                 Reason.KEYS_UNAVAILABLE,
                 f"{self.reporter.name} verification keys are unavailable, retry later",
+            )
+        if not asked:
+            # Someone else's miss used the refetch a moment ago, perhaps before the reporter
+            # published this key (a rotation). A 401 would lose a genuine alert for good, since
+            # partners do not retry a 4xx; a 503 brings it back once a refetch is allowed.
+            wait = self._miss_interval - (self._clock() - (self._last_miss_fetch or 0.0))
+            raise InboundError(
+                Reason.KEY_NOT_YET_FETCHED,
+                "unknown public key identifier; the reporter's keys are refetched shortly, retry then",
+                {"Retry-After": str(max(1, math.ceil(wait)))},
             )
         raise InboundError(Reason.KEY_UNKNOWN, "unknown public key identifier")
 

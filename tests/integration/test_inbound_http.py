@@ -307,3 +307,18 @@ def test_gitlabs_shape_is_a_normal_alert(sandbox, make_service, gitlab):
     with service.db() as conn:
         row = conn.execute("SELECT reporter, url, source FROM sightings").fetchone()
     assert (row[0], row[1], row[2]) == ("gitlab", raw_url, None)
+
+
+def test_a_key_published_just_after_a_junk_refetch_is_retry_later_not_401(sandbox, service):
+    """A stranger's junk identifier spends the once-a-minute refetch; GitHub rotates a second later
+    and signs a genuine alert with the new key. A 401 would lose it (GitHub does not retry a 4xx)."""
+    body = build_alert([sandbox.tokens[0]], url=None)
+    junk = {"Github-Public-Key-Identifier": "junk", "Github-Public-Key-Signature": sandbox.github.sign(body)}
+    assert_refused(service, post_raw(service, body, junk), 401, "key_unknown")
+    sandbox.github.rotate()
+    response = service.post_alert(sandbox.github, [], body=body)
+    assert response.status_code == 503
+    assert response.json()["error"] == "key_not_yet_fetched"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert service.count("alerts") == 0
+    assert service.failures("inbound", "key_not_yet_fetched") == 1

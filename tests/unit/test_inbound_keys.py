@@ -138,9 +138,34 @@ def test_miss_refetch_at_most_once_per_interval():
         return reasons
 
     reasons, _ = _run(server, scenario, clock=clock, miss_interval=60.0)
-    unknown = Reason.KEY_UNKNOWN
-    # t=0 fetches; t=30 and t=59.9 are inside the minute; t=60 may fetch again.
-    assert reasons == [unknown, 1, unknown, 1, unknown, 1, unknown, 2]
+    unknown, later = Reason.KEY_UNKNOWN, Reason.KEY_NOT_YET_FETCHED
+    # t=0 fetches: the reporter's fresh answer says unknown (401). t=30 and t=59.9 are inside the
+    # minute: not asked, so "retry later" (503); t=60 may fetch again.
+    assert reasons == [unknown, 1, later, 1, later, 1, unknown, 2]
+
+
+def test_an_identifier_unknown_while_a_refetch_is_not_allowed_is_retry_later():
+    """A junk identifier used the refetch; GitHub publishes a new key a moment later and signs a
+    genuine alert with it: 503 with Retry-After (partners retry a 5xx, never a 4xx), then found."""
+    keys = [("a", PEM_A)]
+    server = KeysServer(lambda request: httpx.Response(200, json=_keys(*keys)))
+    clock = FakeClock()
+
+    async def scenario(cache: KeyCache):
+        with pytest.raises(InboundError) as junk:
+            await cache.get("junk")
+        keys.append(("b", PEM_B))
+        clock.now += 10
+        with pytest.raises(InboundError) as genuine:
+            await cache.get("b")
+        clock.now += 50
+        return junk.value, genuine.value, await cache.get("b")
+
+    (junk, genuine, found), _ = _run(server, scenario, clock=clock, miss_interval=60.0)
+    assert (junk.reason, junk.status) == (Reason.KEY_UNKNOWN, 401)
+    assert (genuine.reason, genuine.status) == (Reason.KEY_NOT_YET_FETCHED, 503)
+    assert genuine.headers == {"Retry-After": "50"}
+    assert found is not None
 
 
 def _failing(response: httpx.Response | Exception) -> Callable[[httpx.Request], httpx.Response]:
@@ -227,7 +252,8 @@ def test_is_current_false_is_accepted_and_other_curves_skipped():
             await cache.get("p384")
         return key, caught.value.reason
 
-    (key, reason), events = _run(server, scenario)
+    # Every miss may refetch: the reporter's fresh answer is what says "p384" is not usable.
+    (key, reason), events = _run(server, scenario, miss_interval=0.0)
     assert isinstance(key.curve, ec.SECP256R1)
     assert reason is Reason.KEY_UNKNOWN
     assert events == []
