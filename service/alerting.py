@@ -49,6 +49,7 @@ LEVELS: dict[Reason, int] = {
     Reason.OWNER_UNREACHABLE: logging.WARNING,
     Reason.UNCONFIRMED_WINDOW_OVER: logging.CRITICAL,
     Reason.PUBLIC_REPORTS_FLOODED: logging.ERROR,
+    Reason.SMTP_TLS_REQUIRED: logging.ERROR,
 }
 
 
@@ -59,6 +60,7 @@ CONDITION: dict[Reason, tuple[str, ...]] = {
     Reason.REPORTER_KEYS_UNAVAILABLE: ("reporter",),
     Reason.SIGNING_KEY_CHANGED: ("reporter", "key_identifier"),
     Reason.LOOKUP_UNAUTHORIZED: (),
+    Reason.SMTP_TLS_REQUIRED: (),
 }
 PER_INCIDENT = ("incident_id",)
 # How long one page stands for its condition: repeats within it are counted, not sent.

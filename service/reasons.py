@@ -104,6 +104,7 @@ class Reason(enum.StrEnum):
     SMTP_UNAVAILABLE = "smtp_unavailable"
     SMTP_TEMPORARY_FAILURE = "smtp_temporary_failure"
     SMTP_AUTH_FAILED = "smtp_auth_failed"
+    SMTP_TLS_REQUIRED = "smtp_tls_required"
     SMTP_SENDER_REFUSED = "smtp_sender_refused"
     BAD_RECIPIENT_ADDRESS = "bad_recipient_address"
     NO_RECIPIENT = "no_recipient"

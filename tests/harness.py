@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ from typing import Any
 import httpx
 import psycopg
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -386,8 +388,11 @@ class SmtpSink:
     between a send and its commit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.port = free_port()
+        self.tls = tls
+        # Every AUTH the server was sent, as (mechanism, over TLS): credentials that went in clear.
+        self.auth_attempts: list[tuple[str, bool]] = []
         self.messages: list[Message] = []
         self.refuse: set[str] = set()
         self.reply: dict[str, str] = {}
@@ -396,12 +401,29 @@ class SmtpSink:
         self._controller: Controller | None = None
 
     def start(self) -> SmtpSink:
-        # No authenticator: aiosmtpd's default refuses every login.
+        def refuse(server, session, envelope, mechanism, data) -> AuthResult:
+            self.auth_attempts.append((mechanism, session.ssl is not None))
+            return AuthResult(success=False, handled=False)
+
         self._controller = Controller(
-            _SmtpHandler(self), hostname="127.0.0.1", port=self.port, auth_require_tls=False
+            _SmtpHandler(self),
+            hostname="127.0.0.1",
+            port=self.port,
+            auth_require_tls=False,
+            authenticator=refuse,
+            tls_context=self._tls_context() if self.tls else None,
         )
         self._controller.start()
         return self
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """STARTTLS with a certificate for 127.0.0.1, trusted by the service through `env()`."""
+        if not hasattr(self, "cert_file"):
+            self.cert_file, key_file = _self_signed()
+            self._key_file = key_file
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self._key_file)
+        return context
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -417,11 +439,14 @@ class SmtpSink:
     def env(self, contact: str = "security@example.test", login: str = "") -> dict[str, str]:
         """Settings to send through this sink; `login` ("user:password") makes the service AUTH."""
         userinfo = f"{login}@" if login else ""
-        return {
+        env = {
             "LEAK_RESPONDER_SMTP_URL": f"smtp://{userinfo}127.0.0.1:{self.port}",
             "LEAK_RESPONDER_MAIL_FROM": "leak-responder@example.test",
             "LEAK_RESPONDER_SECURITY_CONTACT": contact,
         }
+        if self.tls:
+            env["SSL_CERT_FILE"] = self.cert_file  # OpenSSL's own variable: trust this server's certificate
+        return env
 
     def received(self) -> list[Message]:
         with self._lock:
@@ -429,6 +454,45 @@ class SmtpSink:
 
     def to(self, address: str) -> list[Message]:
         return [m for m in self.received() if address in m.rcpt_tos]
+
+
+def _self_signed() -> tuple[str, str]:
+    """A certificate and key for 127.0.0.1, in temporary files."""
+    import datetime
+    import ipaddress
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tempfile.mkdtemp(prefix="smtp-tls-")
+    cert_file, key_file = f"{directory}/cert.pem", f"{directory}/key.pem"
+    Path(cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(key_file).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
 
 
 @dataclasses.dataclass

@@ -272,7 +272,11 @@ class EmailNotifier:
             if to is not None and sent.outcome is SendOutcome.REFUSED
             else sent.reason
         )
-        config_problem = sent.reason in (Reason.SMTP_AUTH_FAILED, Reason.SMTP_SENDER_REFUSED)
+        config_problem = sent.reason in (
+            Reason.SMTP_AUTH_FAILED,
+            Reason.SMTP_SENDER_REFUSED,
+            Reason.SMTP_TLS_REQUIRED,
+        )
         failure(
             log,
             "notify",

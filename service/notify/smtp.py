@@ -4,6 +4,10 @@ smtplib blocks, so each send runs in a worker thread, a few at a time: enough to
 owner emails moving, few enough that a slow relay is never hit by a connection storm. Every outcome
 is classified the way the outbox needs it: delivered, refused for good (5xx about this recipient or
 this message), or worth retrying (the server is down or slow, a 4xx, our own credentials refused).
+
+With credentials in the URL the channel must be encrypted (smtps://, or STARTTLS offered and taken):
+a server that offers no STARTTLS is not sent them, and the refusal pages, since no email can go out
+until someone fixes the relay or the URL.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class SendResult:
 
 
 _DETAIL_MAX = 200
+
+
+class _TlsRequired(Exception):
+    """Credentials are configured and the connection is not encrypted."""
 
 
 class SmtpSender:
@@ -68,6 +76,13 @@ class SmtpSender:
             return SendResult(
                 SendOutcome.RETRY, Reason.SMTP_SENDER_REFUSED, _text(exc.smtp_code, exc.smtp_error)
             )
+        except _TlsRequired:
+            return SendResult(
+                SendOutcome.RETRY,
+                Reason.SMTP_TLS_REQUIRED,
+                "the server offers no STARTTLS and credentials are never sent in clear;"
+                " use smtps:// or a relay with TLS",
+            )
         except smtplib.SMTPAuthenticationError as exc:
             return SendResult(
                 SendOutcome.RETRY, Reason.SMTP_AUTH_FAILED, _text(exc.smtp_code, exc.smtp_error)
@@ -95,10 +110,15 @@ class SmtpSender:
             smtp = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
         try:
             smtp.ehlo()
-            if not self._implicit_tls and smtp.has_extn("starttls"):
+            encrypted = self._implicit_tls
+            if not encrypted and smtp.has_extn("starttls"):
                 smtp.starttls(context=self._tls)
                 smtp.ehlo()
+                encrypted = True
             if self._user is not None:
+                if not encrypted:
+                    # AUTH PLAIN and LOGIN are the password in base64: never over a clear channel.
+                    raise _TlsRequired
                 smtp.login(self._user, self._password or "")
         except BaseException:
             smtp.close()

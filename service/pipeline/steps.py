@@ -476,6 +476,8 @@ class Steps:
             else:
                 reason = result.pending.get(incident.id, Reason.NOTIFY_PENDING)
                 t = self._retry(incident, owner, "notify_pending", reason)
+                if reason is Reason.SMTP_TLS_REQUIRED:
+                    self._page(incident, t, reason, "SMTP credentials would go in clear: no email goes out")
             if incident.id in result.unreachable:
                 self._page(incident, t, Reason.OWNER_UNREACHABLE, "a key owner could not be emailed")
             transitions.append(t)

@@ -191,6 +191,10 @@ def test_refusals_that_are_not_the_owners_fault_are_retried_until_fixed(
     """Our credentials or sender refused (a configuration problem, logged as an error) and a 4xx:
     the owner's email waits, retried with backoff, and goes out once the relay takes it."""
     smtp.reply = dict(reply)
+    if login:  # credentials are only ever sent over TLS: this relay offers STARTTLS
+        smtp.stop()
+        smtp.tls = True
+        smtp.start()
     service = make_service(smtp.env(login=login))
     token = sandbox.tokens[1]
     service.post_alert(sandbox.github, [token])
@@ -202,6 +206,9 @@ def test_refusals_that_are_not_the_owners_fault_are_retried_until_fixed(
     assert service.failures("notify", reason) >= 2
     assert smtp.received() == []
 
+    # Credentials went over TLS, or not at all.
+    assert [tls for _, tls in smtp.auth_attempts] == [True] * len(smtp.auth_attempts)
+    assert bool(smtp.auth_attempts) == bool(login)
     smtp.reply.clear()
     if login:  # credentials are settings: fixed by a restart with the right ones (here, none)
         service.stop()
@@ -244,3 +251,19 @@ def test_nobody_to_tell_is_no_recipient(sandbox, make_service, smtp):
     assert service.failures("notify", "no_recipient") == 1
     assert smtp.received() == []
     assert "owner_unreachable" in service.incident(key.token)["pages"]
+
+
+def test_credentials_are_never_sent_to_a_relay_without_tls(sandbox, make_service, smtp):
+    """`smtp://user:pass@host` and a relay that offers no STARTTLS: AUTH would be the password in
+    base64 over a clear channel. Not sent; the email waits, and on-call is paged once."""
+    service = make_service(smtp.env(login="leak-responder:secret-password"))
+    tokens = sandbox.tokens[1:3]
+    service.post_alert(sandbox.github, tokens)
+    wait_until(lambda: all(service.events(t).count("notify_pending") >= 2 for t in tokens))
+    assert smtp.auth_attempts == [] and smtp.received() == []
+    assert {service.incident(t)["last_reason"] for t in tokens} == {"smtp_tls_required"}
+    record = service.logged("smtp_tls_required")[0]
+    assert record["level"] == "error" and "secret-password" not in service.log_text()
+    pages = [r for r in service.logged("smtp_tls_required") if r.get("page")]
+    assert len(pages) == 1
+    assert service.failures("notify", "smtp_tls_required") >= 2
