@@ -203,6 +203,43 @@ def after(ref: IncidentRef, t: Transition, own: bool = True) -> IncidentRef:
     return dataclasses.replace(ref, state=t.state or ref.state, label=label, applied=t if own else None)
 
 
+def alert_insert(d: Dialect) -> str:
+    """An alert's record; a redelivery (same reporter, same body) keeps the first one (see
+    migration 0003), whose id `alert_id_query` then finds."""
+    m = d.mark
+    return (
+        "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"  # noqa: S608
+        f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}) ON CONFLICT (reporter, body_sha256) DO NOTHING"
+    )
+
+
+def alert_id_query(d: Dialect) -> str:
+    return f"SELECT id FROM alerts WHERE reporter = {d.mark} AND body_sha256 = {d.mark}"  # noqa: S608
+
+
+def sighting_insert(d: Dialect) -> str:
+    """One sighting per (incident, reporter, url, source): a place already recorded adds nothing."""
+    marks = ", ".join([d.mark] * 9)
+    return (
+        "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source, token_type,"  # noqa: S608
+        f" seen_at, note) VALUES ({marks}) ON CONFLICT DO NOTHING"
+    )
+
+
+def purge_sightings(d: Dialect) -> list[str]:
+    """Forget an incident's sighting URLs (one argument, the incident id, per statement). Rows that
+    would become the same place once their URL is gone are dropped first, keeping one per place:
+    a row already without URL, or else the first."""
+    m = d.mark
+    return [
+        f"DELETE FROM sightings WHERE incident_id = {m} AND url IS NOT NULL AND EXISTS ("  # noqa: S608
+        "SELECT 1 FROM sightings o WHERE o.incident_id = sightings.incident_id"
+        " AND o.reporter = sightings.reporter AND COALESCE(o.source, '') = COALESCE(sightings.source, '')"
+        " AND (o.url IS NULL OR o.id < sightings.id))",
+        f"UPDATE sightings SET url = NULL WHERE incident_id = {m} AND url IS NOT NULL",  # noqa: S608
+    ]
+
+
 # -- fenced transitions ------------------------------------------------------------------------------
 
 

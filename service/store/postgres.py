@@ -369,23 +369,30 @@ class PostgresStore:
             for n, intake in enumerate(batch)
             for digest, item in intake.plan.distinct_sightings(intake.items)
         ]
-        # Alert ids come from an identity in insertion order, and the insert follows ORDER BY n:
-        # the k-th smallest id returned is the k-th alert of the batch.
+        # An alert is one per (reporter, body): a replay (or two copies in one batch) keeps the first
+        # row. Each input alert's id is the row it inserted (RETURNING) or, for a replay, the row
+        # already there (the statement's snapshot): the batch's n-th alert is numbered n either way.
+        # A sighting is one per (incident, reporter, url, source): a place already seen adds nothing.
         rows = await self._rows(
             conn,
-            "WITH alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
-            " new_incidents) SELECT a.reporter, a.operator, %s, a.body_sha256, a.item_count,"
-            " a.new_incidents FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
-            " WITH ORDINALITY AS a (reporter, operator, body_sha256, item_count, new_incidents, n)"
-            " ORDER BY a.n RETURNING id),"
-            " numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM alert),"
+            "WITH input AS (SELECT a.*, %s::double precision AS received_at"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
+            " WITH ORDINALITY AS a (reporter, operator, body_sha256, item_count, new_incidents, n)),"
+            " alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
+            " new_incidents) SELECT reporter, operator, received_at, body_sha256, item_count, new_incidents"
+            " FROM input ORDER BY n ON CONFLICT (reporter, body_sha256) DO NOTHING"
+            " RETURNING id, reporter, body_sha256),"
+            " numbered AS (SELECT input.n, COALESCE(alert.id, earlier.id) AS id FROM input"
+            " LEFT JOIN alert ON alert.reporter = input.reporter AND alert.body_sha256 = input.body_sha256"
+            " LEFT JOIN alerts earlier ON earlier.reporter = input.reporter"
+            " AND earlier.body_sha256 = input.body_sha256),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
             " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"
             " %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS s (alert_n,"
             " token_hash, reporter, operator, url, source, token_type, note, n)"
             " JOIN numbered ON numbered.n = s.alert_n JOIN incidents i ON i.token_hash = s.token_hash"
-            " ORDER BY s.n)"
+            " ORDER BY s.n ON CONFLICT DO NOTHING)"
             " SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%s)",
             [
                 now,
@@ -910,11 +917,10 @@ class PostgresStore:
             sql, args = common.purge_candidates(finished_before, POSTGRES)
             ids = [r["incident_id"] for r in await self._rows(conn, sql, args)]
             for incident_id in ids:
-                cur = await conn.execute(
-                    "UPDATE sightings SET url = NULL WHERE incident_id = %s AND url IS NOT NULL",
-                    (incident_id,),
-                )
-                detail = {"sightings": cur.rowcount}
+                forgotten = 0
+                for sql in common.purge_sightings(POSTGRES):
+                    forgotten += (await conn.execute(sql, (incident_id,))).rowcount
+                detail = {"sightings": forgotten}
                 await conn.execute(
                     _EVENT_INSERT,
                     common.event_args(POSTGRES, incident_id, now, "reporter_metadata_purged", None, detail),

@@ -326,15 +326,15 @@ class SqliteStore:
                     raise StoreError("an incident moved under the writer's own transaction")
             for digest, t in decided:
                 refs[digest] = common.after(refs[digest], t)
-            alert_id = conn.execute(
-                "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"
-                " VALUES (?,?,?,?,?,?)",
+            conn.execute(
+                common.alert_insert(SQLITE),
                 (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
-            ).lastrowid
-            assert alert_id is not None
+            )
+            (alert_id,) = conn.execute(
+                common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
+            ).fetchone()
             conn.executemany(
-                "INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source, token_type,"
-                " seen_at, note) VALUES (?,?,?,?,?,?,?,?,?)",
+                common.sighting_insert(SQLITE),
                 plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),
             )
             return list(refs.values())
@@ -711,11 +711,10 @@ class SqliteStore:
             sql, args = common.purge_candidates(finished_before, SQLITE)
             ids = [r[0] for r in conn.execute(sql, args)]
             for incident_id in ids:
-                cur = conn.execute(
-                    "UPDATE sightings SET url = NULL WHERE incident_id = ? AND url IS NOT NULL",
-                    (incident_id,),
+                forgotten = sum(
+                    conn.execute(sql, (incident_id,)).rowcount for sql in common.purge_sightings(SQLITE)
                 )
-                _event(conn, incident_id, now, "reporter_metadata_purged", None, {"sightings": cur.rowcount})
+                _event(conn, incident_id, now, "reporter_metadata_purged", None, {"sightings": forgotten})
             conn.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
             return len(ids)
 

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from service.sandbox import build_alert
 from tests.harness import free_port, metric, stranger_signature, wait_until
 from tests.integration.operator_helpers import auth, operator_env
 
@@ -44,3 +45,20 @@ def test_error_flood_and_junk_flood_leave_one_page_that_arrives(sandbox, sentry,
     assert metric(text, "leak_responder_pages_repeated_total", event="reporter_keys_unavailable") == 99
     assert metric(text, "leak_responder_sentry_events_dropped_total") >= 280
     assert len([r for r in service.logged("reporter_keys_unavailable") if r.get("page")]) == 1
+
+
+def test_a_captured_alert_replayed_grows_nothing(sandbox, service):
+    token = sandbox.tokens[0]
+    body = build_alert([token, "not-a-key-at-all"], url="https://github.com/o/r/blob/main/.env")
+    first = service.post_alert(sandbox.github, [], body=body)
+    assert first.status_code == 200
+    with httpx.Client() as client:
+        headers = {
+            "Github-Public-Key-Identifier": sandbox.github.key_identifier,
+            "Github-Public-Key-Signature": sandbox.github.sign(body),
+        }
+        for _ in range(200):
+            again = client.post(f"{service.url}/v1/alerts/github", content=body, headers=headers)
+            assert again.status_code == 200 and again.json() == first.json()
+    assert (service.count("alerts"), service.count("sightings"), service.count("incidents")) == (1, 2, 2)
+    assert service.events(token).count("received") == 1

@@ -7,6 +7,7 @@ must never make two incidents of one token, take one incident twice, or both win
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import sqlite3
@@ -56,7 +57,9 @@ def run(body: Awaitable[None]) -> None:
 
 async def due_now(store: Store, tokens: list[str]) -> list[str]:
     """Intake `tokens` scheduled at once (no request budget to wait for); their incident ids."""
-    refs = await store.intake(ALERT, [sighting(t) for t in tokens], match_after=0)
+    # Each call is its own alert: the same body twice would be one alert (a redelivery).
+    alert = AlertRecord("github", hashlib.sha256("".join(tokens).encode()).hexdigest(), len(tokens))
+    refs = await store.intake(alert, [sighting(t) for t in tokens], match_after=0)
     return [r.id for r in refs]
 
 
@@ -86,11 +89,11 @@ def test_intake_makes_one_incident_per_distinct_token(backend: Backend) -> None:
 
             detail = await store.detail(refs[0].id)
             assert detail is not None
-            # The repeated (token, url, source) of the first alert added nothing; the redelivery did.
+            # The repeated (token, url, source) of the first alert added nothing, nor did the
+            # redelivery: a sighting is one per (incident, reporter, url, source).
             assert [s.url for s in detail.sightings] == [
                 "https://github.com/o/r/blob/main/.env",
                 "https://x.test/2",
-                "https://github.com/o/r/blob/main/.env",
             ]
             assert [e.kind for e in detail.events] == ["received"]
             assert detail.incident.has_token and detail.incident.next_run_at == backend.clock() + 5
@@ -458,6 +461,51 @@ def test_events_are_append_only_in_the_database_itself(backend: Backend, stateme
     run(body())
     with pytest.raises(Exception, match="append-only"):
         backend.execute(statement)
+
+
+def test_a_replayed_alert_is_one_alert_and_one_sighting_per_place(backend: Backend) -> None:
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            a = key()
+            first = await store.intake(ALERT, [sighting(a), sighting(a, url=None)], match_after=5)
+            for _ in range(20):
+                again = await store.intake(ALERT, [sighting(a), sighting(a, url=None)], match_after=5)
+                assert [r.id for r in again] == [r.id for r in first]
+            # Another alert (another body) seeing the token at a place already known adds nothing
+            # either; at a new place it adds that place.
+            other = AlertRecord("github", "9" * 64, 1)
+            await store.intake(other, [sighting(a)], match_after=5)
+            await store.intake(other, [sighting(a, url="https://x.test/new")], match_after=5)
+            detail = await store.detail(first[0].id)
+            assert detail is not None
+            assert sorted(str(s.url) for s in detail.sightings) == [
+                "None",
+                "https://github.com/o/r/blob/main/.env",
+                "https://x.test/new",
+            ]
+            assert (await store.stats()).incidents_by_state == {"received": 1}
+
+    run(body())
+    assert backend.query("SELECT count(*) FROM alerts") == [(2,)]
+
+
+def test_purge_of_sightings_that_become_one_place(backend: Backend) -> None:
+    """Two URLs of one place (incident, reporter, source) are one sighting once the URLs go."""
+
+    async def body() -> None:
+        clock = backend.clock
+        async with backend.opened() as (store,):
+            a = "not-a-key"  # a false positive: over at once, so purged
+            urls = ["https://x.test/1", "https://x.test/2", None]
+            (ref,) = await store.intake(ALERT, [sighting(a, url=u) for u in urls], match_after=0)
+            clock.advance(100)
+            assert await store.purge_reporter_metadata(finished_before=clock() - 50) == 1
+            detail = await store.detail(ref.id)
+            assert detail is not None
+            assert [s.url for s in detail.sightings] == [None]
+            assert detail.events[-1].detail == {"sightings": 2}
+
+    run(body())
 
 
 # -- telling owners ------------------------------------------------------------------------------------
