@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import os
 import re
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from service.tokens import mask_url
 
 PREFIX = "LEAK_RESPONDER_"
 
@@ -124,13 +127,45 @@ def _email(value: str) -> str | None:
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    expected = "a positive integer" if kind is int else "a positive number"
+
     def parse(value: str) -> float:
-        number = kind(value)
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"expected {expected}, got {value[:40]!r}") from None
         if number <= 0:
-            raise ValueError("expected a positive number")
+            raise ValueError(f"expected {expected}")
         return number
 
     return parse
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def _size(value: str) -> int:
+    """Bytes, plain or with a unit: 10485760, 10MiB (1024-based), 10MB (1000-based), 512KiB."""
+    match = _SIZE.fullmatch(value)
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"expected a positive size in bytes, e.g. 10485760 or 10MiB, got {value[:40]!r}")
+    return int(match[1]) * _UNITS[(match[2] or "").lower()]
+
+
+def _sentry_dsn(value: str) -> str:
+    """Checked now, as the SDK would parse it at start-up: a bad DSN passing `check-config` and
+    then failing `serve` with a traceback is the worst of both."""
+    if not value:
+        return value
+    from sentry_sdk.utils import BadDsn, Dsn
+
+    try:
+        Dsn(value)
+    except BadDsn as exc:
+        raise ValueError(f"not a Sentry DSN ({exc}); expected https://PUBLIC_KEY@HOST/PROJECT_ID") from None
+    return value
 
 
 def _schedule(value: str) -> tuple[float, ...]:
@@ -243,7 +278,7 @@ class Settings:
     )
     channel_give_up_after: float = _setting("CHANNEL_GIVE_UP_AFTER", _positive(_F), "86400")
     runbook_url: str = _setting("RUNBOOK_URL", str, "docs/runbook.md")
-    body_limit: int = _setting("BODY_LIMIT", _positive(_I), str(10 * 1024 * 1024))
+    body_limit: int = _setting("BODY_LIMIT", _size, str(10 * 1024 * 1024))
     request_budget: float = _setting("REQUEST_BUDGET", _positive(_F), "5")
     http_timeout: float = _setting("HTTP_TIMEOUT", _positive(_F), "5")
     concurrency: int = _setting("CONCURRENCY", _positive(_I), "32")
@@ -266,7 +301,7 @@ class Settings:
     )
     log_level: str = _setting("LOG_LEVEL", str.upper, "INFO")
     log_format: str = _setting("LOG_FORMAT", _log_format, "json")
-    sentry_dsn: str = _setting("SENTRY_DSN", str, "", secret=True, prefixed=False)
+    sentry_dsn: str = _setting("SENTRY_DSN", _sentry_dsn, "", secret=True, prefixed=False)
     sentry_environment: str = _setting("SENTRY_ENVIRONMENT", str, "production", prefixed=False)
     sentry_checkin_interval: float = _setting("SENTRY_CHECKIN_INTERVAL", _positive(_F), "60")
 
@@ -287,10 +322,7 @@ class Settings:
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")) -> Settings:
         """Environment variables win over the `.env` file, as every twelve-factor tool does."""
-        merged: dict[str, str] = {}
-        if env_file is not None and env_file.is_file():
-            merged.update(read_env_file(env_file))
-        merged.update(os.environ if environ is None else environ)
+        merged = environment(environ, env_file)
         values: dict[str, Any] = {}
         for attribute, spec in SPECS.items():
             raw = merged.get(spec.name, spec.default)
@@ -317,6 +349,25 @@ class Settings:
         if not any((self.github_keys_url, self.gitlab_keys_url, self.depsdev_keys_url)):
             raise SettingsError(env_name("github_keys_url"), "at least one reporter must be enabled")
 
+    def notices(self, environ: Mapping[str, str]) -> list[str]:
+        """Warnings that do not stop start-up: a variable of ours that no setting reads (a typo
+        leaves its setting at the default, silently), and values a partner agreement objects to."""
+        found = []
+        known = {spec.name for spec in SPECS.values()}
+        for name in sorted(environ):
+            if name.startswith(PREFIX) and name not in known and not _FOREIGN.fullmatch(name[len(PREFIX) :]):
+                # Compared without the prefix, which every candidate shares.
+                ours = [n[len(PREFIX) :] for n in known if n.startswith(PREFIX)]
+                closest = difflib.get_close_matches(name[len(PREFIX) :], ours, n=1, cutoff=0.75)
+                hint = f"; did you mean {PREFIX}{closest[0]}?" if closest else ""
+                found.append(f"{name} is not a setting and is ignored{hint}")
+        if self.retention_days > GITHUB_RETENTION_DAYS:
+            found.append(
+                f"{env_name('retention_days')} is {self.retention_days:g} days: GitHub's partner program"
+                f" asks that reporter metadata be deleted within {GITHUB_RETENTION_DAYS} days"
+            )
+        return found
+
     def describe(self) -> list[tuple[str, str]]:
         """Every effective setting by its variable name, secrets masked, for `check-config`."""
         rows = []
@@ -329,13 +380,33 @@ class Settings:
             elif isinstance(value, tuple):
                 shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "(none)"
             else:
-                shown = "(unset)" if value in (None, "") else str(value)
+                # A URL setting may carry a password (DATABASE_URL does): never shown.
+                shown = "(unset)" if value in (None, "") else mask_url(str(value))
             rows.append((spec.name, shown))
         return rows
 
 
 # Every setting by attribute, in declaration order: read from the fields, so it cannot drift.
 SPECS: dict[str, _Spec] = {f.name: f.metadata["spec"] for f in fields(Settings)}
+
+
+# Variables with our prefix that are not settings: the CLI's own, and those Kubernetes injects for a
+# Service named leak-responder (LEAK_RESPONDER_SERVICE_HOST, LEAK_RESPONDER_PORT_8000_TCP, …).
+_FOREIGN = re.compile(
+    r"URL|OPERATOR_TOKEN|SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?"
+)
+GITHUB_RETENTION_DAYS = 30
+
+
+def environment(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> dict[str, str]:
+    """The `.env` file's variables under the environment's (`os.environ` unless given)."""
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update(read_env_file(env_file))
+    merged.update(os.environ if environ is None else environ)
+    return merged
 
 
 def env_name(attribute: str) -> str:

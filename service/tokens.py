@@ -18,6 +18,8 @@ _ELLIPSIS = "…"
 
 # Looser than the shape gate on purpose: a net should also catch near-keys and fragments.
 _KEYISH = re.compile(r"sm_[A-Za-z0-9_-]{8,}")
+# The password in a URL's userinfo (`postgresql://user:password@host/db`).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/@]+@")
 # A lone UTF-16 surrogate: JSON's `\ud800` escape decodes to one, and no encoder will write it out.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 REPLACEMENT = "\ufffd"
@@ -46,8 +48,13 @@ def redact(token: str) -> str:
 
 
 def scrub(text: str) -> str:
-    """Anything key-shaped in `text` replaced by its redacted form."""
-    return _KEYISH.sub(lambda m: redact(m.group(0)), text)
+    """Anything key-shaped in `text` replaced by its redacted form, and any URL's password masked."""
+    return mask_url(_KEYISH.sub(lambda m: redact(m.group(0)), text))
+
+
+def mask_url(text: str) -> str:
+    """Every URL password in `text` as `***`: a database, SMTP or keys URL may carry one."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def safe_text(text: str) -> str:

@@ -105,3 +105,13 @@ def test_error_events_have_a_budget_and_pages_do_not():
     assert all(budget.admit(page) for _ in range(1000))
     clock.now += 2  # one token back
     assert [budget.admit(error) for _ in range(2)] == [True, False]
+
+
+def test_url_passwords_are_masked_in_events_and_logs():
+    event = {
+        "message": "could not connect to postgresql://leak:pg-pass@db/leak",
+        "extra": {"x": ["smtp://u:p@m"]},
+    }
+    scrubbed = scrub_event(event)
+    assert scrubbed["message"] == "could not connect to postgresql://leak:***@db/leak"
+    assert scrubbed["extra"]["x"] == ["smtp://u:***@m"]

@@ -89,3 +89,68 @@ def test_describe_masks_secrets():
     assert shown["LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN"] == "(set, masked)"
     assert shown["SENTRY_DSN"] == "(set, masked)"
     assert "hunter2" not in repr(s.describe())
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [("10485760", 10 * 1024 * 1024), ("10MiB", 10 * 1024 * 1024), ("10MB", 10_000_000), ("512 KiB", 524288)],
+)
+def test_body_limit_takes_a_size_with_its_unit(raw, size):
+    assert load({"LEAK_RESPONDER_BODY_LIMIT": raw}).body_limit == size
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"LEAK_RESPONDER_BODY_LIMIT": "10 furlongs"}, "e.g. 10485760 or 10MiB, got '10 furlongs'"),
+        ({"LEAK_RESPONDER_BODY_LIMIT": "0MB"}, "expected a positive size"),
+        ({"LEAK_RESPONDER_CONCURRENCY": "many"}, "expected a positive integer, got 'many'"),
+        ({"LEAK_RESPONDER_LEASE_SECONDS": "30s"}, "expected a positive number, got '30s'"),
+        ({"SENTRY_DSN": "https://sentry.example/1"}, "not a Sentry DSN"),
+        ({"SENTRY_DSN": "not a url"}, "expected https://PUBLIC_KEY@HOST/PROJECT_ID"),
+    ],
+)
+def test_a_malformed_value_is_one_line_that_says_what_was_expected(env, says):
+    with pytest.raises(SettingsError) as caught:
+        load(env)
+    assert caught.value.name == next(iter(env))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_misspelt_variable_and_a_long_retention_are_warned_about():
+    env = {
+        "LEAK_RESPONDER_RETENTON_DAYS": "7",  # sic
+        "LEAK_RESPONDER_RETENTION_DAYS": "90",
+        "LEAK_RESPONDER_NOT_EVEN_CLOSE_TO_ANYTHING": "1",
+        # Not ours to warn about: the CLI's own, and what Kubernetes injects for a Service.
+        "LEAK_RESPONDER_URL": "http://127.0.0.1:8000",
+        "LEAK_RESPONDER_OPERATOR_TOKEN": "x",
+        "LEAK_RESPONDER_SERVICE_HOST": "10.0.0.1",
+        "LEAK_RESPONDER_PORT_8000_TCP_ADDR": "10.0.0.1",
+        "LEAK_RESPONDER_PORT": "tcp://10.0.0.1:8000",
+    }
+    settings = load(env)
+    assert settings.notices(env) == [
+        "LEAK_RESPONDER_NOT_EVEN_CLOSE_TO_ANYTHING is not a setting and is ignored",
+        "LEAK_RESPONDER_RETENTON_DAYS is not a setting and is ignored;"
+        " did you mean LEAK_RESPONDER_RETENTION_DAYS?",
+        "LEAK_RESPONDER_RETENTION_DAYS is 90 days: GitHub's partner program asks that reporter"
+        " metadata be deleted within 30 days",
+    ]
+    assert load({}).notices({}) == []
+
+
+def test_every_url_setting_is_shown_without_its_password():
+    env = {
+        "LEAK_RESPONDER_DATABASE_URL": "postgresql://leak:s3cret-pw@db.internal:5432/leak",
+        "LEAK_RESPONDER_DATA_KEY": "A" * 43 + "=",
+        "LEAK_RESPONDER_GITLAB_KEYS_URL": "https://bot:gl-pass@gitlab.example/keys",
+        "LEAK_RESPONDER_SMTP_URL": "smtps://mailer:smtp-pw@mail.example:465",
+        "LEAK_RESPONDER_MAIL_FROM": "x@example.test",
+        "SENTRY_DSN": "https://pub:legacy-secret@sentry.example/1",
+    }
+    shown = dict(load(env).describe())
+    assert shown["LEAK_RESPONDER_DATABASE_URL"] == "postgresql://leak:***@db.internal:5432/leak"
+    assert shown["LEAK_RESPONDER_GITLAB_KEYS_URL"] == "https://bot:***@gitlab.example/keys"
+    for secret in ("s3cret-pw", "gl-pass", "smtp-pw", "legacy-secret"):
+        assert secret not in repr(shown)
