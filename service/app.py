@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -10,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -55,12 +57,19 @@ from service.store import AlertRecord, StoreError, TokenSighting
 
 log = logging.getLogger("service.app")
 
+# Seconds /readyz waits for the store's heartbeat commit (Kubernetes' probe gives up after 1-5 s).
+READY_TIMEOUT = 2.0
+
 
 PROBLEM = "application/problem+json"
 
 
 def error(
-    status: int, reason: Reason, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    reason: Reason,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     """Every error answer, whatever the route or the fault: RFC 9457 problem details, the ecosystem's
     shape, so a caller's generic client reads them all, plus our reason code as `error`, the word an
@@ -73,6 +82,8 @@ def error(
         "detail": message,
         "error": str(reason),
     }
+    # RFC 9457's extension members, e.g. readiness's checks; they never replace the standard ones.
+    body = {**(extra or {}), **body}
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM)
 
 
@@ -300,17 +311,23 @@ async def livez(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when an alert would be committed now: the heartbeat is a real commit, within a probe's
+    patience (a store whose commits hang is as unready as one that fails)."""
     rt: Runtime = request.app.state.runtime
-    checks = {"worker": rt.worker.alive}
+    checks = {"worker": rt.worker.alive, "store": False, "migrations": False}
     try:
-        await rt.store.ping()
+        checks["migrations"] = not await asyncio.wait_for(rt.store.pending_migrations(), READY_TIMEOUT)
+        if checks["migrations"]:  # the heartbeat's table comes with them
+            await asyncio.wait_for(rt.store.ping(), READY_TIMEOUT)
         checks["store"] = True
-        checks["migrations"] = not await rt.store.pending_migrations()
-    except StoreError:
-        checks["store"] = checks["migrations"] = False
-    ok = all(checks.values())
-    return JSONResponse(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    except (StoreError, TimeoutError):
+        pass
+    if all(checks.values()):
+        return JSONResponse({"status": "ok", "checks": checks})
+    failing = ", ".join(name for name, ok in checks.items() if not ok)
+    failure(log, "http", Reason.NOT_READY, f"not ready: {failing}", checks=failing)
+    return error(
+        503, Reason.NOT_READY, f"not ready: {failing}", extra={"checks": checks}
     )
 
 

@@ -36,6 +36,7 @@ class Reason(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CLIENT_DISCONNECTED = "client_disconnected"
     INTERNAL_ERROR = "internal_error"
+    NOT_READY = "not_ready"
     # -- the verification-key cache (events, not refusals) -----------------------------------------
     KEYS_FETCH_FAILED = "keys_fetch_failed"
     KEYS_BAD_RESPONSE = "keys_bad_response"

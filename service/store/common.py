@@ -226,6 +226,14 @@ def sighting_insert(d: Dialect) -> str:
     )
 
 
+def heartbeat(d: Dialect) -> str:
+    """The readiness check's write: one row, rewritten, committed like any alert."""
+    return (
+        f"INSERT INTO heartbeat (id, at) VALUES (1, {d.mark})"  # noqa: S608
+        " ON CONFLICT (id) DO UPDATE SET at = excluded.at"
+    )
+
+
 def purge_sightings(d: Dialect) -> list[str]:
     """Forget an incident's sighting URLs (one argument, the incident id, per statement). Rows that
     would become the same place once their URL is gone are dropped first, keeping one per place:

@@ -172,7 +172,12 @@ class PostgresStore:
         await self._pool.close()
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1"))
+        """A commit, as an alert's intake makes one: readiness follows commits."""
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(common.heartbeat(POSTGRES), (self._clock(),))
+
+        await self._write(work)
 
     async def pending_migrations(self) -> list[str]:
         async def work(conn: Conn) -> list[str]:

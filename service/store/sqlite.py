@@ -775,7 +775,8 @@ class SqliteStore:
         return refusal
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        """A commit through the writer, grouped with the alerts' own: readiness follows commits."""
+        await self._write(lambda conn: conn.execute(common.heartbeat(SQLITE), (self._clock(),)))
 
     async def pending_migrations(self) -> list[str]:
         """None: `open` migrates (one process owns the file, so nothing can race it)."""

@@ -1,4 +1,4 @@
--- leak-responder, migration 0003: a replayed alert is one alert, a sighting is one per place.
+-- leak-responder, migration 0003 (hardening): a replayed alert is one alert, a sighting is one per place; a heartbeat table for readiness.
 --
 -- A captured signed alert sent again and again used to add an alert row and a sighting each time.
 -- Now an alert is unique per (reporter, body_sha256), a sighting per (incident, reporter, url,
@@ -17,3 +17,10 @@ UPDATE sightings SET alert_id = (
 DELETE FROM alerts WHERE id NOT IN (SELECT min(id) FROM alerts GROUP BY reporter, body_sha256);
 CREATE UNIQUE INDEX alerts_replay ON alerts (reporter, body_sha256);
 CREATE UNIQUE INDEX sightings_place ON sightings (incident_id, reporter, COALESCE(url, ''), COALESCE(source, ''));
+
+-- heartbeat: readiness commits here, through the path every alert takes, so /readyz answers what
+-- the next alert would meet (a full disk, a read-only server, a lock held elsewhere).
+CREATE TABLE heartbeat (
+    id integer          PRIMARY KEY CHECK (id = 1),
+    at double precision NOT NULL
+);
