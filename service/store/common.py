@@ -10,6 +10,7 @@ which a `Dialect` carries.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
@@ -48,6 +49,9 @@ from service.store.models import (
 )
 from service.store.sealing import Sealer, SealingError
 from service.tokens import is_key_shaped, redact, token_hash
+
+# Intakes of more items than this are prepared beside the event loop (see IntakePlan).
+OFFLOAD_ITEMS = 500
 
 # Columns a Transition may set; anything else is a programming error, caught before SQL is built.
 SETTABLE = frozenset(
@@ -172,6 +176,16 @@ class IntakePlan:
                 last_reason=None if shaped else "shape_gate",
             )
         return cls(candidates, hashes)
+
+    @classmethod
+    async def prepare_beside_loop(
+        cls, items: Sequence[TokenSighting], sealer: Sealer, now: float, match_after: float
+    ) -> IntakePlan:
+        """`prepare`, in a thread when the intake is big: hashing and sealing 100,000 tokens on the
+        event loop would hold every other request behind one alert."""
+        if len(items) <= OFFLOAD_ITEMS:
+            return cls.prepare(items, sealer, now, match_after)
+        return await asyncio.to_thread(cls.prepare, items, sealer, now, match_after)
 
     def distinct_sightings(self, items: Sequence[TokenSighting]) -> list[tuple[str, TokenSighting]]:
         """(token hash, item) per distinct (token, url, source) of the alert: a repeated item adds

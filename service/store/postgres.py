@@ -261,7 +261,7 @@ class PostgresStore:
         lone alert goes out at once. A batch that fails is retried one intake at a time, so that
         one bad intake fails only its own request.
         """
-        plan = IntakePlan.prepare(items, self._sealer, self._clock(), match_after)
+        plan = await IntakePlan.prepare_beside_loop(items, self._sealer, self._clock(), match_after)
         future: asyncio.Future[list[IncidentRef]] = asyncio.get_running_loop().create_future()
         self._intakes.append(_Intake(alert, items, plan, decide, future))
         if self._batchers < _BATCHERS:

@@ -258,7 +258,7 @@ class SqliteStore:
         incident between this read of it and that write).
         """
         now = self._clock()
-        plan = IntakePlan.prepare(items, self._sealer, now, match_after)
+        plan = await IntakePlan.prepare_beside_loop(items, self._sealer, now, match_after)
 
         def work(conn: sqlite3.Connection) -> list[IncidentRef]:
             digests = list(plan.candidates)
