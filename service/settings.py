@@ -280,6 +280,7 @@ class Settings:
     runbook_url: str = _setting("RUNBOOK_URL", str, "docs/runbook.md")
     body_limit: int = _setting("BODY_LIMIT", _size, str(10 * 1024 * 1024))
     request_budget: float = _setting("REQUEST_BUDGET", _positive(_F), "5")
+    connection_idle_timeout: float = _setting("CONNECTION_IDLE_TIMEOUT", _positive(_F), "10")
     http_timeout: float = _setting("HTTP_TIMEOUT", _positive(_F), "5")
     concurrency: int = _setting("CONCURRENCY", _positive(_I), "32")
     probe_schedule: tuple[float, ...] = _setting("PROBE_SCHEDULE", _schedule, "0,2,5,15,30,60,120")

@@ -196,6 +196,8 @@ class Service:
             **env,
         }
         self.port = free_port()
+        # (soft, hard) RLIMIT_NOFILE the process starts with, as a host's defaults would give it.
+        self.nofile: tuple[int, int] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         # One client for the service's lifetime: a new httpx client per request costs ~20 ms of
         # TLS-context set-up, which a latency benchmark would charge to the service.
@@ -237,11 +239,27 @@ class Service:
             env=self._process_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limits if self.nofile else None,  # noqa: PLW1509 (no threads start it)
         )
         log.close()
         if ready:
             wait_until(self._ready, timeout=30)
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+
+    def open_files_limit(self) -> tuple[int, int]:
+        """The process's (soft, hard) open-file limit, from /proc."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+        raise RuntimeError("no open-file limit in /proc")
 
     def _ready(self) -> bool:
         assert self.proc is not None

@@ -17,6 +17,7 @@ import httpx
 import uvicorn
 
 from service.cli._common import DEV_PORTS, settings_or_exit
+from service.connections import bounded_protocol, connection_cap, raise_file_limit
 from service.settings import Settings, SettingsError, env_name
 
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
@@ -67,13 +68,19 @@ class _SilentServer(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+def _uvicorn_config(app: object, host: str, port: int, settings: Settings | None = None) -> uvicorn.Config:
     """Our own logging stays in charge (uvicorn's access log would add nothing we need), and a
-    SIGTERM gives in-flight requests a bounded time before the worker hands back its leases."""
+    SIGTERM gives in-flight requests a bounded time before the worker hands back its leases. The
+    service's own server (given its settings) bounds its connections (see service.connections)."""
+    http: type[asyncio.Protocol] | str = "h11"
+    if settings is not None:
+        cap = connection_cap(raise_file_limit())
+        http = bounded_protocol(settings.connection_idle_timeout, cap)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
+        http=http,
         log_config=None,
         access_log=False,
         # Which proxy's X-Forwarded-For to believe is the app's call (LEAK_RESPONDER_TRUSTED_PROXIES):
@@ -91,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     _store_or_exit(settings)
     configure_logging(settings.log_level, settings.log_format)
-    server = _Server(_uvicorn_config(create_app(settings), args.host, args.port))
+    server = _Server(_uvicorn_config(create_app(settings), args.host, args.port, settings))
     server.run()
     return 0 if server.started else 1
 
@@ -219,7 +226,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     _store_or_exit(settings)
     configure_logging(settings.log_level, settings.log_format)
     exe = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "leak-responder"
-    service = _Server(_uvicorn_config(create_app(settings), host, args.port))
+    service = _Server(_uvicorn_config(create_app(settings), host, args.port, settings))
     stand_ins = [
         _SilentServer(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
         _SilentServer(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
