@@ -60,6 +60,7 @@ def bounded_protocol(idle_timeout: float, cap: int) -> type[H11Protocol]:
                     # Every connection is busy with a request: this one cannot be served now.
                     transport.close()
                     return
+                waiting.pop(oldest).cancel()  # now, not at its connection_lost: it is going
                 oldest.transport.close()
             waiting[self] = self.loop.call_later(idle_timeout, transport.close)
 
