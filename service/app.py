@@ -263,10 +263,18 @@ async def list_incidents(request: Request, operator: str) -> Response:
 @operator_route
 async def show_incident(request: Request, operator: str) -> Response:
     rt: Runtime = request.app.state.runtime
-    detail = await rt.store.detail(request.path_params["incident_id"])
-    if detail is None:
+    view = await incident_view(rt, request.path_params["incident_id"])
+    if view is None:
         raise OperatorError(Reason.INCIDENT_NOT_FOUND, "no such incident")
-    return JSONResponse(detail_json(detail))
+    return JSONResponse(view)
+
+
+async def incident_view(rt: Runtime, incident_id: str) -> dict[str, Any] | None:
+    """What every incident route answers: the detail with its deliveries."""
+    detail = await rt.store.detail(incident_id)
+    if detail is None:
+        return None
+    return detail_json(detail)
 
 
 @operator_route
@@ -282,9 +290,9 @@ async def retry_incident(request: Request, operator: str) -> Response:
             Reason.INCIDENT_NOT_RETRYABLE,
             f"incident is {found[0].state} with {found[0].attempts} failed attempts: nothing to retry",
         )
-    detail = await rt.store.detail(incident_id)
-    assert detail is not None
-    return JSONResponse(detail_json(detail), status_code=202)
+    view = await incident_view(rt, incident_id)
+    assert view is not None
+    return JSONResponse(view, status_code=202)
 
 
 @operator_route
@@ -300,9 +308,9 @@ async def resolve_incident(request: Request, operator: str) -> Response:
         raise OperatorError(
             Reason.INCIDENT_ALREADY_FINAL, f"incident is {found[0].state}: nothing to resolve"
         )
-    detail = await rt.store.detail(incident_id)
-    assert detail is not None
-    return JSONResponse(detail_json(detail))
+    view = await incident_view(rt, incident_id)
+    assert view is not None
+    return JSONResponse(view)
 
 
 async def openapi(request: Request) -> Response:

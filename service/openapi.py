@@ -13,10 +13,14 @@ from service.store import State
 
 _ERROR = {
     "type": "object",
-    "required": ["error", "message"],
+    "description": "RFC 9457 problem details, with the reason code as `error`",
+    "required": ["type", "title", "status", "detail", "error"],
     "properties": {
+        "type": {"type": "string", "description": "urn:leak-responder:reason:<code>"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
         "error": {"type": "string", "description": "reason code, the same as in the log and metrics"},
-        "message": {"type": "string"},
     },
 }
 
@@ -25,7 +29,7 @@ def _refusals(*codes: tuple[int, str]) -> dict[str, Any]:
     return {
         str(status): {
             "description": reasons,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
         for status, reasons in codes
     }
@@ -82,6 +86,10 @@ _DETAIL = {
                 "key_last_used_at": _TIME,
                 "used_after_leak": {"type": "boolean"},
                 "org_name": {"type": ["string", "null"]},
+                "waiting_for": {
+                    "type": ["string", "null"],
+                    "description": "the next step, when, and why it is not done yet; null once final",
+                },
                 "emails": {
                     "type": "array",
                     "description": "the email outbox: one row per recipient and purpose",
@@ -92,6 +100,8 @@ _DETAIL = {
                             "purpose": {"type": "string"},
                             "status": {"type": "string", "enum": ["pending", "sending", "sent", "refused"]},
                             "attempts": {"type": "integer"},
+                            "message_id": {"type": ["string", "null"]},
+                            "detail": {"type": ["string", "null"], "description": "the last failure"},
                             "updated_at": _TIME,
                         },
                     },

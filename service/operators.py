@@ -49,6 +49,7 @@ R = Reason
 STATUS: dict[Reason, int] = {
     R.AUTH_MISSING: 401,
     R.AUTH_FORBIDDEN: 403,
+    R.OPERATORS_NOT_CONFIGURED: 403,
     R.IDEMPOTENCY_KEY_INVALID: 400,
     # The draft's answers: 409 while the first request runs, 422 for a key reused on another body.
     R.IDEMPOTENCY_CONFLICT: 409,
@@ -76,6 +77,13 @@ def authenticate(authorization: str | None, operators: Mapping[str, str]) -> str
     Every configured hash is compared, even after a match, so the time taken says nothing about
     which operator (or how many) a token came close to.
     """
+    if not operators:
+        # Said apart from a wrong token: the fix is on the server (the setting), not the caller.
+        raise OperatorError(
+            R.OPERATORS_NOT_CONFIGURED,
+            "no operators are configured here: set LEAK_RESPONDER_OPERATOR_TOKENS"
+            " (`leak-responder operator-token NAME` prints a token and its entry)",
+        )
     scheme, _, token = (authorization or "").strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -94,7 +102,9 @@ def operator_for(token: str, operators: Mapping[str, str]) -> str:
         if hmac.compare_digest(presented, digest):
             found = name
     if found is None:
-        raise OperatorError(R.AUTH_FORBIDDEN, "this token is not an operator's")
+        raise OperatorError(
+            R.AUTH_FORBIDDEN, "this token is not an operator's (its SHA-256 is not configured)"
+        )
     return found
 
 
@@ -329,9 +339,40 @@ def incident_json(incident: Incident) -> dict[str, Any]:
     }
 
 
+# The step each open state waits for, as an operator would name it.
+_NEXT_STEP = {
+    State.RECEIVED: "lookup",
+    State.MATCHED: "revoke",
+    State.REVOKED: "probe",
+    State.CONFIRMED: "notify",
+    State.UNCONFIRMED: "re-probe",
+    State.NOTIFIED: "close",
+}
+
+
+def waiting_for(incident: Incident) -> str | None:
+    """What an open incident is waiting for, in one line: its next step and when, and why it is
+    not done yet (the last failure's reason code and how many attempts failed). None once final."""
+    step = _NEXT_STEP.get(incident.state)
+    if step is None:
+        return None
+    why = (
+        f" after {incident.attempts} failed attempt(s), last {incident.last_reason}"
+        if incident.attempts
+        else ""
+    )
+    if incident.next_run_at is None:
+        reason = incident.last_reason or "not scheduled"
+        return f"{step}: not scheduled ({reason}); it runs again once that is fixed, or on retry"
+    return f"{step} at {iso(incident.next_run_at)}{why}"
+
+
 def detail_json(detail: IncidentDetail) -> dict[str, Any]:
+    """The incident with what it waits for, its timeline, its sightings and, per recipient, where
+    its email stands (with the Message-ID, the one thing a mail log can be searched by)."""
     return {
         **incident_json(detail.incident),
+        "waiting_for": waiting_for(detail.incident),
         "recipients": detail.incident.recipients,
         "key_created_at": iso(detail.incident.key_created_at),
         "key_last_used_at": iso(detail.incident.key_last_used_at),
@@ -343,6 +384,8 @@ def detail_json(detail: IncidentDetail) -> dict[str, Any]:
                 "purpose": d.purpose,
                 "status": str(d.status),
                 "attempts": d.attempts,
+                "message_id": d.message_id,
+                "detail": d.detail,
                 "updated_at": iso(d.updated_at),
             }
             for d in detail.deliveries

@@ -44,6 +44,7 @@ class Reason(enum.StrEnum):
     # -- manual reports and the operator API (stage `operators`) ----------------------------------
     AUTH_MISSING = "auth_missing"
     AUTH_FORBIDDEN = "auth_forbidden"
+    OPERATORS_NOT_CONFIGURED = "operators_not_configured"
     REPORT_TOO_LARGE = "report_too_large"
     REPORT_NOT_UTF8 = "report_not_utf8"
     REPORT_UNRECOGNISED = "report_unrecognised"

@@ -239,7 +239,7 @@ class Service:
             env=self._process_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=self._limits if self.nofile else None,  # noqa: PLW1509 (no threads start it)
+            preexec_fn=self._limits if self.nofile else None,
         )
         log.close()
         if ready:

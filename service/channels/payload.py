@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from service.observability import scrub
 from service.store import ChannelJob, Incident, Sighting, State
+from service.tokens import scrub
 
 SOURCE = "/leak-responder"
 TYPE = "com.supermemory.apikey.leak."

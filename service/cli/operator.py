@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
+import json
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Any
 import httpx
 
 from service.cli._common import DEV_PORTS
+from service.settings import environment
 
 TOKEN_ENV = "LEAK_RESPONDER_OPERATOR_TOKEN"  # noqa: S105 (the variable's name, not a token)
+URL_ENV = "LEAK_RESPONDER_URL"
 
 
 class _ApiError(Exception):
@@ -32,10 +35,14 @@ def _operator_token(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise _ApiError(f"cannot read {args.token_file}: {exc.strerror or exc}", 2) from None
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
+        token = environment().get(TOKEN_ENV, "").strip()
     if not token:
-        raise _ApiError(f"no operator token: set {TOKEN_ENV} or pass --token-file", 2)
+        raise _ApiError(f"no operator token: set {TOKEN_ENV} (or put it in .env) or pass --token-file", 2)
     return token
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
@@ -86,6 +93,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.content_type:
         headers["Content-Type"] = args.content_type
     result = _api(args, "POST", "/v1/reports", content=body, headers=headers)
+    if args.json:
+        _print_json(result)
+        return
     findings = result["findings"]
     print(f"{result['kind']} report: {len(findings)} finding(s)")
     for f in findings:
@@ -111,6 +121,9 @@ def cmd_incidents_list(args: argparse.Namespace) -> None:
         "next": args.next,
     }
     page = _api(args, "GET", "/v1/incidents", params={k: v for k, v in query.items() if v is not None})
+    if args.json:
+        _print_json(page)
+        return
     rows = [("ID", "STATE", "LABEL", "KEY", "ORG", "RECEIVED", "TTR", "TTC")]
     for i in page["incidents"]:
         rows.append(
@@ -132,12 +145,19 @@ def cmd_incidents_list(args: argparse.Namespace) -> None:
         print(f"more: --next {page['next']}")
 
 
-@_client
-def cmd_incidents_show(args: argparse.Namespace) -> None:
-    i = _api(args, "GET", f"/v1/incidents/{args.id}")
+def _show(i: dict[str, Any]) -> None:
     print(f"{i['id']}  {i['state']}  {i['label'] or '-'}  {i['redacted']}  sha256={i['token_hash']}")
     print(f"key {i['key_id'] or '-'} ({i['key_name'] or '-'}) org {i['org_id'] or '-'}")
     print(f"time to revoke {_seconds(i['time_to_revoke'])}, to confirm {_seconds(i['time_to_confirm'])}")
+    print(f"waiting for: {i['waiting_for'] or 'nothing (final)'}")
+    print(f"pages: {', '.join(i['pages']) or '-'}")
+    print("deliveries:" if i["emails"] else "deliveries: -")
+    for d in i["emails"]:
+        detail = f"  ({d['detail']})" if d["detail"] else ""
+        print(
+            f"  {d['recipient']}  {d['purpose']}  {d['status']}  attempts={d['attempts']}"
+            f"  message-id={d['message_id'] or '-'}{detail}"
+        )
     print("sightings:")
     for s in i["sightings"]:
         who = s["reporter"] + (f" ({s['operator']})" if s["operator"] else "")
@@ -160,16 +180,62 @@ def cmd_incidents_show(args: argparse.Namespace) -> None:
 
 
 @_client
+def cmd_incidents_show(args: argparse.Namespace) -> None:
+    i = _api(args, "GET", f"/v1/incidents/{args.id}")
+    if args.json:
+        _print_json(i)
+    else:
+        _show(i)
+
+
+@_client
+def cmd_incidents_retry(args: argparse.Namespace) -> None:
+    """Run a stuck incident's step again now (the service answers 409 when it is not stuck)."""
+    i = _api(args, "POST", f"/v1/incidents/{args.id}/retry")
+    if args.json:
+        _print_json(i)
+    else:
+        _show(i)
+
+
+@_client
 def cmd_incidents_resolve(args: argparse.Namespace) -> None:
     """Close an open incident by hand (an `unconfirmed` key checked by other means); the note is
     kept on its timeline."""
     i = _api(args, "POST", f"/v1/incidents/{args.id}/resolve", json={"note": args.note})
+    if args.json:
+        _print_json(i)
+        return
     print(f"{i['id']}  {i['state']}  resolved by hand")
 
 
+def cmd_operator_token(args: argparse.Namespace) -> int:
+    """A new operator token, and the entry that makes the service accept it. Only the hash goes
+    into the service's settings; the token itself is shown once, here."""
+    name = args.name
+    if not name or any(c in name for c in ":, \t\n"):
+        print("leak-responder: an operator name has no ':', ',' or spaces", file=sys.stderr)
+        return 2
+    token = secrets.token_urlsafe(32)
+    entry = f"{name}:{hashlib.sha256(token.encode()).hexdigest()}"
+    print(f"operator token for {name} (shown once; give it to {name}, keep it out of logs):")
+    print(f"  {TOKEN_ENV}={token}")
+    print("add this entry to the service's setting (comma-separated with the others):")
+    print(f"  LEAK_RESPONDER_OPERATOR_TOKENS={entry}")
+    return 0
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=f"http://127.0.0.1:{DEV_PORTS['service']}", help="the service")
-    parser.add_argument("--token-file", help=f"file holding the operator token (default: ${TOKEN_ENV})")
+    default = f"http://127.0.0.1:{DEV_PORTS['service']}"
+    parser.add_argument(
+        "--url",
+        default=environment().get(URL_ENV) or default,
+        help=f"the service (default: ${URL_ENV}, else {default}; .env is read too)",
+    )
+    parser.add_argument(
+        "--token-file", help=f"file holding the operator token (default: ${TOKEN_ENV}; .env is read too)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the service's JSON answer as it is")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -191,8 +257,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("id")
     _add_client_options(show)
     show.set_defaults(func=cmd_incidents_show)
+    retry = which.add_parser("retry", help="run a stuck incident's step again now")
+    retry.add_argument("id")
+    _add_client_options(retry)
+    retry.set_defaults(func=cmd_incidents_retry)
     resolve = which.add_parser("resolve", help="close an open incident by hand, with a note")
     resolve.add_argument("id")
     resolve.add_argument("--note", required=True, help="why it is resolved (kept on the timeline)")
     _add_client_options(resolve)
     resolve.set_defaults(func=cmd_incidents_resolve)
+
+    token = sub.add_parser(
+        "operator-token",
+        help="make a new operator token and print the entry for LEAK_RESPONDER_OPERATOR_TOKENS",
+    )
+    token.add_argument("name", help="the operator's name, as logs and the audit trail will show it")
+    token.set_defaults(func=cmd_operator_token)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -18,7 +20,7 @@ import uvicorn
 
 from service.cli._common import DEV_PORTS, settings_or_exit
 from service.connections import bounded_protocol, connection_cap, raise_file_limit
-from service.settings import Settings, SettingsError, env_name
+from service.settings import Settings, SettingsError, env_name, environment
 
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
 SHUTDOWN_GRACE = 10
@@ -220,6 +222,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
         # The seeded orgs' channels point at the receiver on loopback.
         "LEAK_RESPONDER_CHANNEL_ALLOWED_NETWORKS": f"{host}/32",
     }
+    # A demo operator, so that `report` and `incidents` work at once; a new token each run.
+    demo_token = secrets.token_urlsafe(24)
+    demo = "LEAK_RESPONDER_OPERATOR_TOKENS" not in environment()
+    if demo:
+        defaults["LEAK_RESPONDER_OPERATOR_TOKENS"] = f"demo:{hashlib.sha256(demo_token.encode()).hexdigest()}"
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
     settings = settings_or_exit()
@@ -248,6 +255,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  {exe} simulate-github --token {key.token} --url https://github.com/octocat/demo/blob/main/.env\n",
             flush=True,
         )
+        if demo:
+            print(
+                "Then look at the incident as an operator (a demo token, new each run):\n\n"
+                f"  export LEAK_RESPONDER_OPERATOR_TOKEN={demo_token}\n"
+                f"  {exe} incidents list\n",
+                flush=True,
+            )
 
     async def run_service() -> None:
         # The service owns the signals; once it has stopped, the stand-ins follow.
