@@ -74,6 +74,7 @@ def test_reports_and_cli_never_show_tokens_in_clear(sandbox, make_service, tmp_p
     assert main(["scan", "--progress", str(to_scan), str(leak)]) == 1
     assert main(["incidents", "list", "--url", service.url]) == 0
     assert main(["incidents", "show", incident_id, "--url", service.url]) == 0
+    assert main(["incidents", "show", incident_id, "--url", service.url, "--json"]) == 0
     cli = capsys.readouterr()
     service.stop()
 

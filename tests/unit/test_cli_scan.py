@@ -41,7 +41,56 @@ def test_clean_files_exit_0(tmp_path, capsys):
 def test_unreadable_path_exits_2(tmp_path, capsys):
     assert main(["scan", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
-    assert main(["scan", str(tmp_path)]) == 2
+
+
+def test_directories_are_walked_and_an_unreadable_file_loses_nothing(tmp_path, capsys):
+    (tmp_path / "src" / "deep").mkdir(parents=True)
+    (tmp_path / "src" / "deep" / "config.py").write_text(f'KEY = "{KEY}"\n')
+    (tmp_path / "src" / "clean.txt").write_text("nothing here\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "packed").write_text(f"{KEY}\n")  # VCS metadata is not scanned
+    (tmp_path / "src" / "gone.env").symlink_to(tmp_path / "nowhere")  # cannot be opened
+    assert main(["scan", str(tmp_path)]) == 1  # a key found wins over an unreadable file
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        f"{tmp_path}/src/deep/config.py:1:8: sm_5KpQ…CvMn confidence=high encoding=plain sha256="
+        + captured.out.split("sha256=")[1].strip()
+    ]
+    assert f"cannot read {tmp_path}/src/gone.env" in captured.err
+    assert "2 file(s) scanned, 1 Supermemory key(s) found, 0 allowed, 1 unreadable" in captured.err
+
+    (tmp_path / "src" / "deep" / "config.py").unlink()
+    assert main(["scan", str(tmp_path)]) == 2  # nothing found, but the scan was incomplete
+    assert "1 file(s) scanned, 0 Supermemory key(s) found, 0 allowed, 1 unreadable" in capsys.readouterr().err
+
+
+def test_findings_can_be_allowed_inline_or_by_hash(tmp_path, capsys, monkeypatch):
+    other = KEY[:-6] + "Q1w2E3"
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"a test fixture: {KEY}  # leak-responder:allow\nreal: {other}\n")
+    assert main(["scan", str(doc)]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{doc}:2:")
+    printed_hash = line.split("sha256=")[1]
+
+    allow = tmp_path / "allowed.txt"
+    allow.write_text(f"# reviewed 2026-11-29\n{printed_hash}  fixture in doc.md\n")
+    assert main(["scan", "--allowlist", str(allow), str(doc)]) == 0
+    assert "0 Supermemory key(s) found, 2 allowed" in capsys.readouterr().err
+    # The default allowlist is .leak-responder-allow in the working directory.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".leak-responder-allow").write_text(printed_hash + "\n")
+    assert main(["scan", str(doc)]) == 0
+    assert main(["scan", "--allowlist", str(tmp_path / "missing"), str(doc)]) == 2
+
+
+def test_help_says_placeholders_are_skipped(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Placeholder-looking keys" in help_text and "leak-responder:allow" in help_text
 
 
 def test_stdin_and_progress(monkeypatch, capsys):
@@ -61,3 +110,12 @@ def test_pre_commit_hook_definition():
         "python",
         True,
     )
+
+
+def test_the_allow_marker_is_seen_across_chunk_boundaries():
+    from service.cli.scan import _Marked
+
+    marked = _Marked()
+    chunks = ["first\nkey  # leak-resp", "onder:allow\nthird\n", "leak-responder:allow"]
+    assert "".join(marked.watch(chunks)) == "".join(chunks)
+    assert marked.lines == {2, 4}
