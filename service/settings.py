@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
-import ipaddress
 import os
 import re
 import socket
@@ -338,11 +337,10 @@ class Settings:
         return settings
 
     def _check_consistency(self) -> None:
-        if not self.supermemory_admin_token and not _is_loopback(self.admin_url):
-            raise SettingsError(
-                env_name("supermemory_admin_token"),
-                "required unless the admin URL is a local sandbox",
-            )
+        if not self.supermemory_admin_token:
+            # Required on loopback too: the sandbox checks its admin token as Supermemory does
+            # (`leak-responder sandbox` prints it), so a token-less setting would only fail later.
+            raise SettingsError(env_name("supermemory_admin_token"), "required")
         if self.sqlite_path is None and self.data_key is None:
             raise SettingsError(env_name("data_key"), "required with a PostgreSQL database")
         if self.smtp_url and not self.mail_from:
@@ -413,16 +411,6 @@ def environment(
 def env_name(attribute: str) -> str:
     """The variable that sets `attribute`, for messages that name a setting."""
     return SPECS[attribute].name
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_env_file(path: Path) -> dict[str, str]:

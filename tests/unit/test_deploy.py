@@ -59,7 +59,13 @@ def dockerfile_uid() -> int:
 
 
 def app_paths() -> set[str]:
-    settings = Settings.load({"LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:1"}, env_file=None)
+    settings = Settings.load(
+        {
+            "LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:1",
+            "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": "t",
+        },
+        env_file=None,
+    )
     # The runtime is only used by the lifespan, which never runs here: no store is opened.
     app = create_app(settings, runtime=object())  # type: ignore[arg-type]
     return {route.path for route in app.routes}

@@ -9,7 +9,10 @@ import pytest
 
 from service.settings import Settings, SettingsError
 
-LOCAL = {"LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:9"}
+LOCAL = {
+    "LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:9",
+    "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": "t",
+}
 
 
 def load(env: dict[str, str], env_file=None) -> Settings:
@@ -154,3 +157,10 @@ def test_every_url_setting_is_shown_without_its_password():
     assert shown["LEAK_RESPONDER_GITLAB_KEYS_URL"] == "https://bot:***@gitlab.example/keys"
     for secret in ("s3cret-pw", "gl-pass", "smtp-pw", "legacy-secret"):
         assert secret not in repr(shown)
+
+
+def test_the_admin_token_is_required_on_loopback_too():
+    """The sandbox checks it as Supermemory does: without one, every lookup would be refused."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.load({"LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:8101"}, env_file=None)
+    assert caught.value.name == "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN"
