@@ -20,9 +20,10 @@ $(DEVSTAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP) $@
 
-## run: start the service on http://127.0.0.1:8000 wired to the local sandbox (SQLite store in ./data)
+## run: start the service on http://127.0.0.1:8000 wired to the local sandbox (SQLite store in ./data,
+## the owner emails in ./data/mail); move the ports with e.g. `make run ARGS="--port 9000 --smtp-port 9103"`
 run: $(STAMP)
-	$(BIN)/leak-responder dev
+	$(BIN)/leak-responder dev $(ARGS)
 
 ## test: the whole suite (unit and integration); installs PostgreSQL's server binaries and Chromium
 ## (with its chromedriver, for the console's browser tests) first if missing

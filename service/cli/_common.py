@@ -6,7 +6,7 @@ import sys
 
 from service.settings import Settings, SettingsError, environment
 
-DEV_PORTS = {"service": 8000, "supermemory": 8101, "github": 8102, "receiver": 8103}
+DEV_PORTS = {"service": 8000, "supermemory": 8101, "github": 8102, "receiver": 8103, "smtp": 8104}
 
 
 def settings_or_exit() -> Settings:

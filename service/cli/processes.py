@@ -11,9 +11,11 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -201,23 +203,52 @@ def cmd_simulate_github(args: argparse.Namespace) -> int:
     return 0 if 200 <= result["status"] < 300 else 1
 
 
+def _busy(host: str, ports: dict[str, int]) -> str | None:
+    """The first port that cannot be bound, named, as the one line to show; None when all are free."""
+    for name, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                option = "--port" if name == "service" else f"--{name}-port"
+                return (
+                    f"port {port} ({name}) is not free ({exc.strerror}): stop what holds it, or move it"
+                    f' with `make run ARGS="{option} N"` (leak-responder dev {option} N)'
+                )
+    return None
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """`make run`: the sandbox and the service in one process, wired together, with a first alert to paste."""
+    """`make run`: the sandbox (Supermemory, GitHub, the channels' receiver and a mail server keeping
+    messages in ./data/mail) and the service in one process, wired together, with a first alert to
+    paste."""
     from service.app import create_app
     from service.observability import configure_logging
     from service.sandbox import GitHubSandbox, dev_stand_ins
+    from service.sandbox.mail import MailSandbox
 
     host = "127.0.0.1"
-    supermemory, receiver = dev_stand_ins(host, DEV_PORTS["receiver"], args.keys)
+    ports = {"service": args.port, "supermemory": args.supermemory_port, "github": args.github_port}
+    ports |= {"receiver": args.receiver_port, "smtp": args.smtp_port}
+    busy = _busy(host, ports)
+    if busy is not None:
+        print(f"leak-responder: {busy}", file=sys.stderr)
+        return 2
+    supermemory, receiver = dev_stand_ins(host, args.receiver_port, args.keys)
     github = GitHubSandbox()
-    sm_url = f"http://{host}:{DEV_PORTS['supermemory']}"
-    gh_url = f"http://{host}:{DEV_PORTS['github']}"
+    mail = MailSandbox(Path("data") / "mail")
+    sm_url = f"http://{host}:{args.supermemory_port}"
+    gh_url = f"http://{host}:{args.github_port}"
     defaults = {
         "LEAK_RESPONDER_GITHUB_KEYS_URL": f"{gh_url}/meta/public_keys/secret_scanning",
         "LEAK_RESPONDER_DEPSDEV_KEYS_URL": "",
         "LEAK_RESPONDER_SUPERMEMORY_API_URL": sm_url,
         "LEAK_RESPONDER_SUPERMEMORY_ADMIN_URL": sm_url,
         "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": supermemory.knobs.admin_token,
+        "LEAK_RESPONDER_SMTP_URL": f"smtp://{host}:{args.smtp_port}",
+        "LEAK_RESPONDER_MAIL_FROM": "leak-responder@sandbox.test",
+        "LEAK_RESPONDER_SECURITY_CONTACT": "security@sandbox.test",
         "LEAK_RESPONDER_LOG_FORMAT": "text",
         # The seeded orgs' channels point at the receiver on loopback.
         "LEAK_RESPONDER_CHANNEL_ALLOWED_NETWORKS": f"{host}/32",
@@ -235,11 +266,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
     exe = os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else "leak-responder"
     service = _Server(_uvicorn_config(create_app(settings), host, args.port, settings))
     stand_ins = [
-        _SilentServer(_uvicorn_config(supermemory.app(), host, DEV_PORTS["supermemory"])),
-        _SilentServer(_uvicorn_config(github.app(), host, DEV_PORTS["github"])),
-        _SilentServer(_uvicorn_config(receiver.app(), host, DEV_PORTS["receiver"])),
+        _SilentServer(_uvicorn_config(supermemory.app(), host, args.supermemory_port)),
+        _SilentServer(_uvicorn_config(github.app(), host, args.github_port)),
+        _SilentServer(_uvicorn_config(receiver.app(), host, args.receiver_port)),
     ]
     servers = [*stand_ins, service]
+    moved = (
+        "" if args.port == DEV_PORTS["service"] else f" --target http://{host}:{args.port}/v1/alerts/github"
+    )
+    moved += "" if args.github_port == DEV_PORTS["github"] else f" --github {gh_url}"
+    url = "" if args.port == DEV_PORTS["service"] else f" --url http://{host}:{args.port}"
 
     async def announce() -> None:
         while not all(s.started for s in servers):
@@ -248,18 +284,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.05)
         key = supermemory.keys[0]
         print(
-            f"\nleak-responder is running on http://127.0.0.1:{args.port}, wired to the sandbox"
-            f" (Supermemory {sm_url}, GitHub {gh_url}; the orgs' webhooks and Slack go to the receiver"
-            f" on http://{host}:{DEV_PORTS['receiver']}, which prints what arrives).\n"
+            f"\nleak-responder is running on http://{host}:{args.port}, wired to the sandbox"
+            f" (Supermemory {sm_url}, GitHub {gh_url}, SMTP {host}:{args.smtp_port}; the orgs' webhooks"
+            f" and Slack go to the receiver on http://{host}:{args.receiver_port}, which prints what"
+            " arrives).\n"
             "Send it a first alert (a seeded sandbox key) with:\n\n"
-            f"  {exe} simulate-github --token {key.token} --url https://github.com/octocat/demo/blob/main/.env\n",
+            f"  {exe} simulate-github --token {key.token} --url https://github.com/octocat/demo/blob/main/.env"
+            f"{moved}\n\n"
+            f"The owner's email lands in {mail.folder}/ (one .eml file per message) once the key is\n"
+            "revoked and the revocation proved; the incident then goes on to notified and closed.\n",
             flush=True,
         )
         if demo:
             print(
                 "Then look at the incident as an operator (a demo token, new each run):\n\n"
                 f"  export LEAK_RESPONDER_OPERATOR_TOKEN={demo_token}\n"
-                f"  {exe} incidents list\n",
+                f"  {exe} incidents list{url}\n",
                 flush=True,
             )
 
@@ -272,7 +312,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 stand_in.should_exit = True
 
     async def main() -> None:
-        await asyncio.gather(announce(), run_service(), *(s.serve() for s in stand_ins))
+        await mail.start(host, args.smtp_port)
+        try:
+            await asyncio.gather(announce(), run_service(), *(s.serve() for s in stand_ins))
+        finally:
+            await mail.stop()
 
     asyncio.run(main())
     return 0
@@ -314,6 +358,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     simulate.set_defaults(func=cmd_simulate_github)
 
     dev = sub.add_parser("dev", help="the sandbox and the service together (what `make run` starts)")
-    dev.add_argument("--port", type=int, default=DEV_PORTS["service"])
+    dev.add_argument("--port", type=int, default=DEV_PORTS["service"], help="the service's port")
+    dev.add_argument("--supermemory-port", type=int, default=DEV_PORTS["supermemory"])
+    dev.add_argument("--github-port", type=int, default=DEV_PORTS["github"])
+    dev.add_argument(
+        "--receiver-port", type=int, default=DEV_PORTS["receiver"], help="the channels' receiver"
+    )
+    dev.add_argument("--smtp-port", type=int, default=DEV_PORTS["smtp"], help="the mail sandbox's port")
     dev.add_argument("--keys", type=int, default=5)
     dev.set_defaults(func=cmd_dev)
