@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,14 +74,18 @@ async def check_store(settings: Settings) -> None:
     await store.close()
 
 
-async def migrate(settings: Settings) -> list[str]:
-    """Apply pending migrations; the ones this call applied. SQLite migrates whenever it is opened,
-    so for it this opens the store (and says what it applied through the same list)."""
-    if settings.sqlite_path is None:
+async def migrate(database_url: str, settings: Callable[[], Settings]) -> list[str]:
+    """Apply pending migrations; the ones this call applied. PostgreSQL needs the URL alone (a
+    migration job runs with its own database role and nothing else: no admin token, no data key);
+    SQLite migrates whenever it is opened, so for it this opens the store with the full `settings()`
+    (and says what it applied through the same list)."""
+    if not database_url.startswith("sqlite:"):
         from service.store.migrations import migrate_postgres
 
-        return [m.label for m in await migrate_postgres(settings.database_url)]
-    store = SqliteStore(settings.sqlite_path, sealer_for(settings), on_failure=store_failure)
+        return [m.label for m in await migrate_postgres(database_url)]
+    full = settings()
+    assert full.sqlite_path is not None
+    store = SqliteStore(full.sqlite_path, sealer_for(full), on_failure=store_failure)
     await store.open()
     await store.close()
     return store.migrated

@@ -323,16 +323,7 @@ class Settings:
     def load(cls, environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")) -> Settings:
         """Environment variables win over the `.env` file, as every twelve-factor tool does."""
         merged = environment(environ, env_file)
-        values: dict[str, Any] = {}
-        for attribute, spec in SPECS.items():
-            raw = merged.get(spec.name, spec.default)
-            if raw is None:
-                raise SettingsError(spec.name, "required")
-            try:
-                values[attribute] = spec.parse(raw.strip())
-            except ValueError as exc:
-                raise SettingsError(spec.name, str(exc) or "malformed") from None
-        settings = cls(**values)
+        settings = cls(**{attribute: one_setting(attribute, merged) for attribute in SPECS})
         settings._check_consistency()
         return settings
 
@@ -406,6 +397,19 @@ def environment(
         merged.update(read_env_file(env_file))
     merged.update(os.environ if environ is None else environ)
     return merged
+
+
+def one_setting(attribute: str, environ: Mapping[str, str]) -> Any:
+    """One setting parsed on its own, for a command that needs nothing else: `migrate` on
+    PostgreSQL runs with the database URL alone (least privilege: no admin token, no data key)."""
+    spec = SPECS[attribute]
+    raw = environ.get(spec.name, spec.default)
+    if raw is None:
+        raise SettingsError(spec.name, "required")
+    try:
+        return spec.parse(raw.strip())
+    except ValueError as exc:
+        raise SettingsError(spec.name, str(exc) or "malformed") from None
 
 
 def env_name(attribute: str) -> str:

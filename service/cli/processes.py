@@ -22,7 +22,8 @@ import uvicorn
 
 from service.cli._common import DEV_PORTS, settings_or_exit
 from service.connections import bounded_protocol, connection_cap, raise_file_limit
-from service.settings import Settings, SettingsError, env_name, environment
+from service.settings import Settings, SettingsError, env_name, environment, one_setting
+from service.tokens import mask_url
 
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
 SHUTDOWN_GRACE = 10
@@ -121,11 +122,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from service.runtime import migrate
     from service.store import SealingError, StoreError
 
-    settings = settings_or_exit()
     try:
-        applied = asyncio.run(migrate(settings))
-    except StoreError as exc:
+        url = one_setting("database_url", environment())
+    except SettingsError as exc:
         print(f"leak-responder: {exc}", file=sys.stderr)
+        return 2
+    try:
+        applied = asyncio.run(migrate(url, settings_or_exit))
+    except StoreError as exc:
+        print(f"leak-responder: {mask_url(str(exc))}", file=sys.stderr)
         return 1
     except SealingError as exc:
         print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)

@@ -227,6 +227,24 @@ def test_service_selects_the_deployment_pods_only():
     assert not service["spec"]["selector"].items() <= migrate_pods.items()
 
 
+def test_the_migration_job_gets_its_own_database_url_and_no_other_secret():
+    (cronjob,) = [d for d in source_documents() if d["kind"] == "CronJob"]
+    [container] = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert "envFrom" not in container
+    sources = {
+        e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in container["env"]
+    }
+    assert sources == {
+        "LEAK_RESPONDER_LOG_FORMAT": None,
+        "LEAK_RESPONDER_DATABASE_URL": "leak-responder-migrate-database",
+    }
+    compose = load(DEPLOY / "docker-compose.yml")
+    assert set(compose["services"]["migrate"]["environment"]) == {
+        "LEAK_RESPONDER_DATABASE_URL",
+        "LEAK_RESPONDER_LOG_FORMAT",
+    }
+
+
 # --- the overlays --------------------------------------------------------------------------
 
 
