@@ -142,6 +142,46 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """An online copy of the SQLite database, consistent while the service runs: SQLite's backup API
+    through a connection of its own (the service keeps serving), never a bare copy of a WAL database,
+    which can miss the commits still in the -wal file. PostgreSQL has pg_dump for this."""
+    import sqlite3
+
+    from service.store.sqlite import SQLITE_BUSY_MS
+
+    try:
+        url = one_setting("database_url", environment())
+    except SettingsError as exc:
+        print(f"leak-responder: {exc}", file=sys.stderr)
+        return 2
+    if not url.startswith("sqlite:///"):
+        print("leak-responder: backup copies a SQLite database; for PostgreSQL use pg_dump", file=sys.stderr)
+        return 2
+    source, target = Path(url.removeprefix("sqlite:///")), Path(args.path)
+    if target.exists():
+        print(f"leak-responder: {target} exists; a backup never overwrites", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.closing(sqlite3.connect(source)) as src:
+            src.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
+            with contextlib.closing(sqlite3.connect(target)) as dst:
+                src.backup(dst)
+                check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.Error as exc:
+        print(f"leak-responder: backup of {source} failed: {exc}", file=sys.stderr)
+        return 1
+    if check != "ok":
+        print(f"leak-responder: the copy fails its integrity check: {check}", file=sys.stderr)
+        return 1
+    os.chmod(target, 0o600)
+    print(f"backed up {source} to {target} (integrity ok)")
+    key = Path(f"{source}.key")
+    if key.exists():
+        print(f"the data key is not in it: back up {key} apart (without it, open incidents cannot be probed)")
+    return 0
+
+
 def cmd_rewrap(args: argparse.Namespace) -> int:
     """Reseal every stored token under the current data key, so that the fallbacks can be retired.
 
@@ -338,6 +378,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations (safe to re-run)")
     migrate.set_defaults(func=cmd_migrate)
+
+    backup = sub.add_parser(
+        "backup", help="an online, consistent copy of the SQLite database (safe while serving)"
+    )
+    backup.add_argument("path", metavar="PATH", help="where to write the copy (must not exist)")
+    backup.set_defaults(func=cmd_backup)
 
     rewrap = sub.add_parser(
         "rewrap", help="reseal every stored token under the current data key (after a key rotation)"

@@ -63,6 +63,8 @@ _IN_CHUNK = 500
 T = TypeVar("T")
 
 SQLITE = Dialect(mark="?", json=common.dumps)
+# How long a connection waits for another's lock before giving up.
+SQLITE_BUSY_MS = 30000
 
 
 class SqliteStore:
@@ -149,7 +151,7 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
         return conn
 
     # -- the writer thread -----------------------------------------------------------------------
