@@ -53,16 +53,17 @@ LEVELS: dict[Reason, int] = {
 }
 
 
-# The tags that tell one condition from another. A reporter's keys being unavailable or the admin
-# token being refused is one condition however many requests or incidents meet it; a key that could
-# not be revoked is a condition of its own, because each needs its own action.
+# The pages that a condition raises over and over (once per request or per incident meeting it), and
+# the tags that tell one such condition from another: a reporter's keys being unavailable or the
+# admin token being refused is one condition however many requests or incidents meet it. Other pages
+# are raised once per incident by the pipeline (a key that could not be revoked needs its own
+# action), or gathered before they reach the pager (`OncePerCondition`).
 CONDITION: dict[Reason, tuple[str, ...]] = {
     Reason.REPORTER_KEYS_UNAVAILABLE: ("reporter",),
     Reason.SIGNING_KEY_CHANGED: ("reporter", "key_identifier"),
     Reason.LOOKUP_UNAUTHORIZED: (),
     Reason.SMTP_TLS_REQUIRED: (),
 }
-PER_INCIDENT = ("incident_id",)
 # How long one page stands for its condition: repeats within it are counted, not sent.
 REPEAT_WINDOW = 300.0
 
@@ -92,9 +93,13 @@ class Pager:
         self._open: dict[tuple[Reason, tuple[tuple[str, str], ...]], _Condition] = {}
 
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
+        if code not in CONDITION:
+            # Paged once per incident by the pipeline itself, or gathered by a OncePerCondition.
+            self._deliver(code, message, tags, context)
+            return
         now = self._clock()
         self._open = {k: c for k, c in self._open.items() if now - c.since < self._window or c.repeats}
-        key = (code, tuple((name, tags.get(name, "")) for name in CONDITION.get(code, PER_INCIDENT)))
+        key = (code, tuple((name, tags.get(name, "")) for name in CONDITION[code]))
         held = self._open.get(key)
         if held is not None and now - held.since >= self._window:
             self._close(key)

@@ -227,7 +227,10 @@ def test_a_flood_pages_once_with_its_count_and_again_after_a_quiet_spell():
 
 # -- settings --------------------------------------------------------------------------------------
 
-BASE = {"LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:1"}
+BASE = {
+    "LEAK_RESPONDER_SUPERMEMORY_API_URL": "http://127.0.0.1:1",
+    "LEAK_RESPONDER_SUPERMEMORY_ADMIN_TOKEN": "t",
+}
 
 
 def test_public_settings_defaults_and_parsing():
