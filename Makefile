@@ -21,7 +21,7 @@ $(DEVSTAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP) $@
 
 ## run: start the service on http://127.0.0.1:8000 wired to the local sandbox (SQLite store in ./data,
-## the owner emails in ./data/mail); move the ports with e.g. `make run ARGS="--port 9000 --smtp-port 9103"`
+## the owner emails in ./data/mail); move the ports with e.g. `make run ARGS="--port 9000 --smtp-port 9104"`
 run: $(STAMP)
 	$(BIN)/leak-responder dev $(ARGS)
 
