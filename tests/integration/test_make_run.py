@@ -31,7 +31,7 @@ def cli(args: list[str], cwd, env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_make_run_shows_the_whole_story_on_moved_ports(tmp_path):
     ports = {"--port": free_port(), "--supermemory-port": free_port()}
-    ports |= {"--github-port": free_port(), "--smtp-port": free_port()}
+    ports |= {"--github-port": free_port(), "--receiver-port": free_port(), "--smtp-port": free_port()}
     args = [str(a) for pair in ports.items() for a in pair]
     out = (tmp_path / "out.txt").open("w")
     proc = subprocess.Popen(
@@ -74,7 +74,9 @@ def test_a_busy_port_is_one_clear_line(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        done = cli(["dev", "--smtp-port", str(port), "--port", str(free_port())], tmp_path, clean_env())
+        others = ["--port", "--supermemory-port", "--github-port", "--receiver-port"]
+        moved = [a for option in others for a in (option, str(free_port()))]
+        done = cli(["dev", *moved, "--smtp-port", str(port)], tmp_path, clean_env())
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert f"port {port} (smtp) is not free" in done.stderr and "--smtp-port N" in done.stderr
