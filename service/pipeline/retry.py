@@ -5,9 +5,8 @@ An operator who has fixed the cause (a rotated admin token, Supermemory back up,
 flushed) should not have to wait out the backoff or the page's dead end, so two situations are
 "stuck" and may be retried:
 
-- a step that is failing and backing off (`received`, `matched`, `revoked`, or `confirmed` whose
-  email keeps failing, with attempts > 0): its attempts are reset and it runs now (the SMTP relay
-  fixed, the owner's email goes out at once);
+- a step that is failing and backing off (`received`, `matched` or `revoked` with attempts > 0):
+  its attempts are reset and it runs now;
 - `unconfirmed` (the key still answered after revoke and probes): it goes back to `matched`, so the
   revoke is issued again and the probes start over, provided the sealed token is still there to
   probe with.
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 from service.store import FINAL_STATES, Incident, State, Transition
 
-_BACKING_OFF = frozenset({State.RECEIVED, State.MATCHED, State.REVOKED, State.CONFIRMED})
+_BACKING_OFF = frozenset({State.RECEIVED, State.MATCHED, State.REVOKED})
 
 
 def retry_transition(incident: Incident, operator: str, now: float) -> Transition | None:

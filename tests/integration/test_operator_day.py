@@ -56,7 +56,7 @@ def test_an_incident_says_what_it_waits_for_and_where_each_email_stands(
 ):
     smtp.reply["RCPT"] = "451 4.7.1 try again later"
     # A long backoff: between its attempts the email is visibly pending, not being sent.
-    slow = {"LEAK_RESPONDER_BACKOFF_BASE": "30", "LEAK_RESPONDER_BACKOFF_MAX": "30"}
+    slow = {"LEAK_RESPONDER_BACKOFF_BASE": "4", "LEAK_RESPONDER_BACKOFF_MAX": "4"}
     service = make_service({**operator_env(), **smtp.env(), **slow})
     token = sandbox.tokens[0]
     assert service.post_alert(sandbox.github, [token]).status_code == 200
@@ -75,10 +75,13 @@ def test_an_incident_says_what_it_waits_for_and_where_each_email_stands(
     assert pending["status"] == "pending" and pending["message_id"].startswith("<")
     assert "451" in pending["detail"]
 
-    smtp.reply.clear()
-    assert main(["incidents", "retry", incident_id]) == 0
+    # A confirmed incident moves on by itself (its email is retried with backoff): not retryable.
+    assert main(["incidents", "retry", incident_id, "--json"]) == 1
+    assert "409 incident_not_retryable" in capsys.readouterr().err
+    assert main(["incidents", "show", incident_id]) == 0
     shown = capsys.readouterr().out
-    assert "waiting for:" in shown and "deliveries:" in shown
+    assert "waiting for: notify at" in shown and "smtp_temporary_failure" in shown
+    smtp.reply.clear()
     service.wait_state(token, "closed")
     assert main(["incidents", "show", incident_id]) == 0
     shown = capsys.readouterr().out
@@ -86,6 +89,18 @@ def test_an_incident_says_what_it_waits_for_and_where_each_email_stands(
     [message] = smtp.to("owner0@example.test")
     sent = re.search(r"owner0@example.test\s+\S+\s+sent\s+attempts=\d+\s+message-id=(\S+)", shown)
     assert sent and sent[1] == message.email["Message-ID"]
-    # A closed incident is not stuck: retry says so, with its reason code.
-    assert main(["incidents", "retry", incident_id]) == 1
-    assert "409 incident_not_retryable" in capsys.readouterr().err
+
+
+def test_incidents_retry_pushes_a_stuck_revoke_at_once(sandbox, make_service, monkeypatch, capsys):
+    sandbox.supermemory.set_knobs(fail_next={"revoke": 1000}, fail_status={"revoke": 503})
+    slow = {"LEAK_RESPONDER_BACKOFF_BASE": "60", "LEAK_RESPONDER_BACKOFF_MAX": "60"}
+    service = make_service({**operator_env(), **slow})
+    token = sandbox.tokens[0]
+    assert service.post_alert(sandbox.github, [token]).status_code == 200
+    wait_until(lambda: service.incident(token)["attempts"] >= 1)
+    monkeypatch.setenv("LEAK_RESPONDER_OPERATOR_TOKEN", TOKENS["alice"])
+    monkeypatch.setenv("LEAK_RESPONDER_URL", service.url)
+    sandbox.supermemory.set_knobs(fail_next={"revoke": 0})
+    assert main(["incidents", "retry", service.incident(token)["id"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attempts"] == 0
+    service.wait_state(token, "confirmed", "notified", "closed")  # long before the 60 s backoff

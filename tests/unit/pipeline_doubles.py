@@ -139,6 +139,7 @@ class RecordingPager(Pager):
     """The real pager (its log line and metric), with every page also kept for the test to read."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.pages: list[tuple[Reason, dict[str, str]]] = []
 
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
