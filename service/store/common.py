@@ -217,18 +217,24 @@ def after(ref: IncidentRef, t: Transition, own: bool = True) -> IncidentRef:
     return dataclasses.replace(ref, state=t.state or ref.state, label=label, applied=t if own else None)
 
 
+# An alert is one per (reporter, body), public reports apart (migration 0003 says why): the
+# conflict target names the unique index's predicate, as a partial index requires.
+REPLAY_CONFLICT = "ON CONFLICT (reporter, body_sha256) WHERE reporter <> 'public' DO NOTHING"
+
+
 def alert_insert(d: Dialect) -> str:
-    """An alert's record; a redelivery (same reporter, same body) keeps the first one (see
-    migration 0003), whose id `alert_id_query` then finds."""
+    """An alert's record; a redelivery (same reporter, same body) keeps the first one, whose id
+    `alert_id_query` then finds."""
     m = d.mark
     return (
         "INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count, new_incidents)"  # noqa: S608
-        f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}) ON CONFLICT (reporter, body_sha256) DO NOTHING"
+        f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}) {REPLAY_CONFLICT}"
     )
 
 
 def alert_id_query(d: Dialect) -> str:
-    return f"SELECT id FROM alerts WHERE reporter = {d.mark} AND body_sha256 = {d.mark}"  # noqa: S608
+    """The first alert of a body, for a redelivery whose insert did nothing."""
+    return f"SELECT min(id) FROM alerts WHERE reporter = {d.mark} AND body_sha256 = {d.mark}"  # noqa: S608
 
 
 def sighting_insert(d: Dialect) -> str:

@@ -380,17 +380,17 @@ class PostgresStore:
         # A sighting is one per (incident, reporter, url, source): a place already seen adds nothing.
         rows = await self._rows(
             conn,
-            "WITH input AS (SELECT a.*, %s::double precision AS received_at"
+            "WITH input AS (SELECT a.*, %s::double precision AS received_at"  # noqa: S608
             " FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
             " WITH ORDINALITY AS a (reporter, operator, body_sha256, item_count, new_incidents, n)),"
             " alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
             " new_incidents) SELECT reporter, operator, received_at, body_sha256, item_count, new_incidents"
-            " FROM input ORDER BY n ON CONFLICT (reporter, body_sha256) DO NOTHING"
-            " RETURNING id, reporter, body_sha256),"
-            " numbered AS (SELECT input.n, COALESCE(alert.id, earlier.id) AS id FROM input"
+            f" FROM input ORDER BY n {common.REPLAY_CONFLICT} RETURNING id, reporter, body_sha256),"
+            " numbered AS (SELECT DISTINCT ON (input.n) input.n, COALESCE(alert.id, earlier.id) AS id"
+            " FROM input"
             " LEFT JOIN alert ON alert.reporter = input.reporter AND alert.body_sha256 = input.body_sha256"
-            " LEFT JOIN alerts earlier ON earlier.reporter = input.reporter"
-            " AND earlier.body_sha256 = input.body_sha256),"
+            " LEFT JOIN alerts earlier ON alert.id IS NULL AND earlier.reporter = input.reporter"
+            " AND earlier.body_sha256 = input.body_sha256 ORDER BY input.n, alert.id, earlier.id),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
             " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"

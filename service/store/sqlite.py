@@ -328,13 +328,15 @@ class SqliteStore:
                     raise StoreError("an incident moved under the writer's own transaction")
             for digest, t in decided:
                 refs[digest] = common.after(refs[digest], t)
-            conn.execute(
+            inserted = conn.execute(
                 common.alert_insert(SQLITE),
                 (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
             )
-            (alert_id,) = conn.execute(
-                common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
-            ).fetchone()
+            alert_id = inserted.lastrowid if inserted.rowcount == 1 else None
+            if alert_id is None:
+                (alert_id,) = conn.execute(
+                    common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
+                ).fetchone()
             conn.executemany(
                 common.sighting_insert(SQLITE),
                 plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),
