@@ -14,8 +14,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -25,24 +26,34 @@ from service.connections import bounded_protocol, connection_cap, raise_file_lim
 from service.settings import Settings, SettingsError, env_name, environment, one_setting
 from service.tokens import mask_url
 
+T = TypeVar("T")
+
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
 SHUTDOWN_GRACE = 10
 
 
-def _store_or_exit(settings: Settings) -> None:
-    """Refuse to serve, with one line, on a store that cannot be opened: unreachable, or a
-    PostgreSQL database with migrations pending (the service never migrates it by itself)."""
-    from service.runtime import check_store
+def _on_store(work: Coroutine[Any, Any, T], code: int) -> T:
+    """Run `work` against the store. A store that cannot be used ends the command with one line
+    (credentials masked) and exit `code`: unreachable, owned by another process (SQLite), behind on
+    migrations (PostgreSQL), or holding tokens sealed under a data key this process does not have."""
     from service.store import SealingError, StoreError
 
     try:
-        asyncio.run(check_store(settings))
+        return asyncio.run(work)
     except StoreError as exc:
-        print(f"leak-responder: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        message = mask_url(str(exc))
     except SealingError as exc:
-        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        message = str(SettingsError(env_name("data_key"), str(exc)))
+    print(f"leak-responder: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _store_or_exit(settings: Settings) -> None:
+    """Refuse to serve, with one line, on a store that cannot be opened (see `_on_store`): the
+    service never migrates PostgreSQL by itself."""
+    from service.runtime import check_store
+
+    _on_store(check_store(settings), 2)
 
 
 class _Server(uvicorn.Server):
@@ -120,21 +131,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Bring the database's schema to this release's; safe to run again, and from several replicas
     at once (they serialise on an advisory lock)."""
     from service.runtime import migrate
-    from service.store import SealingError, StoreError
 
     try:
         url = one_setting("database_url", environment())
     except SettingsError as exc:
         print(f"leak-responder: {exc}", file=sys.stderr)
         return 2
-    try:
-        applied = asyncio.run(migrate(url, settings_or_exit))
-    except StoreError as exc:
-        print(f"leak-responder: {mask_url(str(exc))}", file=sys.stderr)
-        return 1
-    except SealingError as exc:
-        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
-        return 1
+    applied = _on_store(migrate(url, settings_or_exit), 1)
     if applied:
         print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
     else:
@@ -188,17 +191,9 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     Idempotent and resumable: each batch commits, and rows already under the current key are not
     touched again. Exit 1 if any row opens with none of the keys (named by incident id)."""
     from service.runtime import rewrap, sealer_for
-    from service.store import SealingError, StoreError
 
     settings = settings_or_exit()
-    try:
-        report = asyncio.run(rewrap(settings, args.batch))
-    except StoreError as exc:
-        print(f"leak-responder: {exc}", file=sys.stderr)
-        return 1
-    except SealingError as exc:
-        print(f"leak-responder: {SettingsError(env_name('data_key'), str(exc))}", file=sys.stderr)
-        return 1
+    report = _on_store(rewrap(settings, args.batch), 1)
     print(
         f"resealed {report.resealed} value(s) (tokens, channel URLs and secrets) under data key"
         f" {sealer_for(settings).current}"
