@@ -43,6 +43,7 @@ from service.store import (
     Store,
     StoreError,
 )
+from service.tasks import drain
 
 log = logging.getLogger("service.channels")
 
@@ -103,11 +104,7 @@ class ChannelDispatcher:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
-        if self._inflight:
-            _, pending = await asyncio.wait(list(self._inflight), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._inflight, grace)
         await self.sender.aclose()
 
     def wake(self) -> None:

@@ -29,6 +29,7 @@ from service.store import (
     TokenSighting,
     Transition,
 )
+from service.tasks import drain
 from service.tokens import is_key_shaped, token_hash
 
 log = logging.getLogger("service.pipeline")
@@ -89,11 +90,7 @@ class Worker:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
-        if self._inflight:
-            _, pending = await asyncio.wait(list(self._inflight), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._inflight, grace)
         with contextlib.suppress(StoreError):
             await self.store.release(self.owner)
 
