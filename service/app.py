@@ -27,11 +27,11 @@ from service.inbound import InboundError, parse_alert, signed_by
 from service.inbound.public import (
     PUBLIC,
     PublicError,
-    client_address,
     is_trusted,
     media_type,
     parse_public,
     read_public,
+    requester,
 )
 from service.inbound.reports import DETECTED, read_report
 from service.observability import ALERTS, PUBLIC_KEYS, PUBLIC_REPORTS, exposition, failure, request_id
@@ -158,8 +158,7 @@ async def receive_public_report(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     settings = rt.settings
     try:
-        peer = request.client.host if request.client else None
-        client = client_address(peer, request.headers.getlist("x-forwarded-for"), settings.trusted_proxies)
+        client = requester(request, settings.trusted_proxies)
         await rt.public_limits.take(client)
         started = time.monotonic()
         media = media_type(request.headers.get("content-type"))

@@ -225,7 +225,8 @@ async def read_form(request: Request, limit: int) -> dict[str, str]:
 
 
 class SigninLimiter:
-    """Failed sign-ins per client address, in memory: at most SIGNIN_FAILURES in SIGNIN_WINDOW.
+    """Failed sign-ins per client address (`requester`'s, so behind a trusted proxy the forwarded
+    client), in memory: at most SIGNIN_FAILURES in SIGNIN_WINDOW.
 
     Per process: with several replicas an attacker gets that many tries per replica, which still
     makes guessing a 256-bit token hopeless; the limit is there to make noise and slow scripts.

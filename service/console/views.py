@@ -41,6 +41,7 @@ from service.console.session import (
     read_form,
     set_cookie,
 )
+from service.inbound.public import requester
 from service.inbound.reports import REPORT_LIMIT, ReportError, parse_report
 from service.observability import failure
 from service.operators import (
@@ -269,7 +270,7 @@ async def signin(request: Request) -> Response:
     (checked exactly as the API checks a bearer token). Every refusal is logged with its reason."""
     rt: Runtime = request.app.state.runtime
     console = _console(request)
-    client = request.client.host if request.client else "unknown"
+    client = requester(request, rt.settings.trusted_proxies)
     target = "/console/"
     try:
         check_origin(request)

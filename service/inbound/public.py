@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from starlette.requests import HTTPConnection
+
 from service.detection import Finding, scan_text
 from service.inbound.body import read_limited
 from service.inbound.reasons import InboundError
@@ -83,6 +85,14 @@ def client_address(peer: str | None, forwarded_for: Iterable[str], trusted: Sequ
     while hops and is_trusted(current, trusted):
         current = hops.pop()
     return _as_client(current)
+
+
+def requester(connection: HTTPConnection, trusted: Sequence[Network]) -> str:
+    """`client_address` of a request as it came in: every limit kept per client (public reports,
+    console sign-ins) names the client this one way, so a proxy in front never makes all its clients
+    one, and a client never escapes a limit by writing its own `X-Forwarded-For`."""
+    peer = connection.client.host if connection.client else None
+    return client_address(peer, connection.headers.getlist("x-forwarded-for"), trusted)
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

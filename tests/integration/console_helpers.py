@@ -71,13 +71,16 @@ def accessible(browser: WebDriver) -> None:
 class ConsoleClient:
     """Signs in over HTTP as the sign-in page's form does (its pre-session cookie and CSRF token)."""
 
-    def __init__(self, service: Service, local_address: str = "127.0.0.1") -> None:
+    def __init__(
+        self, service: Service, local_address: str = "127.0.0.1", forwarded_for: str | None = None
+    ) -> None:
         self.service = service
         self.http = httpx.Client(
             base_url=service.url,
             transport=httpx.HTTPTransport(local_address=local_address),
             timeout=30,
             follow_redirects=False,
+            headers={"X-Forwarded-For": forwarded_for} if forwarded_for else None,
         )
         self.origin = {"Origin": service.url}
 

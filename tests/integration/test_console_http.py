@@ -218,6 +218,27 @@ def test_report_forms_refuse_what_they_did_not_send(service, sandbox, alice):
     assert service.count("alerts") == alerts + 1  # a double submit is one report, not two
 
 
+def test_behind_a_trusted_proxy_sign_ins_are_limited_per_forwarded_client(make_service):
+    """Behind an ingress every TCP peer is the proxy: counted by peer, one stranger's guesses would
+    lock every operator out. A hop is believed only from a trusted proxy, so a client writing its own
+    `X-Forwarded-For` does not get a fresh allowance with each value."""
+    svc = make_service({**operator_env(), "LEAK_RESPONDER_TRUSTED_PROXIES": "127.0.0.5/32"})
+    guesser = ConsoleClient(svc, local_address="127.0.0.5", forwarded_for="198.51.100.7")
+    for _ in range(5):
+        assert guesser.sign_in(token="guess").status_code == 403
+    refused(guesser.sign_in("alice"), 429, "signin_rate_limited", svc)
+    assert any(r.get("client") == "198.51.100.7" for r in svc.logged("signin_rate_limited"))
+    # The operator behind the same proxy is another client.
+    colleague = ConsoleClient(svc, local_address="127.0.0.5", forwarded_for="198.51.100.8")
+    assert colleague.sign_in("bob").status_code == 303
+    # Not a trusted proxy: the header is the client's own words, and the peer is what counts.
+    for spoofed in range(5):
+        direct = ConsoleClient(svc, local_address="127.0.0.6", forwarded_for=f"203.0.113.{spoofed}")
+        assert direct.sign_in(token="guess").status_code == 403
+    again = ConsoleClient(svc, local_address="127.0.0.6", forwarded_for="203.0.113.99")
+    refused(again.sign_in("alice"), 429, "signin_rate_limited", svc)
+
+
 def test_dry_run_is_shown_loudly_on_every_page(make_service):
     dry = make_service({**operator_env(), "LEAK_RESPONDER_MODE": "dry-run"})
     client = ConsoleClient(dry)
