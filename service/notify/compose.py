@@ -59,7 +59,10 @@ def owner_email(
     incidents: Sequence[Incident],
     sightings: Mapping[str, Sequence[Sighting]],
     purpose: str,
+    followup: bool = False,
 ) -> EmailMessage:
+    """The owner's email; `followup` is the second one, for keys first reported as unconfirmed
+    (the urgent email) that a later re-probe found dead: the owner hears the end of the story."""
     unconfirmed = any(i.state is State.UNCONFIRMED for i in incidents)
     used = any(i.used_after_leak for i in incidents)
     urgent = unconfirmed or used
@@ -69,11 +72,13 @@ def owner_email(
         "keys": keys,
         "urgent": urgent,
         "unconfirmed": unconfirmed,
+        "followup": followup,
         "used_after_leak": used,
         "console_url": CONSOLE_URL,
         "security_contact": letter.reply_to,
     }
-    message = _envelope(letter, recipient["email"], _owner_subject(keys, unconfirmed, used))
+    subject = _followup_subject(keys) if followup else _owner_subject(keys, unconfirmed, used)
+    message = _envelope(letter, recipient["email"], subject)
     message["Message-ID"] = message_id(recipient["email"], purpose, [i.id for i in incidents], letter.sender)
     if urgent:
         message["Importance"] = "high"
@@ -131,6 +136,12 @@ def _owner_subject(keys: Sequence[Mapping[str, object]], unconfirmed: bool, used
     if one:
         return f"Your Supermemory API key {one} was leaked and has been revoked"
     return f"{len(keys)} of your Supermemory API keys were leaked and have been revoked"
+
+
+def _followup_subject(keys: Sequence[Mapping[str, object]]) -> str:
+    if len(keys) == 1:
+        return f"Your leaked Supermemory API key {keys[0]['redacted']} is now confirmed revoked"
+    return f"{len(keys)} of your leaked Supermemory API keys are now confirmed revoked"
 
 
 def _key(incident: Incident, sightings: Sequence[Sighting]) -> dict[str, object]:

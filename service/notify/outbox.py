@@ -45,6 +45,8 @@ from service.store import (
 log = logging.getLogger("service.notify")
 
 OWNER = "owner"
+# The second email of a key first reported unconfirmed (urgently) that a re-probe then found dead.
+FOLLOW_UP = "owner_confirmed"
 REFUSAL = "refusal"
 _READY = frozenset({State.CONFIRMED, State.UNCONFIRMED})
 _IN_FLIGHT = frozenset({State.RECEIVED, State.MATCHED, State.REVOKED})
@@ -73,6 +75,14 @@ def recipients(incident: Incident, fallback: str | None) -> list[Recipient]:
     if not found and fallback:
         found[fallback.lower()] = {"email": fallback.lower(), "name": ""}
     return list(found.values())
+
+
+def purpose_of(incident: Incident) -> str:
+    """Which of the owner's emails an incident is due: a confirmed key that was unconfirmed first has
+    had its urgent email already (or missed it), so it gets the follow-up, a delivery of its own."""
+    if incident.state is State.CONFIRMED and incident.unconfirmed_at is not None:
+        return FOLLOW_UP
+    return OWNER
 
 
 def mask(address: str) -> str:
@@ -124,23 +134,27 @@ class EmailNotifier:
                     pool.setdefault(sibling.id, sibling)
         rows = _index(await self.store.deliveries(list(pool)))
 
-        plans: dict[str, tuple[Recipient, dict[str, Incident]]] = {}
+        plans: dict[tuple[str, str], tuple[Recipient, dict[str, Incident]]] = {}
         for incident in incidents:
-            todo = [r for r in self._recipients(incident) if not _final(rows, incident.id, r["email"], OWNER)]
+            purpose = purpose_of(incident)
+            todo = [
+                r for r in self._recipients(incident) if not _final(rows, incident.id, r["email"], purpose)
+            ]
             if not todo:
                 continue
             if self._should_wait(incident, todo, siblings.get(incident.id, []), now):
                 result.waiting[incident.id] = (incident.confirmed_at or now) + self.group_wait
                 continue
             for recipient in todo:
-                _, covered = plans.setdefault(recipient["email"], (recipient, {}))
+                _, covered = plans.setdefault((recipient["email"], purpose), (recipient, {}))
                 covered[incident.id] = incident
                 for sibling in siblings.get(incident.id, []):
                     if (
                         sibling.id in pool
                         and sibling.state in _READY
+                        and purpose_of(sibling) == purpose
                         and recipient["email"] in {r["email"] for r in self._recipients(sibling)}
-                        and not _final(rows, sibling.id, recipient["email"], OWNER)
+                        and not _final(rows, sibling.id, recipient["email"], purpose)
                     ):
                         covered[sibling.id] = sibling
 
@@ -148,8 +162,8 @@ class EmailNotifier:
         sightings = await self.store.sightings(covered_ids)
         await asyncio.gather(
             *(
-                self._send_owner(recipient, list(covered.values()), sightings, result)
-                for recipient, covered in plans.values()
+                self._send_owner(recipient, purpose, list(covered.values()), sightings, result)
+                for (_, purpose), (recipient, covered) in plans.items()
             )
         )
         rows = _index(await self.store.deliveries(list(pool)))
@@ -182,16 +196,17 @@ class EmailNotifier:
     async def _send_owner(
         self,
         recipient: Recipient,
+        purpose: str,
         incidents: Sequence[Incident],
         sightings: Mapping[str, Sequence[Sighting]],
         result: NotifyResult,
     ) -> None:
         address = recipient["email"]
-        taken = await self._reserve(address, OWNER, incidents)
+        taken = await self._reserve(address, purpose, incidents)
         if not taken:
             return
         if not _ADDRESS.fullmatch(address):
-            await self._finish(address, OWNER, taken, DeliveryStatus.REFUSED, None, "bad_recipient_address")
+            await self._finish(address, purpose, taken, DeliveryStatus.REFUSED, None, "bad_recipient_address")
             failure(
                 log,
                 "notify",
@@ -200,8 +215,8 @@ class EmailNotifier:
                 recipient=mask(address),
             )
             return
-        message = owner_email(self.letter, recipient, taken, sightings, OWNER)
-        await self._deliver(address, OWNER, taken, message, result)
+        message = owner_email(self.letter, recipient, taken, sightings, purpose, purpose == FOLLOW_UP)
+        await self._deliver(address, purpose, taken, message, result)
 
     async def _tell_contact(self, pool: Mapping[str, Incident], rows: _Rows, result: NotifyResult) -> None:
         """A recipient that refused for good: the security contact hears of it, once per address."""
@@ -319,10 +334,17 @@ class EmailNotifier:
                 result.unreachable[incident.id] = []
                 result.done.add(incident.id)
                 continue
-            refused = [a for a in addresses if _status(rows, incident.id, a, OWNER) is DeliveryStatus.REFUSED]
+            purpose = purpose_of(incident)
+            owners_done = all(_final(rows, incident.id, a, purpose) for a in addresses)
+            # Only the first email's refusal reaches on-call and the security contact: a follow-up
+            # refused goes to an address they have been told of already.
+            refused = (
+                []
+                if purpose != OWNER
+                else [a for a in addresses if _status(rows, incident.id, a, OWNER) is DeliveryStatus.REFUSED]
+            )
             if refused:
                 result.unreachable[incident.id] = refused
-            owners_done = all(_final(rows, incident.id, a, OWNER) for a in addresses)
             contact_done = all(
                 contact is None or a == contact.lower() or _final(rows, incident.id, a, REFUSAL)
                 for a in refused

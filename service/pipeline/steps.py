@@ -380,9 +380,10 @@ class Steps:
         return t
 
     async def reprobe(self, incident: Incident, owner: str) -> Transition:
-        """An `unconfirmed` key, on its slow schedule: a 401 closes it (the token is wiped); still
-        alive, the revoke is issued again; either way it is probed again an interval later, until
-        the window runs out, when on-call is paged again and it waits, open, for an operator."""
+        """An `unconfirmed` key, on its slow schedule: a 401 confirms it (the token is wiped; the
+        owner's follow-up email, then closed, as any confirmed key); still alive, the revoke is
+        issued again; either way it is probed again an interval later, until the window runs out,
+        when on-call is paged again and it waits, open, for an operator."""
         now = self._clock()
         started = incident.unconfirmed_at or now
         token = await self._reveal(incident)
@@ -394,15 +395,19 @@ class Steps:
             SUPERMEMORY_CALLS.labels(call="probe", outcome=probe.reason).inc()
             verdict, reason, status = probe.verdict, probe.reason, probe.status
         if verdict is ProbeVerdict.DEAD:
+            # Confirmed as any other key, so its owner, told urgently that it may still work, now
+            # gets the follow-up saying it does not (a delivery of its own), and then it closes. The
+            # token goes at once: nothing is left to probe.
             TIME_TO_CONFIRM.observe(now - incident.created_at)
             return Transition(
                 incident.id,
                 State.UNCONFIRMED,
                 "confirmed",
                 lease_owner=owner,
-                state=State.CLOSED,
+                state=State.CONFIRMED,
+                next_run_at=self._after_final_probe(),
                 wipe_token=True,
-                set={"confirmed_at": now, "closed_at": now, "last_reason": None},
+                set={"confirmed_at": now, "last_reason": None, "attempts": 0},
                 detail={"status": status, "after_unconfirmed": round(now - started, 3)},
             )
         reissued = False

@@ -601,13 +601,8 @@ def channel_insert(d: Dialect) -> str:
 
 
 def channel_state(t: Transition) -> State | None:
-    """The state a transition tells the channels of: the state it enters, or `confirmed` for an
-    unconfirmed key whose late 401 closes it at once (the channels heard it may still work)."""
-    if t.state in CHANNEL_STATES:
-        return t.state
-    if t.expected_state is State.UNCONFIRMED and t.event == State.CONFIRMED:
-        return State.CONFIRMED
-    return None
+    """The state a transition tells the channels of: the state it enters, if the channels hear of it."""
+    return t.state if t.state in CHANNEL_STATES else None
 
 
 def outbox_insert(t: Transition, now: float, d: Dialect) -> tuple[str, list[Any]] | None:

@@ -1,7 +1,7 @@
 """Canary tokens planted in alerts must never come out through an email or a Sentry envelope, on
 the paths that send the most: confirmed and unconfirmed keys, a refused owner and its notice to
-the security contact, pages with timelines, a sighting URL that itself holds a key, and a
-shaped token that is not a key."""
+the security contact, an unconfirmed key's follow-up once it dies, pages with timelines, a sighting
+URL that itself holds a key, and a shaped token that is not a key."""
 
 from __future__ import annotations
 
@@ -38,7 +38,13 @@ def test_no_canary_in_any_email_or_sentry_envelope(sandbox, make_service, smtp, 
         ]
     )
     smtp.refuse = {"canary1@example.test"}
-    service = make_service({**smtp.env(), **sentry.env(LEAK_RESPONDER_SENTRY_CHECKIN_INTERVAL="0.3")})
+    service = make_service(
+        {
+            **smtp.env(),
+            **sentry.env(LEAK_RESPONDER_SENTRY_CHECKIN_INTERVAL="0.3"),
+            "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.3",
+        }
+    )
 
     leaky_url = f"https://github.com/octocat/demo/blob/main/.env?k={CANARIES[0]}"
     service.post_alert(sandbox.github, [CANARIES[0], CANARIES[1], UNKNOWN], url=leaky_url)
@@ -48,6 +54,10 @@ def test_no_canary_in_any_email_or_sentry_envelope(sandbox, make_service, smtp, 
     service.post_alert(sandbox.github, [CANARIES[2]])
     wait_until(lambda: "notified" in service.events(CANARIES[2]))
     wait_until(lambda: sentry.pages("revocation_unconfirmed") and sentry.pages("owner_unreachable"))
+    # Then it dies on a re-probe, and its owner gets the follow-up email too.
+    sandbox.supermemory.set_knobs(never_revoke=False)
+    service.wait_state(CANARIES[2], "closed")
+    assert len(smtp.to("canary2@example.test")) == 2
 
     messages = smtp.received()
     assert {a for m in messages for a in m.rcpt_tos} == {

@@ -117,10 +117,10 @@ def test_data_key_check_rotation_and_rewrap(sandbox, make_service, tmp_path):
         workdir=tmp_path,
     )
     for key in keys:
-        done.wait_state(key.token, "closed", timeout=30)
+        done.wait_state(key.token, "confirmed", timeout=30)  # no SMTP here: parked for a notifier
 
 
-def test_unconfirmed_key_is_reprobed_rerevoked_and_closes_on_a_401(sandbox, make_service):
+def test_unconfirmed_key_is_reprobed_rerevoked_and_confirmed_on_a_401(sandbox, make_service):
     sandbox.supermemory.set_knobs(never_revoke=True)
     service = make_service({**operator_env(), "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.3"})
     key = sandbox.supermemory.keys[0]
@@ -136,10 +136,11 @@ def test_unconfirmed_key_is_reprobed_rerevoked_and_closes_on_a_401(sandbox, make
     assert [i["redacted"] for i in listed] == [service.incident(key.token)["redacted"]]
 
     sandbox.supermemory.set_knobs(never_revoke=False)
-    service.wait_state(key.token, "closed")
+    # No SMTP here: confirmed, token wiped, and parked for a notifier like any confirmed key.
+    service.wait_state(key.token, "confirmed")
     incident = service.incident(key.token)
     assert incident["token_sealed"] is None and incident["confirmed_at"] is not None
-    assert service.events(key.token)[-1] == "confirmed"
+    assert service.events(key.token)[-2:] == ["reprobed", "confirmed"]
 
 
 def test_unconfirmed_past_its_window_pages_again_then_an_operator_resolves_it(sandbox, make_service):

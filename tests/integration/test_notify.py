@@ -142,9 +142,9 @@ def test_refused_recipient_tells_the_security_contact(sandbox, make_service, smt
     assert "owner_unreachable" in service.incident(key.token)["pages"]
 
 
-def test_unconfirmed_key_gets_an_urgent_email_and_stays_open(sandbox, make_service, smtp):
+def test_unconfirmed_key_gets_an_urgent_email_then_a_follow_up_when_it_dies(sandbox, make_service, smtp):
     sandbox.supermemory.set_knobs(never_revoke=True)
-    service = make_service(smtp.env())
+    service = make_service({**smtp.env(), "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.5"})
     key = sandbox.supermemory.keys[1]
     service.post_alert(sandbox.github, [key.token])
     wait_until(lambda: "notified" in service.events(key.token))
@@ -159,6 +159,24 @@ def test_unconfirmed_key_gets_an_urgent_email_and_stays_open(sandbox, make_servi
     assert "Rotate now" in message.part("html")
     events = service.events(key.token)
     assert events.index("unconfirmed") < events.index("notified")
+
+    # A re-probe finds it dead: the owner hears the end of it, once, in a message of its own.
+    sandbox.supermemory.set_knobs(never_revoke=False)
+    service.wait_state(key.token, "closed")
+    urgent, follow_up = smtp.to("owner1@example.test")
+    assert follow_up.email["Subject"] == (
+        f"Your leaked Supermemory API key {incident['redacted']} is now confirmed revoked"
+    )
+    assert follow_up.email["Message-ID"] != urgent.email["Message-ID"]
+    assert "now answers 401" in follow_up.part("plain") and "may still work" not in follow_up.part("plain")
+    assert "Revocation confirmed at" in follow_up.part("html")
+    events = service.events(key.token)
+    assert events[events.index("confirmed") :] == ["confirmed", "notified", "closed"]
+    with service.db() as db:
+        rows = db.execute(
+            "SELECT purpose, status FROM deliveries WHERE incident_id = ?", (incident["id"],)
+        ).fetchall()
+    assert sorted(tuple(r) for r in rows) == [("owner", "sent"), ("owner_confirmed", "sent")]
 
 
 def test_without_smtp_incidents_wait_then_resume(sandbox, make_service, smtp, tmp_path):

@@ -624,21 +624,26 @@ async def unconfirmed(store, clock: Clock, since: float, **fields: Any):
     )
 
 
-def test_reprobe_401_closes_and_wipes_the_token(tmp_path, clock):
+@pytest.mark.parametrize("with_notifier", [True, False])
+def test_reprobe_401_confirms_wipes_the_token_and_goes_on_to_the_follow_up(tmp_path, clock, with_notifier):
     client = FakeSupermemory()
     client.probe_answers = [dead()]
+    notifier = FakeNotifier() if with_notifier else None
 
     async def scenario(store):
-        incident = await unconfirmed(store, clock, since=START)
+        incident = await unconfirmed(store, clock, since=START, attempts=3)
         clock.advance(7200.0)
-        t = await steps_for(store, clock, client).reprobe(incident, OWNER)
+        t = await steps_for(store, clock, client, notifier=notifier).reprobe(incident, OWNER)
         await record(store, t)
         return t, await one(store, incident.id)
 
     t, incident = run_with_store(tmp_path, clock, scenario)
     assert t.event == "confirmed" and t.detail["after_unconfirmed"] == 7200.0
-    assert incident.state is State.CLOSED and not incident.has_token and incident.next_run_at is None
-    assert incident.confirmed_at == incident.closed_at == START + 7200.0
+    # Confirmed like any key: due at once for its owner's follow-up email, then closed by `close`.
+    assert incident.state is State.CONFIRMED and not incident.has_token
+    assert incident.confirmed_at == START + 7200.0 and incident.attempts == 0
+    assert incident.next_run_at == (START + 7200.0 if with_notifier else None)
+    assert incident.closed_at is None and incident.last_reason is None
     assert client.revokes == []
 
 

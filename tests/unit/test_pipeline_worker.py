@@ -112,7 +112,7 @@ def test_each_claimed_state_goes_to_its_step(tmp_path, clock):
         "confirmed_6": State.NOTIFIED,
         "notified": State.CLOSED,
         "untold": State.UNCONFIRMED,
-        "told": State.CLOSED,
+        "told": State.CONFIRMED,  # dead on its re-probe: confirmed, due for the follow-up email
         "closed": State.CLOSED,
     }
     assert found["untold"].notified_at == START and found["untold"].has_token
@@ -131,7 +131,8 @@ def test_without_a_notifier_an_unconfirmed_key_is_reprobed(tmp_path, clock):
 
     incident = run_with_store(tmp_path, clock, scenario)
     assert client.probes == [token(8)]
-    assert incident.state is State.CLOSED and incident.notified_at is None
+    # Dead: confirmed, and parked for a notifier like any confirmed key (nobody was told yet).
+    assert incident.state is State.CONFIRMED and incident.notified_at is None and incident.next_run_at is None
 
 
 def test_a_step_that_raises_is_logged_and_frees_its_room(tmp_path, clock, caplog):
