@@ -28,7 +28,7 @@ from functools import lru_cache, partial
 from service.detection import prefilter
 from service.detection.config import DEFAULT, DetectorConfig
 from service.detection.finding import Confidence, Encoding, Finding
-from service.detection.prefilter import Prefilter, RegexLines
+from service.detection.prefilter import Flagged, Prefilter, RegexLines
 from service.tokens import is_key_shaped
 
 # A key must not be part of a longer word-ish run, or `foo_sm_…` and `sm_…_v2` would match.
@@ -209,15 +209,15 @@ def _base64(text: str, start: int, end: int, compiled: _Compiled, depth: int) ->
 def _scan(text: str, compiled: _Compiled, depth: int) -> list[_Hit]:
     hits = list(_plain(text, compiled))
     if depth < compiled.max_depth:
-        for start, end in _MARKER_LINES.lines(text):
+        for start, end in _MARKER_LINES.lines(text).spans:
             hits.extend(_base64(text, start, end, compiled, depth))
             if _PERCENT.search(text, start, end):
                 hits.extend(_percent(text, start, end, compiled, depth))
     return hits
 
 
-def _findings(block: str, compiled: _Compiled, line: int) -> tuple[list[Finding], int, int]:
-    """The keys on the lines of `block` that the prefilter flags; `block` starts line `line`.
+def _findings(block: str, flagged: Flagged, compiled: _Compiled, line: int) -> tuple[list[Finding], int, int]:
+    """The keys on the lines of `block` that the prefilter flagged; `block` starts line `line`.
 
     Newlines are counted from one line that holds a key to the next, and no further: counting is a
     pass over the block that costs more than the prefilter's, and most flagged lines hold no key.
@@ -225,11 +225,11 @@ def _findings(block: str, compiled: _Compiled, line: int) -> tuple[list[Finding]
     """
     findings: list[Finding] = []
     counted = 0
-    for start, end in compiled.prefilter.lines(block):
+    for start, end in flagged.spans:
         hits = _scan(block[start:end], compiled, 0)
         if not hits:
             continue
-        line += block.count("\n", counted, start)
+        line += flagged.newlines(counted, start)
         counted = start
         unique: dict[tuple[int, str], _Hit] = {}
         for hit in hits:
@@ -301,8 +301,9 @@ def scan_stream(
     for block in _blocks(chunks):
         if uncounted is not None:
             line += uncounted()
-        findings, counted, line = _findings(block, compiled, line)
-        uncounted = partial(block.count, "\n", counted)
+        flagged = compiled.prefilter.lines(block)
+        findings, counted, line = _findings(block, flagged, compiled, line)
+        uncounted = partial(flagged.newlines, counted, len(block))
         if progress is not None:
             scanned += _byte_length(block)
             progress(scanned)

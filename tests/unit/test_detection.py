@@ -288,13 +288,16 @@ def test_line_numbers_across_blocks_crlf_and_chunks(monkeypatch, size):
     assert observed(scan_text(LINE_TEXT)) == LINE_WANT
 
 
-def test_line_numbers_with_blocks_of_the_default_size():
-    """The same text repeated past several blocks of the real size, all of it in one call."""
+@pytest.mark.parametrize("wide", ["", "中"], ids=["latin-1", "utf-8"])
+def test_line_numbers_with_blocks_of_the_default_size(wide):
+    """The same text repeated past several blocks of the real size, all of it in one call: blocks
+    this size have their newlines counted another way than small ones, and so do blocks with a
+    character outside Latin-1, which `wide` puts on a line of its own in every copy."""
     copies = -(-3 * scanner._BLOCK_CHARS // len(LINE_TEXT)) + 1
-    lines_per_copy = LINE_TEXT.count("\n") + 1
-    text = "\n".join([LINE_TEXT] * copies)
+    lines_per_copy = LINE_TEXT.count("\n") + 2
+    text = "\n".join([f"{wide}\n{LINE_TEXT}"] * copies)
     want = [
-        (token, confidence, line + copy * lines_per_copy, column, encoding)
+        (token, confidence, line + 1 + copy * lines_per_copy, column, encoding)
         for copy in range(copies)
         for token, confidence, line, column, encoding in LINE_WANT
     ]

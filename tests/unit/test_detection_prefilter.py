@@ -27,7 +27,7 @@ KEY = "sm_FakeTestZq8Rk3Wm5Vn7Xp_" + "Ab3dEf6hJk9mNp2q" * 4
 
 
 def lines(strategy: type[prefilters.Prefilter], text: str) -> list[tuple[int, int]]:
-    return scanner._compile(DEFAULT, strategy).prefilter.lines(text)
+    return scanner._compile(DEFAULT, strategy).prefilter.lines(text).spans
 
 
 def test_hyperscan_is_chosen_where_installed():
@@ -108,7 +108,7 @@ def test_hyperscan_scans_from_many_threads_at_once():
 
     def scan(_: int) -> list[list[tuple[int, int]]]:
         start.wait()
-        return [compiled.prefilter.lines(text) for _ in range(4)]
+        return [compiled.prefilter.lines(text).spans for _ in range(4)]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(scan, range(8)))
