@@ -12,7 +12,8 @@ import re
 
 # contract.md §5 step 2: `sm_` then 20–300 of [A-Za-z0-9_-]. Anything else is a false positive with no
 # network call, so a reporter cannot make us send arbitrary strings to Supermemory's admin API.
-KEY_SHAPE = re.compile(r"sm_[A-Za-z0-9_-]{20,300}")
+KEY_BODY_MIN = 20
+KEY_SHAPE = re.compile(rf"sm_[A-Za-z0-9_-]{{{KEY_BODY_MIN},300}}")
 
 _ELLIPSIS = "…"
 

@@ -7,7 +7,8 @@ the lines that hold
 - the shape of a key, plain or with its underscores percent-encoded (`sm%5F…`, the only key
   characters an encoder changes), without the boundary and placeholder checks;
 - one of the three fixed strings that base64 of `sm_` must contain, one per alignment of `sm_`
-  against base64's 3-byte groups (`c21f`, `NtX`, `zbV`).
+  against base64's 3-byte groups (`c21f`, `NtX`, `zbV`), followed by enough base64 characters
+  (or %XX sequences) to encode the shortest body a key may have.
 
 Only those lines reach the precise logic below: the key regex with its boundaries, and, on lines
 holding a base64 marker, splitting into base64 runs, decoding and scanning again; percent-decoding
@@ -29,7 +30,7 @@ from service.detection import prefilter
 from service.detection.config import DEFAULT, DetectorConfig
 from service.detection.finding import Confidence, Encoding, Finding
 from service.detection.prefilter import Flagged, Prefilter, RegexLines
-from service.tokens import is_key_shaped
+from service.tokens import KEY_BODY_MIN, is_key_shaped
 
 # A key must not be part of a longer word-ish run, or `foo_sm_…` and `sm_…_v2` would match.
 _WORDISH = "A-Za-z0-9_-"
@@ -49,24 +50,31 @@ _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 _Hit = tuple[int, str, Confidence, Encoding]
 
 
-def _base64_markers(needle: bytes) -> tuple[tuple[str, int], ...]:
+def _base64_markers(needle: bytes, following: int) -> tuple[tuple[str, int, int], ...]:
     """The characters that base64 of `needle` always contains, for each of its 3 alignments.
 
-    Returns (marker, offset of the marker modulo 4 from the start of the encoding). Only characters
+    Returns (marker, offset of the marker modulo 4 from the start of the encoding, how many
+    characters at least follow the marker when `following` bytes follow `needle`). Only characters
     whose 6 bits all come from `needle` are kept, so the marker does not depend on neighbouring
     bytes. For `sm_` none of them is `+` or `/`, so the markers hold for both alphabets.
     """
     markers = []
     for align in range(3):
-        encoded = base64.b64encode(bytes(align) + needle + bytes(2)).decode("ascii")
+        encoded = base64.b64encode(bytes(align) + needle + bytes(following)).decode("ascii").rstrip("=")
         first = -(-8 * align // 6)
         last = (8 * (align + len(needle))) // 6 - 1
-        markers.append((encoded[first : last + 1], first % 4))
+        markers.append((encoded[first : last + 1], first % 4, len(encoded) - last - 1))
     return tuple(markers)
 
 
-_MARKERS = _base64_markers(_PREFIX)
-_MARKER_PATTERNS = tuple(re.escape(marker) for marker, _ in _MARKERS)
+# Every hit must pass is_key_shaped, so `sm_` is followed by at least KEY_BODY_MIN characters, and
+# in base64 the marker by at least 27 characters of the encoding (each may be percent-encoded, the
+# second layer). Requiring them keeps the marker's chance hits in hex digests and random identifiers
+# (`c21f` is hex) from sending about half the flagged lines through the precise logic for nothing.
+_MARKERS = _base64_markers(_PREFIX, KEY_BODY_MIN)
+_MARKER_PATTERNS = tuple(
+    f"{re.escape(marker)}(?:[A-Za-z0-9+/_-]|%{_HEX}{{2}}){{{following}}}" for marker, _, following in _MARKERS
+)
 # Within one line or one decoding `re` is the cheaper finder: hyperscan would add an encoding and a
 # scratch allocation to every call.
 _MARKER_LINES = RegexLines(_MARKER_PATTERNS)
@@ -182,7 +190,7 @@ def _base64_decode(run: str, urlsafe: bool) -> str | None:
 
 def _holds_prefix(run: str) -> bool:
     """Whether decoding `run` from its start yields `sm_` somewhere, without decoding it."""
-    for marker, remainder in _MARKERS:
+    for marker, remainder, _following in _MARKERS:
         at = run.find(marker)
         while at != -1:
             if at % 4 == remainder:

@@ -352,6 +352,17 @@ def test_decode_depth_is_bounded():
     assert scan_text(base64_of_base64) == []
 
 
+@pytest.mark.parametrize("lead", [b"", b"{", b'{"'], ids=["c21f", "NtX", "zbV"])
+def test_base64_of_the_shortest_key_body_is_found_at_every_alignment(lead):
+    """The prefilter asks a base64 marker for as many characters after it as the shortest body that
+    `is_key_shaped` accepts takes (20): a key that short, whose base64 ends with it, must still be
+    found, whichever of the three markers its alignment gives."""
+    config = DetectorConfig(loose_org="[A-Za-z0-9]{8}", loose_secret="[A-Za-z0-9]{11}", min_base64_run=8)
+    key = "sm_FakeTst9_Qw3Er5Ty7Ui"
+    blob = base64.b64encode(lead + key.encode()).decode().rstrip("=")
+    assert observed(scan_text(f"blob: {blob}", config)) == [(key, "candidate", 1, 7, "base64")]
+
+
 def test_invalid_config_names_the_field():
     with pytest.raises(ValueError, match="strict_org"):
         DetectorConfig(strict_org="[")
