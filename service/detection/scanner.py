@@ -68,9 +68,10 @@ def _base64_markers(needle: bytes, following: int) -> tuple[tuple[str, int, int]
 
 
 # Every hit must pass is_key_shaped, so `sm_` is followed by at least KEY_BODY_MIN characters, and
-# in base64 the marker by at least 27 characters of the encoding (each may be percent-encoded, the
-# second layer). Requiring them keeps the marker's chance hits in hex digests and random identifiers
-# (`c21f` is hex) from sending about half the flagged lines through the precise logic for nothing.
+# in base64 the marker by at least 27 or 28 characters of the encoding, depending on its alignment
+# (each may be percent-encoded: the second layer). Requiring them keeps the marker's chance hits
+# in hex digests and random identifiers (`c21f` is hex) from sending about half the flagged lines
+# through the precise logic for nothing.
 _MARKERS = _base64_markers(_PREFIX, KEY_BODY_MIN)
 _MARKER_PATTERNS = tuple(
     f"{re.escape(marker)}(?:[A-Za-z0-9+/_-]|%{_HEX}{{2}}){{{following}}}" for marker, _, following in _MARKERS
@@ -228,7 +229,7 @@ def _findings(block: str, flagged: Flagged, compiled: _Compiled, line: int) -> t
     """The keys on the lines of `block` that the prefilter flagged; `block` starts line `line`.
 
     Newlines are counted from one line that holds a key to the next, and no further: counting is a
-    pass over the block that costs more than the prefilter's, and most flagged lines hold no key.
+    pass over the block, and most flagged lines hold no key.
     Returns the findings, the offset up to which newlines were counted, and the line number there.
     """
     findings: list[Finding] = []
@@ -259,9 +260,10 @@ def scan_text(text: str, config: DetectorConfig = DEFAULT) -> list[Finding]:
 
 # Text is scanned in blocks of about this size: scanning per line would spend more time in Python
 # call overhead than in the prefilter, and a block this size stays in the CPU's own (L2) cache with
-# its Latin-1 copy while it is encoded, prefiltered and has its newlines counted. Blocks of 1 MB
-# made the detector about a quarter slower on a machine with 2 MB of L2 per core; 128 to 512 KB
-# did about as well as each other.
+# its Latin-1 copy and numpy's comparison array while it is encoded, prefiltered and has its
+# newlines counted (see `prefilter._newline_counter`). Blocks of 1 MB made the detector about a
+# quarter slower on a machine with 2 MB of L2 per core; 128 to 512 KB did about as well as each
+# other.
 _BLOCK_CHARS = 1 << 18
 
 
