@@ -12,7 +12,8 @@ import re
 
 # contract.md §5 step 2: `sm_` then 20–300 of [A-Za-z0-9_-]. Anything else is a false positive with no
 # network call, so a reporter cannot make us send arbitrary strings to Supermemory's admin API.
-KEY_SHAPE = re.compile(r"sm_[A-Za-z0-9_-]{20,300}")
+KEY_BODY_MIN = 20
+KEY_SHAPE = re.compile(rf"sm_[A-Za-z0-9_-]{{{KEY_BODY_MIN},300}}")
 
 _ELLIPSIS = "…"
 
@@ -62,5 +63,11 @@ def safe_text(text: str) -> str:
     name can hold the key itself) and lone surrogates replaced by U+FFFD, because JSON lets a
     sender put them in a string and every encoder after that (SQLite, PostgreSQL, the JSON answer)
     refuses them. Every string a sender gives us, except the token, goes through here before it is
-    kept or echoed."""
+    kept or echoed.
+
+    Most such strings hold nothing to change, and an alert of 10,000 tokens brings 30,000 of them:
+    a text that is ASCII (no surrogate) with no `sm_` (nothing key-shaped) and no `@` (no URL
+    password) is returned as it is, after three scans in C instead of three regex substitutions."""
+    if text.isascii() and "sm_" not in text and "@" not in text:
+        return text
     return _SURROGATE.sub(REPLACEMENT, scrub(text))

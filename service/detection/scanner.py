@@ -7,7 +7,8 @@ the lines that hold
 - the shape of a key, plain or with its underscores percent-encoded (`sm%5F…`, the only key
   characters an encoder changes), without the boundary and placeholder checks;
 - one of the three fixed strings that base64 of `sm_` must contain, one per alignment of `sm_`
-  against base64's 3-byte groups (`c21f`, `NtX`, `zbV`).
+  against base64's 3-byte groups (`c21f`, `NtX`, `zbV`), followed by enough base64 characters
+  (or %XX sequences) to encode the shortest body a key may have.
 
 Only those lines reach the precise logic below: the key regex with its boundaries, and, on lines
 holding a base64 marker, splitting into base64 runs, decoding and scanning again; percent-decoding
@@ -23,13 +24,13 @@ import binascii
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from service.detection import prefilter
 from service.detection.config import DEFAULT, DetectorConfig
 from service.detection.finding import Confidence, Encoding, Finding
-from service.detection.prefilter import Prefilter, RegexLines
-from service.tokens import is_key_shaped
+from service.detection.prefilter import Flagged, Prefilter, RegexLines
+from service.tokens import KEY_BODY_MIN, is_key_shaped
 
 # A key must not be part of a longer word-ish run, or `foo_sm_…` and `sm_…_v2` would match.
 _WORDISH = "A-Za-z0-9_-"
@@ -49,24 +50,32 @@ _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 _Hit = tuple[int, str, Confidence, Encoding]
 
 
-def _base64_markers(needle: bytes) -> tuple[tuple[str, int], ...]:
+def _base64_markers(needle: bytes, following: int) -> tuple[tuple[str, int, int], ...]:
     """The characters that base64 of `needle` always contains, for each of its 3 alignments.
 
-    Returns (marker, offset of the marker modulo 4 from the start of the encoding). Only characters
+    Returns (marker, offset of the marker modulo 4 from the start of the encoding, how many
+    characters at least follow the marker when `following` bytes follow `needle`). Only characters
     whose 6 bits all come from `needle` are kept, so the marker does not depend on neighbouring
     bytes. For `sm_` none of them is `+` or `/`, so the markers hold for both alphabets.
     """
     markers = []
     for align in range(3):
-        encoded = base64.b64encode(bytes(align) + needle + bytes(2)).decode("ascii")
+        encoded = base64.b64encode(bytes(align) + needle + bytes(following)).decode("ascii").rstrip("=")
         first = -(-8 * align // 6)
         last = (8 * (align + len(needle))) // 6 - 1
-        markers.append((encoded[first : last + 1], first % 4))
+        markers.append((encoded[first : last + 1], first % 4, len(encoded) - last - 1))
     return tuple(markers)
 
 
-_MARKERS = _base64_markers(_PREFIX)
-_MARKER_PATTERNS = tuple(re.escape(marker) for marker, _ in _MARKERS)
+# Every hit must pass is_key_shaped, so `sm_` is followed by at least KEY_BODY_MIN characters, and
+# in base64 the marker by at least 27 or 28 characters of the encoding, depending on its alignment
+# (each may be percent-encoded: the second layer). Requiring them keeps the marker's chance hits
+# in hex digests and random identifiers (`c21f` is hex) from sending about half the flagged lines
+# through the precise logic for nothing.
+_MARKERS = _base64_markers(_PREFIX, KEY_BODY_MIN)
+_MARKER_PATTERNS = tuple(
+    f"{re.escape(marker)}(?:[A-Za-z0-9+/_-]|%{_HEX}{{2}}){{{following}}}" for marker, _, following in _MARKERS
+)
 # Within one line or one decoding `re` is the cheaper finder: hyperscan would add an encoding and a
 # scratch allocation to every call.
 _MARKER_LINES = RegexLines(_MARKER_PATTERNS)
@@ -182,7 +191,7 @@ def _base64_decode(run: str, urlsafe: bool) -> str | None:
 
 def _holds_prefix(run: str) -> bool:
     """Whether decoding `run` from its start yields `sm_` somewhere, without decoding it."""
-    for marker, remainder in _MARKERS:
+    for marker, remainder, _following in _MARKERS:
         at = run.find(marker)
         while at != -1:
             if at % 4 == remainder:
@@ -209,32 +218,36 @@ def _base64(text: str, start: int, end: int, compiled: _Compiled, depth: int) ->
 def _scan(text: str, compiled: _Compiled, depth: int) -> list[_Hit]:
     hits = list(_plain(text, compiled))
     if depth < compiled.max_depth:
-        for start, end in _MARKER_LINES.lines(text):
+        for start, end in _MARKER_LINES.lines(text).spans:
             hits.extend(_base64(text, start, end, compiled, depth))
             if _PERCENT.search(text, start, end):
                 hits.extend(_percent(text, start, end, compiled, depth))
     return hits
 
 
-def _findings(block: str, compiled: _Compiled, first_line: int) -> tuple[list[Finding], int]:
-    """Scan the lines of `block` that the prefilter flags; `block` starts line `first_line`.
+def _findings(block: str, flagged: Flagged, compiled: _Compiled, line: int) -> tuple[list[Finding], int, int]:
+    """The keys on the lines of `block` that the prefilter flagged; `block` starts line `line`.
 
-    Also returns the number of newlines in `block`, counted in the same walk: counting them is a
-    full pass over the block, as costly as the prefilter's.
+    Newlines are counted from one line that holds a key to the next, and no further: counting is a
+    pass over the block, and most flagged lines hold no key.
+    Returns the findings, the offset up to which newlines were counted, and the line number there.
     """
     findings: list[Finding] = []
-    line, counted_to = first_line, 0
-    for start, end in compiled.prefilter.lines(block):
-        line += block.count("\n", counted_to, start)
-        counted_to = start
+    counted = 0
+    for start, end in flagged.spans:
+        hits = _scan(block[start:end], compiled, 0)
+        if not hits:
+            continue
+        line += flagged.newlines(counted, start)
+        counted = start
         unique: dict[tuple[int, str], _Hit] = {}
-        for hit in _scan(block[start:end], compiled, 0):
+        for hit in hits:
             # Plain hits come first, so a key that is also found in a decoding of its own span keeps
             # the plainest description.
             unique.setdefault((hit[0], hit[1]), hit)
         for offset, token, confidence, encoding in sorted(unique.values(), key=lambda hit: hit[0]):
             findings.append(Finding.of(token, confidence, line, offset + 1, encoding))
-    return findings, line - first_line + block.count("\n", counted_to)
+    return findings, counted, line
 
 
 def scan_text(text: str, config: DetectorConfig = DEFAULT) -> list[Finding]:
@@ -246,10 +259,12 @@ def scan_text(text: str, config: DetectorConfig = DEFAULT) -> list[Finding]:
 
 
 # Text is scanned in blocks of about this size: scanning per line would spend more time in Python
-# call overhead than in the prefilter, and a block this size stays in the CPU cache while it is
-# encoded, prefiltered and has its newlines counted, which makes the three together about twice as
-# fast as over a text that does not fit.
-_BLOCK_CHARS = 1 << 20
+# call overhead than in the prefilter, and a block this size stays in the CPU's own (L2) cache with
+# its Latin-1 copy and numpy's comparison array while it is encoded, prefiltered and has its
+# newlines counted (see `prefilter._newline_counter`). Blocks of 1 MB made the detector about a
+# quarter slower on a machine with 2 MB of L2 per core; 128 to 512 KB did about as well as each
+# other.
+_BLOCK_CHARS = 1 << 18
 
 
 def _blocks(chunks: Iterable[str]) -> Iterator[str]:
@@ -291,9 +306,14 @@ def scan_stream(
     """
     compiled = _compile(config, prefilter.PREFILTER)
     line, scanned = 1, 0
+    # The newlines of the previous block after its last key, owed only if another block follows.
+    uncounted: Callable[[], int] | None = None
     for block in _blocks(chunks):
-        findings, newlines = _findings(block, compiled, line)
-        line += newlines
+        if uncounted is not None:
+            line += uncounted()
+        flagged = compiled.prefilter.lines(block)
+        findings, counted, line = _findings(block, flagged, compiled, line)
+        uncounted = partial(flagged.newlines, counted, len(block))
         if progress is not None:
             scanned += _byte_length(block)
             progress(scanned)

@@ -219,6 +219,121 @@ def test_blocks_end_after_a_newline_once_big_enough(monkeypatch, size):
         assert "\n" not in block[49:-1]
 
 
+# --- line numbers ------------------------------------------------------------------------------
+#
+# The scanner counts newlines only from one line holding a key to the next, and counts the rest of
+# a block only once another block follows. These pin the line numbers wherever that counting could
+# slip: at block edges, across blocks holding no key, over CRLF, in a stream cut anywhere.
+
+
+def two_layers(key: str) -> str:
+    """base64 of JSON holding the key, then percent-encoded; "?中" puts a `+` in the base64."""
+    return "GET /import?keys=" + FILTERS["urlquote"](FILTERS["b64"]("?中" + FILTERS["json"](key)))
+
+
+LINE_FORMS = {
+    "plain": lambda key: f"SUPERMEMORY_API_KEY={key}",
+    "base64": lambda key: f"  data: {FILTERS['b64'](key)}",
+    "percent": lambda key: f"GET /v3/search?apikey={FILTERS['pct'](key)}&page=2",
+    "two_layers": two_layers,
+}
+ENCODING = {"plain": "plain", "base64": "base64", "percent": "percent", "two_layers": "base64"}
+COLUMN = {"plain": 21, "base64": 9, "percent": 23, "two_layers": 18}
+FILLER = ["", "plain words and numbers 12345", "\tindented = True", "trace=0c21ff196893e1ba", "é"]
+# Small enough that the text below spans many blocks, some of which hold no key.
+LINE_BLOCK = 300
+
+
+def line_case() -> tuple[str, list[tuple]]:
+    """About 400 lines, `\n` or `\r\n`, with keys in every form on lines chosen at random and on
+    the first and last lines of the text; the last line has no newline."""
+    rng = random.Random(11)
+    lines: list[str] = []
+    want: list[tuple] = []
+    for number in range(1, 401):
+        if number in (1, 400) or rng.random() < 0.05:
+            name = rng.choice(["k1", "k2"])
+            form = rng.choice(list(LINE_FORMS))
+            lines.append(LINE_FORMS[form](KEYS[name]))
+            want.append((KEYS[name], "high", number, COLUMN[form], ENCODING[form]))
+        else:
+            lines.append(rng.choice(FILLER))
+    ends = [rng.choice(["\n", "\r\n"]) for _ in lines[:-1]]
+    return "".join(line + end for line, end in zip(lines, [*ends, ""], strict=True)), want
+
+
+LINE_TEXT, LINE_WANT = line_case()
+
+
+def test_line_case_covers_the_block_edges(monkeypatch):
+    """The case below is only worth its name if blocks start and end with a key and some hold none."""
+    monkeypatch.setattr(scanner, "_BLOCK_CHARS", LINE_BLOCK)
+    blocks = list(scanner._blocks([LINE_TEXT]))
+    holding = [[key for key in KEYS.values() if key in "".join(decodings(block))] for block in blocks]
+    first_lines = [block.split("\n", 1)[0] for block in blocks]
+    last_lines = [block.rstrip("\r\n").rsplit("\n", 1)[-1] for block in blocks]
+    assert len(blocks) > 20
+    # Blocks holding no key, followed by one that does: their newlines still count.
+    assert sum(1 for keys in holding[1:-1] if not keys) >= 3
+    assert sum(1 for line in first_lines[1:] if "sm" in "".join(decodings(line))) >= 2
+    assert sum(1 for line in last_lines[:-1] if "sm" in "".join(decodings(line))) >= 2
+    assert "\r\n" in LINE_TEXT and "\n" in LINE_TEXT.replace("\r\n", "")
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 61, 300, 4096, len(LINE_TEXT)])
+def test_line_numbers_across_blocks_crlf_and_chunks(monkeypatch, size):
+    monkeypatch.setattr(scanner, "_BLOCK_CHARS", LINE_BLOCK)
+    chunks = [LINE_TEXT[i : i + size] for i in range(0, len(LINE_TEXT), size)]
+    assert observed(scan_stream(chunks)) == LINE_WANT
+    assert observed(scan_text(LINE_TEXT)) == LINE_WANT
+
+
+@pytest.mark.parametrize("wide", ["", "中"], ids=["latin-1", "utf-8"])
+def test_line_numbers_with_blocks_of_the_default_size(wide):
+    """The same text repeated past several blocks of the real size, all of it in one call: blocks
+    this size have their newlines counted another way than small ones, and so do blocks with a
+    character outside Latin-1, which `wide` puts on a line of its own in every copy."""
+    copies = -(-3 * scanner._BLOCK_CHARS // len(LINE_TEXT)) + 1
+    lines_per_copy = LINE_TEXT.count("\n") + 2
+    text = "\n".join([f"{wide}\n{LINE_TEXT}"] * copies)
+    want = [
+        (token, confidence, line + 1 + copy * lines_per_copy, column, encoding)
+        for copy in range(copies)
+        for token, confidence, line, column, encoding in LINE_WANT
+    ]
+    assert observed(scan_text(text)) == want
+
+
+@pytest.mark.parametrize("cut", ["mid-key", "mid-base64", "between-cr-and-lf", "after-lf"])
+def test_stream_cut_mid_line_mid_token_and_mid_crlf(monkeypatch, cut):
+    """Two chunks, cut at one chosen place, with blocks small enough that the cut lands in one."""
+    monkeypatch.setattr(scanner, "_BLOCK_CHARS", 40)
+    text = (
+        f"one\r\ntwo {KEYS['k1']}\r\n\r\n{LINE_FORMS['base64'](KEYS['k2'])}\r\n"
+        f"é\r\nlast {LINE_FORMS['percent'](KEYS['k1'])}"
+    )
+    at = {
+        "mid-key": text.index(KEYS["k1"]) + 40,
+        "mid-base64": text.index(FILTERS["b64"](KEYS["k2"])) + 50,
+        "between-cr-and-lf": text.index("\r\n\r\n") + 1,
+        "after-lf": text.index("\né\r\n") + 1,
+    }[cut]
+    want = [
+        (KEYS["k1"], "high", 2, 5, "plain"),
+        (KEYS["k2"], "high", 4, 9, "base64"),
+        (KEYS["k1"], "high", 6, len("last ") + COLUMN["percent"], "percent"),
+    ]
+    assert observed(scan_stream([text[:at], text[at:]])) == want
+    assert observed(scan_text(text)) == want
+
+
+def test_a_lone_carriage_return_does_not_end_a_line():
+    """Only `\n` ends a line, as the docstring of `scan_text` says: `\r` is a character like any."""
+    text = f"a\rb\r{KEYS['k1']}\nc\r\n{KEYS['k2']}"
+    want = [(KEYS["k1"], "high", 1, 5, "plain"), (KEYS["k2"], "high", 3, 1, "plain")]
+    assert observed(scan_text(text)) == want
+
+
 def test_config_shapes_are_configurable():
     key = KEYS["c1"]
     assert scan_text(key, DetectorConfig(loose_org="[A-Za-z0-9]{16,20}")) == []
@@ -235,6 +350,17 @@ def test_decode_depth_is_bounded():
     assert scan_text(KEYS["k1"], DetectorConfig(max_decode_depth=0)) != []
     base64_of_base64 = FILTERS["b64"](f"blob: {FILTERS['b64'](KEYS['k1'])}")
     assert scan_text(base64_of_base64) == []
+
+
+@pytest.mark.parametrize("lead", [b"", b"{", b'{"'], ids=["c21f", "NtX", "zbV"])
+def test_base64_of_the_shortest_key_body_is_found_at_every_alignment(lead):
+    """The prefilter asks a base64 marker for as many characters after it as the shortest body that
+    `is_key_shaped` accepts takes (20): a key that short, whose base64 ends with it, must still be
+    found, whichever of the three markers its alignment gives."""
+    config = DetectorConfig(loose_org="[A-Za-z0-9]{8}", loose_secret="[A-Za-z0-9]{11}", min_base64_run=8)
+    key = "sm_FakeTst9_Qw3Er5Ty7Ui"
+    blob = base64.b64encode(lead + key.encode()).decode().rstrip("=")
+    assert observed(scan_text(f"blob: {blob}", config)) == [(key, "candidate", 1, 7, "base64")]
 
 
 def test_invalid_config_names_the_field():

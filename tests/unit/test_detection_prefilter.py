@@ -24,10 +24,13 @@ needs_hyperscan = pytest.mark.skipif(prefilters.hyperscan is None, reason="hyper
 
 # FAKE, shaped like a strict key and never issued.
 KEY = "sm_FakeTestZq8Rk3Wm5Vn7Xp_" + "Ab3dEf6hJk9mNp2q" * 4
+# A base64 marker followed by as much base64 as the shortest key body needs: 27 characters, the
+# last one percent-encoded as in a URL.
+MARKED = "c21f" + "Ab3/" * 6 + "xy%2B"
 
 
 def lines(strategy: type[prefilters.Prefilter], text: str) -> list[tuple[int, int]]:
-    return scanner._compile(DEFAULT, strategy).prefilter.lines(text)
+    return scanner._compile(DEFAULT, strategy).prefilter.lines(text).spans
 
 
 def test_hyperscan_is_chosen_where_installed():
@@ -60,18 +63,37 @@ def test_re_is_chosen_without_hyperscan():
 @needs_hyperscan
 @pytest.mark.parametrize("wide", ["é", "é中😀", "\ud800"], ids=["latin-1", "utf-8", "surrogate"])
 def test_hyperscan_spans_are_characters(wide):
-    text = f"{wide}\n{wide} {KEY} {wide}\nplain\n{wide} c21f"
+    text = f"{wide}\n{wide} {KEY} {wide}\nplain\n{wide} {MARKED}"
     second = len(wide) + 1
-    expected = [(second, second + 2 * len(wide) + 2 + len(KEY)), (text.rindex(f"{wide} c21f"), len(text))]
+    expected = [(second, second + 2 * len(wide) + 2 + len(KEY)), (text.rindex(f"{wide} {MARKED}"), len(text))]
     assert lines(prefilters.HyperscanLines, text) == expected
     assert lines(prefilters.RegexLines, text) == expected
 
 
 PIECES = [KEY, "sm_", "sm%5F", "sm%5f", "c21f", "NtX", "zbV", "\n", "_", "%5F", KEY[:40], KEY[30:]]
+PIECES += ["Ab3/" * 7, "%2B"]
 ANY_CHARACTER = st.characters(codec=None, exclude_categories=())
 TEXTS = st.lists(st.one_of(st.text(ANY_CHARACTER, max_size=20), st.sampled_from(PIECES)), max_size=15).map(
     "".join
 )
+
+
+@pytest.mark.parametrize(
+    "strategy", [prefilters.RegexLines, pytest.param(prefilters.HyperscanLines, marks=needs_hyperscan)]
+)
+def test_a_marker_needs_as_much_base64_as_a_key_body(strategy):
+    """`c21f` alone is common in hex digests; only followed by 27 base64 characters or %XX sequences
+    (what the shortest key body takes after it) could it start a key's base64."""
+    hexes = "trace=0123456789c21ff196893e1ba026\nsha=0123456789abcdef0123c21f0123456789abcdef"
+    assert lines(strategy, hexes) == []
+    assert lines(strategy, f"x\n{MARKED}\n") == [(2, 2 + len(MARKED))]
+    assert lines(strategy, f"x\n{MARKED[:-1]}\n") == []
+    assert lines(strategy, f"NtX{'a' * 27}") == [(0, 30)]
+    assert lines(strategy, f"NtX{'a' * 26}") == []
+    assert lines(strategy, f"NtX{'a-b_' * 7}") == [(0, 31)]  # base64url's alphabet
+    # zbV's alignment leaves 28 characters to follow it, here half of them percent-encoded.
+    assert lines(strategy, f"zbV{'a%2F' * 14}") == [(0, 59)]
+    assert lines(strategy, f"zbV{'a%2F' * 13}a%2") == []
 
 
 @needs_hyperscan
@@ -108,7 +130,7 @@ def test_hyperscan_scans_from_many_threads_at_once():
 
     def scan(_: int) -> list[list[tuple[int, int]]]:
         start.wait()
-        return [compiled.prefilter.lines(text) for _ in range(4)]
+        return [compiled.prefilter.lines(text).spans for _ in range(4)]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(scan, range(8)))
