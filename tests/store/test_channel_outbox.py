@@ -90,7 +90,7 @@ def test_an_unconfirmed_key_confirmed_late_tells_the_channels(backend: Backend) 
             incident_id = await matched(store, [HOOK])
             assert await move(store, incident_id, State.MATCHED, State.REVOKED)
             assert await move(store, incident_id, State.REVOKED, State.UNCONFIRMED)
-            late = Transition(incident_id, State.UNCONFIRMED, "confirmed", state=State.CLOSED)
+            late = Transition(incident_id, State.UNCONFIRMED, "confirmed", state=State.CONFIRMED)
             assert await store.apply([late]) == [True]
             states = []
             while jobs := await store.claim_channel_events("a", 10, 30):
