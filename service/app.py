@@ -162,7 +162,9 @@ async def receive_public_report(request: Request) -> Response:
         await rt.public_limits.take(client)
         started = time.monotonic()
         media = media_type(request.headers.get("content-type"))
-        report = parse_public(await read_public(request.stream()), media, settings.public_max_keys)
+        report = parse_public(
+            await read_public(request.stream(), request.headers, rt.bodies), media, settings.public_max_keys
+        )
         sightings = [TokenSighting(f.token, DETECTED, report.url, None, PUBLIC) for f in report.findings]
         # Hash-only as every alert record, and not of the text, which is kept in no form at all.
         digest = hashlib.sha256("\n".join(sorted(f.token_hash for f in report.findings)).encode())

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from service.alerting import OncePerCondition, Pager
+from service.inbound import BodyBudget
 from service.inbound.public import (
     REPORT_LIMIT,
     ClientNames,
@@ -178,7 +179,7 @@ def test_the_size_limit_is_counted_while_reading(size):
             yield b"x" * min(1000, size - start)
 
     async def read():
-        return await read_public(chunks())
+        return await read_public(chunks(), {}, BodyBudget(2 * REPORT_LIMIT))
 
     if size <= REPORT_LIMIT:
         assert len(asyncio.run(read())) == size
