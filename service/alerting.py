@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -53,149 +54,159 @@ LEVELS: dict[Reason, int] = {
 }
 
 
-# The pages that a condition raises over and over (once per request or per incident meeting it), and
-# the tags that tell one such condition from another: a reporter's keys being unavailable or the
-# admin token being refused is one condition however many requests or incidents meet it. Other pages
-# are raised once per incident by the pipeline (a key that could not be revoked needs its own
-# action), or gathered before they reach the pager (`OncePerCondition`).
-CONDITION: dict[Reason, tuple[str, ...]] = {
-    Reason.REPORTER_KEYS_UNAVAILABLE: ("reporter",),
-    Reason.SIGNING_KEY_CHANGED: ("reporter", "key_identifier"),
-    Reason.LOOKUP_UNAUTHORIZED: (),
-    Reason.SMTP_TLS_REQUIRED: (),
-}
-# How long one page stands for its condition: repeats within it are counted, not sent.
+# How long one page stands for its condition, unless its gathering says otherwise.
 REPEAT_WINDOW = 300.0
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """How a condition that is raised over and over becomes pages, instead of a page per occurrence.
+
+    The condition opens at its first occurrence and pages `gather` seconds later (0: at once) with
+    the count so far; later occurrences are counted, not sent. It ends `window` seconds after its
+    first occurrence, or, `until_quiet`, once `window` seconds pass without one; then the count
+    since its page goes out: paged when a fixed window ends (the condition may well still be going
+    on, and on-call hears of it once a window), logged when it ended by going quiet (it is over).
+    The next occurrence opens it again and pages again.
+    """
+
+    tags: tuple[str, ...] = ()  # the tags that tell one such condition from another
+    gather: float = 0.0
+    window: float = REPEAT_WINDOW
+    until_quiet: bool = False
+
+
+# The pages raised over and over (once per request or per incident meeting their condition): a
+# reporter's keys being unavailable or the admin token being refused is one condition however many
+# requests or incidents meet it. A flood of public reports is one too, gathered by the rate period
+# (see `Runtime.build`). Other pages are raised once per incident by the pipeline: a key that could
+# not be revoked needs its own action.
+CONDITIONS: dict[Reason, Gathering] = {
+    Reason.REPORTER_KEYS_UNAVAILABLE: Gathering(("reporter",)),
+    Reason.SIGNING_KEY_CHANGED: Gathering(("reporter", "key_identifier")),
+    Reason.LOOKUP_UNAUTHORIZED: Gathering(),
+    Reason.SMTP_TLS_REQUIRED: Gathering(),
+}
+
+_Key = tuple[Reason, tuple[tuple[str, str], ...]]
 
 
 @dataclass
 class _Condition:
     since: float
+    last: float
     message: str
     tags: dict[str, str]
-    repeats: int = 0
+    count: int = 1  # occurrences since it opened
+    paged: int = 0  # of which the page said how many (0: not paged yet)
 
 
 class Pager:
-    """One page per condition: the first occurrence pages at once, repeats within `repeat_window`
-    are only counted, and when the window closes with repeats one more page says how many. Pages
-    raised on the request path (a reporter's keys unavailable) are raised once per request, and a
-    flood of requests must not become a flood of pages.
+    """Pages, one per condition (see `Gathering`) for the codes in `conditions`.
 
     Delivery: every page sent is logged with its reason code and counted; channels build on this by
-    overriding `_deliver`."""
+    overriding `_deliver`. Timers need the event loop; without one (a CLI command) a condition ends
+    at its next occurrence or at `flush`, and a gathered one pages at once."""
 
     def __init__(
-        self, repeat_window: float = REPEAT_WINDOW, clock: Callable[[], float] = time.monotonic
+        self,
+        repeat_window: float = REPEAT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        conditions: Mapping[Reason, Gathering] | None = None,
     ) -> None:
-        self._window = repeat_window
         self._clock = clock
-        self._open: dict[tuple[Reason, tuple[tuple[str, str], ...]], _Condition] = {}
+        self._conditions = {
+            code: dataclasses.replace(g, window=repeat_window) for code, g in CONDITIONS.items()
+        } | dict(conditions or {})
+        self._open: dict[_Key, _Condition] = {}
 
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
-        if code not in CONDITION:
-            # Paged once per incident by the pipeline itself, or gathered by a OncePerCondition.
+        gathering = self._conditions.get(code)
+        if gathering is None:
             self._deliver(code, message, tags, context)
             return
         now = self._clock()
-        self._open = {k: c for k, c in self._open.items() if now - c.since < self._window or c.repeats}
-        key = (code, tuple((name, tags.get(name, "")) for name in CONDITION[code]))
+        key = (code, tuple((name, tags.get(name, "")) for name in gathering.tags))
         held = self._open.get(key)
-        if held is not None and now - held.since >= self._window:
-            self._close(key)
+        if held is not None and self._over(gathering, held, now):
+            self._end(key)
             held = None
         if held is None:
-            self._open[key] = _Condition(now, message, dict(tags))
-            self._deliver(code, message, tags, context)
+            self._open[key] = _Condition(now, now, message, dict(tags))
+            if gathering.gather > 0 and self._at(gathering.gather, lambda: self._gathered(key)):
+                return
+            self._gathered(key, context)
             return
-        held.repeats += 1
-        PAGES_REPEATED.labels(event=str(code)).inc()
-        if held.repeats == 1:
-            self._at(held.since + self._window - now, lambda: self._close(key))
+        held.count += 1
+        held.last = now
+        if held.paged:
+            PAGES_REPEATED.labels(event=str(code)).inc()
 
     def flush(self) -> None:
-        """Send the count of every condition still repeating (at shutdown: nothing counted is lost)."""
+        """Page what is still being gathered and the count of every condition still repeating (at
+        shutdown: nothing counted is lost)."""
         for key in list(self._open):
-            self._close(key)
+            self._gathered(key)
+            self._end(key)
 
-    def _close(self, key: tuple[Reason, tuple[tuple[str, str], ...]]) -> None:
+    @staticmethod
+    def _over(gathering: Gathering, held: _Condition, now: float) -> bool:
+        return now - (held.last if gathering.until_quiet else held.since) >= gathering.window
+
+    def _gathered(self, key: _Key, context: Mapping[str, Any] | None = None) -> None:
+        """The condition's page: at once, or with the count of what its gathering time brought."""
+        held = self._open.get(key)
+        if held is None or held.paged:
+            return
+        code = key[0]
+        gathering = self._conditions[code]
+        held.paged = held.count
+        if gathering.gather > 0:
+            message = f"{held.message} ({held.count} in {gathering.gather:g} s)"
+            self._deliver(code, message, {**held.tags, "count": str(held.count)}, context or {})
+        else:
+            self._deliver(code, held.message, held.tags, context or {})
+        self._watch(key)
+
+    def _watch(self, key: _Key) -> None:
+        """End the condition once its window is over; while it lasts, look again when it may be."""
+        held = self._open.get(key)
+        if held is None:
+            return
+        gathering = self._conditions[key[0]]
+        now = self._clock()
+        if self._over(gathering, held, now):
+            self._end(key)
+            return
+        start = held.last if gathering.until_quiet else held.since
+        self._at(start + gathering.window - now, lambda: self._watch(key))
+
+    def _end(self, key: _Key) -> None:
         held = self._open.pop(key, None)
-        if held is not None and held.repeats:
-            message = f"{held.message} (and {held.repeats} more times within {self._window:g} s)"
-            self._deliver(key[0], message, {**held.tags, "repeats": str(held.repeats)}, {})
+        if held is None:
+            return
+        code, gathering = key[0], self._conditions[key[0]]
+        repeats = held.count - held.paged
+        if gathering.until_quiet:
+            extra = {"condition": str(code), "count": held.count, "lasted": held.last - held.since}
+            log.info("condition over", extra=extra)
+        elif held.paged and repeats:
+            message = f"{held.message} (and {repeats} more times within {gathering.window:g} s)"
+            self._deliver(code, message, {**held.tags, "repeats": str(repeats)}, {})
 
-    def _at(self, delay: float, action: Callable[[], None]) -> None:
+    def _at(self, delay: float, action: Callable[[], None]) -> bool:
+        """Run `action` in `delay` seconds on the running loop; False when there is none."""
         try:
             asyncio.get_running_loop().call_later(max(delay, 0.0), action)
         except RuntimeError:
-            pass  # No loop (a CLI command): the count goes out with the next page or at flush().
+            return False
+        return True
 
     def _deliver(
         self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]
     ) -> None:
         PAGES.labels(event=str(code)).inc()
         failure(log, "alerting", code, message, level=LEVELS[code], page=True, context=tags)
-
-
-class OncePerCondition:
-    """One page while a condition lasts, however often it happens, with how often it did.
-
-    For conditions made of many requests (a flood of public reports over everyone's rate): a page
-    per request would be a flood of its own. The first occurrence opens the condition; `gather`
-    seconds later one page goes out with the count so far; the condition closes, with a log line of
-    its total, once `quiet` seconds pass without an occurrence, and the next one pages again.
-    """
-
-    def __init__(
-        self,
-        pager: Pager,
-        code: Reason,
-        message: str,
-        *,
-        gather: float,
-        quiet: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._pager = pager
-        self._code = code
-        self._message = message
-        self._gather = gather
-        self._quiet = quiet
-        self._clock = clock
-        self._since: float | None = None
-        self._last = 0.0
-        self.count = 0
-
-    def happened(self) -> None:
-        """Called on the event loop's thread, for each occurrence."""
-        now = self._clock()
-        if self._since is None:
-            self._since, self.count = now, 0
-            asyncio.get_running_loop().call_later(self._gather, self._page)
-        self.count += 1
-        self._last = now
-
-    def _page(self) -> None:
-        if self._since is None:
-            return
-        tags = {"count": str(self.count)}
-        self._pager.page(self._code, f"{self._message} ({self.count} in {self._gather:g} s)", tags, {})
-        self._watch()
-
-    def _watch(self) -> None:
-        idle = self._clock() - self._last
-        if idle >= self._quiet:
-            log.info(
-                "condition over",
-                extra={
-                    "condition": str(self._code),
-                    "count": self.count,
-                    "lasted": self._last - (self._since or 0),
-                },
-            )
-            self._since = None
-            return
-        asyncio.get_running_loop().call_later(self._quiet - idle, self._watch)
 
 
 SENTRY_LEVELS: dict[int, LogLevelStr] = {
@@ -292,8 +303,10 @@ class SentryPager(Pager):
     """Pages as Sentry events: one fixed fingerprint per code, tags to search by, the incident's
     timeline and the runbook section that says what to do."""
 
-    def __init__(self, store: Store, runbook_url: str, repeat_window: float = REPEAT_WINDOW) -> None:
-        super().__init__(repeat_window)
+    def __init__(
+        self, store: Store, runbook_url: str, conditions: Mapping[Reason, Gathering] | None = None
+    ) -> None:
+        super().__init__(conditions=conditions)
         self.store = store
         self.runbook_url = runbook_url
         self._tasks: set[asyncio.Task[None]] = set()
