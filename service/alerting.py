@@ -2,9 +2,9 @@
 
 The pipeline raises a page through `Pager.page`; what carries it (the log and the pages metric, and
 Sentry when SENTRY_DSN is set) is this module's business, and it never blocks or fails the caller: a
-responder that stalls because its pager is down would turn one outage into two. The SDK queues
-events for its own background thread and drops them when that queue is full, so a Sentry that is
-down or hanging costs the pipeline nothing.
+responder that stalls because its pager is down would turn one outage into two. Pages wait for
+Sentry in a queue of their own (`PageCourier`), so a burst of them is never dropped and a Sentry
+that is down or hanging costs the pipeline nothing.
 
 Nothing secret may reach Sentry (contract.md §8). The SDK is initialised without request bodies, local
 variables or default PII, and every event and breadcrumb goes through `scrub_event`, which redacts
@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
 if TYPE_CHECKING:
-    from sentry_sdk._types import LogLevelStr, MonitorConfig
+    from sentry_sdk._types import Event, LogLevelStr, MonitorConfig
 
 from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, failure
 from service.reasons import Reason
@@ -249,12 +251,12 @@ def scrub_event(value: Any) -> Any:
 
 
 class EventBudget:
-    """A token bucket for the events that are not pages (errors logged, exceptions).
+    """A token bucket for the events that the SDK's global client sends (errors logged, exceptions).
 
-    The SDK hands events to one background thread through a bounded queue and drops what does not
-    fit, whatever it is. A flood of errors (a bug on the request path, a database gone) would fill
-    that queue and push out the page that says what is wrong; so errors are let through at a
-    bounded rate, the rest counted and dropped here, and pages are never held back.
+    That client hands events to one background thread through a bounded queue and drops what does
+    not fit. A flood of errors (a bug on the request path, a database gone) is let through at a
+    bounded rate, the rest counted and dropped here, so Sentry is not buried; pages never come this
+    way (see `PageCourier`).
     """
 
     def __init__(
@@ -266,9 +268,7 @@ class EventBudget:
         self._tokens = float(burst)
         self._at = clock()
 
-    def admit(self, event: Mapping[str, Any]) -> bool:
-        if event.get("tags", {}).get("page"):
-            return True
+    def admit(self) -> bool:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
@@ -279,24 +279,74 @@ class EventBudget:
         return False
 
 
-def init_sentry(dsn: str, environment: str) -> None:
+class PageCourier:
+    """Pages' own way to Sentry, which no burst can overflow.
+
+    The SDK's transport queues events for its sending thread and drops whatever arrives while its
+    queue (100 events) is full: 150 keys that cannot be revoked are 150 pages within seconds, and a
+    slow Sentry takes them one at a time. So pages have a client of their own, with no other event
+    in its queue (no errors, no client reports), fed by this thread from a queue that has no bound,
+    never faster than the transport takes them: while the transport is full (or Sentry has asked us
+    to back off), the next page waits here instead of being dropped. A page is small and raised at
+    most once per incident or per gathered condition, so what waits stays small.
+    """
+
+    def __init__(self, client: sentry_sdk.Client, poll: float = 0.02) -> None:
+        self._client = client
+        self._poll = poll
+        self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sentry-pages", daemon=True)
+        self._thread.start()
+
+    def send(self, event: Event) -> None:
+        """Queue a page; returns at once, from any thread."""
+        self._queue.put(event)
+
+    def close(self, timeout: float) -> None:
+        """Hand over every page queued so far and wait, `timeout` at most, for them to be sent."""
+        deadline = time.monotonic() + timeout
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._client.close(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            transport = self._client.transport
+            while transport is not None and not transport.is_healthy():
+                time.sleep(self._poll)
+            self._client.capture_event(event)
+
+
+def init_sentry(dsn: str, environment: str) -> PageCourier:
+    """The global client, for errors and check-ins, and the pages' own (see `PageCourier`)."""
     budget = EventBudget()
+    private: dict[str, Any] = {
+        "dsn": dsn,
+        "environment": environment,
+        "send_default_pii": False,
+        "include_local_variables": False,
+        "max_request_body_size": "never",
+        "shutdown_timeout": 2,
+    }
     sentry_sdk.init(
-        dsn=dsn,
-        environment=environment,
-        send_default_pii=False,
-        include_local_variables=False,
-        max_request_body_size="never",
-        before_send=lambda event, hint: scrub_event(event) if budget.admit(event) else None,
+        **private,
+        before_send=lambda event, hint: scrub_event(event) if budget.admit() else None,
         before_breadcrumb=lambda crumb, hint: scrub_event(crumb),
         integrations=[
             StarletteIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
-        shutdown_timeout=2,
     )
     # Pages become Sentry events of their own, with fingerprints; their log lines would be duplicates.
     ignore_logger(log.name)
+    pages = sentry_sdk.Client(
+        **private,
+        before_send=lambda event, hint: scrub_event(event),
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        send_client_reports=False,
+    )
+    return PageCourier(pages)
 
 
 class SentryPager(Pager):
@@ -304,9 +354,14 @@ class SentryPager(Pager):
     timeline and the runbook section that says what to do."""
 
     def __init__(
-        self, store: Store, runbook_url: str, conditions: Mapping[Reason, Gathering] | None = None
+        self,
+        store: Store,
+        runbook_url: str,
+        courier: PageCourier,
+        conditions: Mapping[Reason, Gathering] | None = None,
     ) -> None:
         super().__init__(conditions=conditions)
+        self.courier = courier
         self.store = store
         self.runbook_url = runbook_url
         self._tasks: set[asyncio.Task[None]] = set()
@@ -328,16 +383,30 @@ class SentryPager(Pager):
     async def aclose(self, grace: float = 2.0) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
-        client = sentry_sdk.get_client()
-        await asyncio.to_thread(client.flush, grace)
+        await asyncio.to_thread(self.courier.close, grace)
+        await asyncio.to_thread(sentry_sdk.get_client().flush, grace)
 
     async def _enrich(
         self, code: Reason, message: str, tags: dict[str, str], context: dict[str, Any]
     ) -> None:
         detail = None
         if tags.get("incident_id"):
-            with contextlib.suppress(StoreError):
+            try:
                 detail = await self.store.detail(tags["incident_id"])
+            except StoreError:
+                pass  # the store is down: its own failures say so, and the page goes without
+            except Exception as exc:
+                # The timeline is a courtesy: a row the code cannot read must not cost the page.
+                failure(
+                    log,
+                    "alerting",
+                    Reason.INTERNAL_ERROR,
+                    "page sent without its timeline, which could not be read",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                    page=str(code),
+                    incident_id=tags["incident_id"],
+                )
         self._capture(code, message, tags, context, detail)
 
     def _capture(
@@ -366,7 +435,7 @@ class SentryPager(Pager):
                 for e in detail.events
             ]
         link = runbook_link(self.runbook_url, code)
-        sentry_sdk.capture_event(
+        self.courier.send(
             {
                 "level": SENTRY_LEVELS[LEVELS[code]],
                 "logger": log.name,

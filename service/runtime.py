@@ -127,8 +127,8 @@ class Runtime:
         conditions = {Reason.PUBLIC_REPORTS_FLOODED: flood}
         if pager is None:
             if settings.sentry_dsn:
-                init_sentry(settings.sentry_dsn, settings.sentry_environment)
-                pager = SentryPager(store, settings.runbook_url, conditions)
+                courier = init_sentry(settings.sentry_dsn, settings.sentry_environment)
+                pager = SentryPager(store, settings.runbook_url, courier, conditions)
             else:
                 pager = Pager(conditions=conditions)
         client = SupermemoryClient(
