@@ -314,7 +314,18 @@ class PageCourier:
             transport = self._client.transport
             while transport is not None and not transport.is_healthy():
                 time.sleep(self._poll)
-            self._client.capture_event(event)
+            try:
+                self._client.capture_event(event)
+            except Exception as exc:
+                # This thread carries every later page: one that cannot be sent must not stop it.
+                failure(
+                    log,
+                    "alerting",
+                    Reason.INTERNAL_ERROR,
+                    "a page could not be handed to Sentry",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                )
 
 
 def init_sentry(dsn: str, environment: str) -> PageCourier:
