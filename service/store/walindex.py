@@ -1,7 +1,7 @@
 """The guard in front of SQLite's WAL index (`<database>-shm`), which SQLite maps into memory.
 
 SQLite reads and writes that file through a shared memory map, not through calls that can fail: if
-the file can no longer be written (made immutable, its volume remounted read-only) or shrinks
+the file can no longer be written (made immutable with `chattr +i`) or shrinks
 under the process (truncated by a careless clean-up), SQLite's next access to a page of the map
 faults and the kernel kills the process with SIGBUS. So before every transaction the store asks
 this guard, through calls that do fail: a write of no bytes through our own descriptor (refused,
