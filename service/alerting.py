@@ -2,9 +2,9 @@
 
 The pipeline raises a page through `Pager.page`; what carries it (the log and the pages metric, and
 Sentry when SENTRY_DSN is set) is this module's business, and it never blocks or fails the caller: a
-responder that stalls because its pager is down would turn one outage into two. The SDK queues
-events for its own background thread and drops them when that queue is full, so a Sentry that is
-down or hanging costs the pipeline nothing.
+responder that stalls because its pager is down would turn one outage into two. Pages wait for
+Sentry in a queue of their own (`PageCourier`), so a burst of them is never dropped and a Sentry
+that is down or hanging costs the pipeline nothing.
 
 Nothing secret may reach Sentry (contract.md §8). The SDK is initialised without request bodies, local
 variables or default PII, and every event and breadcrumb goes through `scrub_event`, which redacts
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
 if TYPE_CHECKING:
-    from sentry_sdk._types import LogLevelStr, MonitorConfig
+    from sentry_sdk._types import Event, LogLevelStr, MonitorConfig
 
 from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, failure
 from service.reasons import Reason
@@ -53,149 +56,159 @@ LEVELS: dict[Reason, int] = {
 }
 
 
-# The pages that a condition raises over and over (once per request or per incident meeting it), and
-# the tags that tell one such condition from another: a reporter's keys being unavailable or the
-# admin token being refused is one condition however many requests or incidents meet it. Other pages
-# are raised once per incident by the pipeline (a key that could not be revoked needs its own
-# action), or gathered before they reach the pager (`OncePerCondition`).
-CONDITION: dict[Reason, tuple[str, ...]] = {
-    Reason.REPORTER_KEYS_UNAVAILABLE: ("reporter",),
-    Reason.SIGNING_KEY_CHANGED: ("reporter", "key_identifier"),
-    Reason.LOOKUP_UNAUTHORIZED: (),
-    Reason.SMTP_TLS_REQUIRED: (),
-}
-# How long one page stands for its condition: repeats within it are counted, not sent.
+# How long one page stands for its condition, unless its gathering says otherwise.
 REPEAT_WINDOW = 300.0
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """How a condition that is raised over and over becomes pages, instead of a page per occurrence.
+
+    The condition opens at its first occurrence and pages `gather` seconds later (0: at once) with
+    the count so far; later occurrences are counted, not sent. It ends `window` seconds after its
+    first occurrence, or, `until_quiet`, once `window` seconds pass without one; then the count
+    since its page goes out: paged when a fixed window ends (the condition may well still be going
+    on, and on-call hears of it once a window), logged when it ended by going quiet (it is over).
+    The next occurrence opens it again and pages again.
+    """
+
+    tags: tuple[str, ...] = ()  # the tags that tell one such condition from another
+    gather: float = 0.0
+    window: float = REPEAT_WINDOW
+    until_quiet: bool = False
+
+
+# The pages raised over and over (once per request or per incident meeting their condition): a
+# reporter's keys being unavailable or the admin token being refused is one condition however many
+# requests or incidents meet it. A flood of public reports is one too, gathered by the rate period
+# (see `Runtime.build`). Other pages are raised once per incident by the pipeline: a key that could
+# not be revoked needs its own action.
+CONDITIONS: dict[Reason, Gathering] = {
+    Reason.REPORTER_KEYS_UNAVAILABLE: Gathering(("reporter",)),
+    Reason.SIGNING_KEY_CHANGED: Gathering(("reporter", "key_identifier")),
+    Reason.LOOKUP_UNAUTHORIZED: Gathering(),
+    Reason.SMTP_TLS_REQUIRED: Gathering(),
+}
+
+_Key = tuple[Reason, tuple[tuple[str, str], ...]]
 
 
 @dataclass
 class _Condition:
     since: float
+    last: float
     message: str
     tags: dict[str, str]
-    repeats: int = 0
+    count: int = 1  # occurrences since it opened
+    paged: int = 0  # of which the page said how many (0: not paged yet)
 
 
 class Pager:
-    """One page per condition: the first occurrence pages at once, repeats within `repeat_window`
-    are only counted, and when the window closes with repeats one more page says how many. Pages
-    raised on the request path (a reporter's keys unavailable) are raised once per request, and a
-    flood of requests must not become a flood of pages.
+    """Pages, one per condition (see `Gathering`) for the codes in `conditions`.
 
     Delivery: every page sent is logged with its reason code and counted; channels build on this by
-    overriding `_deliver`."""
+    overriding `_deliver`. Timers need the event loop; without one (a CLI command) a condition ends
+    at its next occurrence or at `flush`, and a gathered one pages at once."""
 
     def __init__(
-        self, repeat_window: float = REPEAT_WINDOW, clock: Callable[[], float] = time.monotonic
+        self,
+        repeat_window: float = REPEAT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        conditions: Mapping[Reason, Gathering] | None = None,
     ) -> None:
-        self._window = repeat_window
         self._clock = clock
-        self._open: dict[tuple[Reason, tuple[tuple[str, str], ...]], _Condition] = {}
+        self._conditions = {
+            code: dataclasses.replace(g, window=repeat_window) for code, g in CONDITIONS.items()
+        } | dict(conditions or {})
+        self._open: dict[_Key, _Condition] = {}
 
     def page(self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]) -> None:
-        if code not in CONDITION:
-            # Paged once per incident by the pipeline itself, or gathered by a OncePerCondition.
+        gathering = self._conditions.get(code)
+        if gathering is None:
             self._deliver(code, message, tags, context)
             return
         now = self._clock()
-        self._open = {k: c for k, c in self._open.items() if now - c.since < self._window or c.repeats}
-        key = (code, tuple((name, tags.get(name, "")) for name in CONDITION[code]))
+        key = (code, tuple((name, tags.get(name, "")) for name in gathering.tags))
         held = self._open.get(key)
-        if held is not None and now - held.since >= self._window:
-            self._close(key)
+        if held is not None and self._over(gathering, held, now):
+            self._end(key)
             held = None
         if held is None:
-            self._open[key] = _Condition(now, message, dict(tags))
-            self._deliver(code, message, tags, context)
+            self._open[key] = _Condition(now, now, message, dict(tags))
+            if gathering.gather > 0 and self._at(gathering.gather, lambda: self._gathered(key)):
+                return
+            self._gathered(key, context)
             return
-        held.repeats += 1
-        PAGES_REPEATED.labels(event=str(code)).inc()
-        if held.repeats == 1:
-            self._at(held.since + self._window - now, lambda: self._close(key))
+        held.count += 1
+        held.last = now
+        if held.paged:
+            PAGES_REPEATED.labels(event=str(code)).inc()
 
     def flush(self) -> None:
-        """Send the count of every condition still repeating (at shutdown: nothing counted is lost)."""
+        """Page what is still being gathered and the count of every condition still repeating (at
+        shutdown: nothing counted is lost)."""
         for key in list(self._open):
-            self._close(key)
+            self._gathered(key)
+            self._end(key)
 
-    def _close(self, key: tuple[Reason, tuple[tuple[str, str], ...]]) -> None:
+    @staticmethod
+    def _over(gathering: Gathering, held: _Condition, now: float) -> bool:
+        return now - (held.last if gathering.until_quiet else held.since) >= gathering.window
+
+    def _gathered(self, key: _Key, context: Mapping[str, Any] | None = None) -> None:
+        """The condition's page: at once, or with the count of what its gathering time brought."""
+        held = self._open.get(key)
+        if held is None or held.paged:
+            return
+        code = key[0]
+        gathering = self._conditions[code]
+        held.paged = held.count
+        if gathering.gather > 0:
+            message = f"{held.message} ({held.count} in {gathering.gather:g} s)"
+            self._deliver(code, message, {**held.tags, "count": str(held.count)}, context or {})
+        else:
+            self._deliver(code, held.message, held.tags, context or {})
+        self._watch(key)
+
+    def _watch(self, key: _Key) -> None:
+        """End the condition once its window is over; while it lasts, look again when it may be."""
+        held = self._open.get(key)
+        if held is None:
+            return
+        gathering = self._conditions[key[0]]
+        now = self._clock()
+        if self._over(gathering, held, now):
+            self._end(key)
+            return
+        start = held.last if gathering.until_quiet else held.since
+        self._at(start + gathering.window - now, lambda: self._watch(key))
+
+    def _end(self, key: _Key) -> None:
         held = self._open.pop(key, None)
-        if held is not None and held.repeats:
-            message = f"{held.message} (and {held.repeats} more times within {self._window:g} s)"
-            self._deliver(key[0], message, {**held.tags, "repeats": str(held.repeats)}, {})
+        if held is None:
+            return
+        code, gathering = key[0], self._conditions[key[0]]
+        repeats = held.count - held.paged
+        if gathering.until_quiet:
+            extra = {"condition": str(code), "count": held.count, "lasted": held.last - held.since}
+            log.info("condition over", extra=extra)
+        elif held.paged and repeats:
+            message = f"{held.message} (and {repeats} more times within {gathering.window:g} s)"
+            self._deliver(code, message, {**held.tags, "repeats": str(repeats)}, {})
 
-    def _at(self, delay: float, action: Callable[[], None]) -> None:
+    def _at(self, delay: float, action: Callable[[], None]) -> bool:
+        """Run `action` in `delay` seconds on the running loop; False when there is none."""
         try:
             asyncio.get_running_loop().call_later(max(delay, 0.0), action)
         except RuntimeError:
-            pass  # No loop (a CLI command): the count goes out with the next page or at flush().
+            return False
+        return True
 
     def _deliver(
         self, code: Reason, message: str, tags: Mapping[str, str], context: Mapping[str, Any]
     ) -> None:
         PAGES.labels(event=str(code)).inc()
         failure(log, "alerting", code, message, level=LEVELS[code], page=True, context=tags)
-
-
-class OncePerCondition:
-    """One page while a condition lasts, however often it happens, with how often it did.
-
-    For conditions made of many requests (a flood of public reports over everyone's rate): a page
-    per request would be a flood of its own. The first occurrence opens the condition; `gather`
-    seconds later one page goes out with the count so far; the condition closes, with a log line of
-    its total, once `quiet` seconds pass without an occurrence, and the next one pages again.
-    """
-
-    def __init__(
-        self,
-        pager: Pager,
-        code: Reason,
-        message: str,
-        *,
-        gather: float,
-        quiet: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._pager = pager
-        self._code = code
-        self._message = message
-        self._gather = gather
-        self._quiet = quiet
-        self._clock = clock
-        self._since: float | None = None
-        self._last = 0.0
-        self.count = 0
-
-    def happened(self) -> None:
-        """Called on the event loop's thread, for each occurrence."""
-        now = self._clock()
-        if self._since is None:
-            self._since, self.count = now, 0
-            asyncio.get_running_loop().call_later(self._gather, self._page)
-        self.count += 1
-        self._last = now
-
-    def _page(self) -> None:
-        if self._since is None:
-            return
-        tags = {"count": str(self.count)}
-        self._pager.page(self._code, f"{self._message} ({self.count} in {self._gather:g} s)", tags, {})
-        self._watch()
-
-    def _watch(self) -> None:
-        idle = self._clock() - self._last
-        if idle >= self._quiet:
-            log.info(
-                "condition over",
-                extra={
-                    "condition": str(self._code),
-                    "count": self.count,
-                    "lasted": self._last - (self._since or 0),
-                },
-            )
-            self._since = None
-            return
-        asyncio.get_running_loop().call_later(self._quiet - idle, self._watch)
 
 
 SENTRY_LEVELS: dict[int, LogLevelStr] = {
@@ -238,12 +251,12 @@ def scrub_event(value: Any) -> Any:
 
 
 class EventBudget:
-    """A token bucket for the events that are not pages (errors logged, exceptions).
+    """A token bucket for the events that the SDK's global client sends (errors logged, exceptions).
 
-    The SDK hands events to one background thread through a bounded queue and drops what does not
-    fit, whatever it is. A flood of errors (a bug on the request path, a database gone) would fill
-    that queue and push out the page that says what is wrong; so errors are let through at a
-    bounded rate, the rest counted and dropped here, and pages are never held back.
+    That client hands events to one background thread through a bounded queue and drops what does
+    not fit. A flood of errors (a bug on the request path, a database gone) is let through at a
+    bounded rate, the rest counted and dropped here, so Sentry is not buried; pages never come this
+    way (see `PageCourier`).
     """
 
     def __init__(
@@ -255,9 +268,7 @@ class EventBudget:
         self._tokens = float(burst)
         self._at = clock()
 
-    def admit(self, event: Mapping[str, Any]) -> bool:
-        if event.get("tags", {}).get("page"):
-            return True
+    def admit(self) -> bool:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
@@ -268,32 +279,100 @@ class EventBudget:
         return False
 
 
-def init_sentry(dsn: str, environment: str) -> None:
+class PageCourier:
+    """Pages' own way to Sentry, which no burst can overflow.
+
+    The SDK's transport queues events for its sending thread and drops whatever arrives while its
+    queue (100 events) is full: 150 keys that cannot be revoked are 150 pages within seconds, and a
+    slow Sentry takes them one at a time. So pages have a client of their own, with no other event
+    in its queue (no errors, no client reports), fed by this thread from a queue that has no bound,
+    never faster than the transport takes them: while the transport is full (or Sentry has asked us
+    to back off), the next page waits here instead of being dropped. A page is small and raised at
+    most once per incident or per gathered condition, so what waits stays small.
+    """
+
+    def __init__(self, client: sentry_sdk.Client, poll: float = 0.02) -> None:
+        self._client = client
+        self._poll = poll
+        self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sentry-pages", daemon=True)
+        self._thread.start()
+
+    def send(self, event: Event) -> None:
+        """Queue a page; returns at once, from any thread."""
+        self._queue.put(event)
+
+    def close(self, timeout: float) -> None:
+        """Hand over every page queued so far and wait, `timeout` at most, for them to be sent."""
+        deadline = time.monotonic() + timeout
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._client.close(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            transport = self._client.transport
+            while transport is not None and not transport.is_healthy():
+                time.sleep(self._poll)
+            try:
+                self._client.capture_event(event)
+            except Exception as exc:
+                # This thread carries every later page: one that cannot be sent must not stop it.
+                failure(
+                    log,
+                    "alerting",
+                    Reason.INTERNAL_ERROR,
+                    "a page could not be handed to Sentry",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                )
+
+
+def init_sentry(dsn: str, environment: str) -> PageCourier:
+    """The global client, for errors and check-ins, and the pages' own (see `PageCourier`)."""
     budget = EventBudget()
+    private: dict[str, Any] = {
+        "dsn": dsn,
+        "environment": environment,
+        "send_default_pii": False,
+        "include_local_variables": False,
+        "max_request_body_size": "never",
+        "shutdown_timeout": 2,
+    }
     sentry_sdk.init(
-        dsn=dsn,
-        environment=environment,
-        send_default_pii=False,
-        include_local_variables=False,
-        max_request_body_size="never",
-        before_send=lambda event, hint: scrub_event(event) if budget.admit(event) else None,
+        **private,
+        before_send=lambda event, hint: scrub_event(event) if budget.admit() else None,
         before_breadcrumb=lambda crumb, hint: scrub_event(crumb),
         integrations=[
             StarletteIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
-        shutdown_timeout=2,
     )
     # Pages become Sentry events of their own, with fingerprints; their log lines would be duplicates.
     ignore_logger(log.name)
+    pages = sentry_sdk.Client(
+        **private,
+        before_send=lambda event, hint: scrub_event(event),
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        send_client_reports=False,
+    )
+    return PageCourier(pages)
 
 
 class SentryPager(Pager):
     """Pages as Sentry events: one fixed fingerprint per code, tags to search by, the incident's
     timeline and the runbook section that says what to do."""
 
-    def __init__(self, store: Store, runbook_url: str, repeat_window: float = REPEAT_WINDOW) -> None:
-        super().__init__(repeat_window)
+    def __init__(
+        self,
+        store: Store,
+        runbook_url: str,
+        courier: PageCourier,
+        conditions: Mapping[Reason, Gathering] | None = None,
+    ) -> None:
+        super().__init__(conditions=conditions)
+        self.courier = courier
         self.store = store
         self.runbook_url = runbook_url
         self._tasks: set[asyncio.Task[None]] = set()
@@ -315,16 +394,30 @@ class SentryPager(Pager):
     async def aclose(self, grace: float = 2.0) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
-        client = sentry_sdk.get_client()
-        await asyncio.to_thread(client.flush, grace)
+        await asyncio.to_thread(self.courier.close, grace)
+        await asyncio.to_thread(sentry_sdk.get_client().flush, grace)
 
     async def _enrich(
         self, code: Reason, message: str, tags: dict[str, str], context: dict[str, Any]
     ) -> None:
         detail = None
         if tags.get("incident_id"):
-            with contextlib.suppress(StoreError):
+            try:
                 detail = await self.store.detail(tags["incident_id"])
+            except StoreError:
+                pass  # the store is down: its own failures say so, and the page goes without
+            except Exception as exc:
+                # The timeline is a courtesy: a row the code cannot read must not cost the page.
+                failure(
+                    log,
+                    "alerting",
+                    Reason.INTERNAL_ERROR,
+                    "page sent without its timeline, which could not be read",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                    page=str(code),
+                    incident_id=tags["incident_id"],
+                )
         self._capture(code, message, tags, context, detail)
 
     def _capture(
@@ -353,7 +446,7 @@ class SentryPager(Pager):
                 for e in detail.events
             ]
         link = runbook_link(self.runbook_url, code)
-        sentry_sdk.capture_event(
+        self.courier.send(
             {
                 "level": SENTRY_LEVELS[LEVELS[code]],
                 "logger": log.name,

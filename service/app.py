@@ -146,6 +146,7 @@ RECEIVED_HEADERS = {"Cache-Control": "no-store"}
 # writes more rows than one holding none (about half a millisecond here), which many requests could
 # measure; a floor well above the intake's own time makes every answer take it, whatever was sent.
 PUBLIC_ANSWER_FLOOR = 0.025
+FLOODED = "public reports refused: everyone's rate is exhausted"
 
 
 async def receive_public_report(request: Request) -> Response:
@@ -162,7 +163,9 @@ async def receive_public_report(request: Request) -> Response:
         await rt.public_limits.take(client)
         started = time.monotonic()
         media = media_type(request.headers.get("content-type"))
-        report = parse_public(await read_public(request.stream()), media, settings.public_max_keys)
+        report = parse_public(
+            await read_public(request.stream(), request.headers, rt.bodies), media, settings.public_max_keys
+        )
         sightings = [TokenSighting(f.token, DETECTED, report.url, None, PUBLIC) for f in report.findings]
         # Hash-only as every alert record, and not of the text, which is kept in no form at all.
         digest = hashlib.sha256("\n".join(sorted(f.token_hash for f in report.findings)).encode())
@@ -172,7 +175,7 @@ async def receive_public_report(request: Request) -> Response:
         # Info, not warning: anyone on the internet can cause these, as often as the limits allow.
         failure(log, "public", exc.reason, exc.message, level=logging.INFO, status=exc.status)
         if exc.reason is Reason.PUBLIC_GLOBAL_RATE_LIMITED:
-            rt.flooded.happened()
+            rt.pager.page(Reason.PUBLIC_REPORTS_FLOODED, FLOODED, {}, {})
         return error(exc.status, exc.reason, exc.message, exc.headers)
     except StoreError as exc:
         PUBLIC_REPORTS.labels(outcome=str(Reason.STORE_UNAVAILABLE)).inc()

@@ -99,6 +99,7 @@ class Reason(enum.StrEnum):
     STEP_CRASHED = "step_crashed"
     STORE_UNAVAILABLE = "store_unavailable"
     STORE_COMMIT_FAILED = "store_commit_failed"
+    STORE_INDEX_LOST = "store_index_lost"
     STORE_LISTEN_LOST = "store_listen_lost"
     # -- telling owners (stage `notify`) ---------------------------------------------------------
     RECIPIENT_REFUSED = "recipient_refused"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from service.alerting import OncePerCondition, Pager, PipelineMonitor, SentryPager, init_sentry
+from service.alerting import Gathering, Pager, PipelineMonitor, SentryPager, init_sentry
 from service.channels import AddressPolicy, ChannelDispatcher, ChannelSender
 from service.inbound import BodyBudget, KeyCache, Reporter, reporters
 from service.inbound.public import ClientNames, PublicLimits
@@ -112,7 +112,6 @@ class Runtime:
     keys_http: httpx.AsyncClient
     sweeper: Sweeper
     public_limits: PublicLimits
-    flooded: OncePerCondition
     channels: ChannelDispatcher
     bodies: BodyBudget
     caches: dict[str, KeyCache] = field(default_factory=dict)
@@ -121,12 +120,17 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, pager: Pager | None = None) -> Runtime:
         store = open_store(settings)
+        # A flood of public reports is one condition: paged once, with the refusals that its first
+        # seconds brought, and over after one rate period without a refusal.
+        everyone = settings.public_global_rate.period
+        flood = Gathering(gather=min(10.0, everyone), window=everyone, until_quiet=True)
+        conditions = {Reason.PUBLIC_REPORTS_FLOODED: flood}
         if pager is None:
             if settings.sentry_dsn:
-                init_sentry(settings.sentry_dsn, settings.sentry_environment)
-                pager = SentryPager(store, settings.runbook_url)
+                courier = init_sentry(settings.sentry_dsn, settings.sentry_environment)
+                pager = SentryPager(store, settings.runbook_url, courier, conditions)
             else:
-                pager = Pager()
+                pager = Pager(conditions=conditions)
         client = SupermemoryClient(
             api_url=settings.supermemory_api_url,
             admin_url=settings.admin_url,
@@ -189,14 +193,6 @@ class Runtime:
             (settings.public_rate.count, settings.public_rate.period),
             (settings.public_global_rate.count, settings.public_global_rate.period),
         )
-        everyone = settings.public_global_rate.period
-        flooded = OncePerCondition(
-            pager,
-            Reason.PUBLIC_REPORTS_FLOODED,
-            "public reports refused: everyone's rate is exhausted",
-            gather=min(10.0, everyone),
-            quiet=everyone,
-        )
         # Room for a few bodies at the limit at once, well inside the container's memory limit.
         bodies = BodyBudget(BODIES_IN_FLIGHT * settings.body_limit)
         runtime = cls(
@@ -209,7 +205,6 @@ class Runtime:
             keys_http,
             sweeper,
             public_limits,
-            flooded,
             channels,
             bodies,
         )

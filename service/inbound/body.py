@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from service.inbound.reasons import InboundError
 from service.observability import BODY_BYTES
 from service.reasons import Reason
+from service.refusal import Refusal
 
 
 async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
@@ -55,6 +56,19 @@ class BodyBudget:
         finally:
             self.free += want
             BODY_BYTES.set(self.total - self.free)
+
+    async def read_as(
+        self, chunks: AsyncIterator[bytes], headers: Mapping[str, str], limit: int, too_large: Refusal
+    ) -> bytes:
+        """`read` for a route that answers in a vocabulary of its own (reports, public reports):
+        a body past `limit` is refused with that route's `too_large`, and a full budget is the same
+        503 `body_budget_full` everywhere, in the route's refusal type so its handler answers it."""
+        try:
+            return await self.read(chunks, headers, limit)
+        except InboundError as exc:
+            if exc.reason is Reason.BODY_BUDGET_FULL:
+                raise type(too_large)(exc.reason, exc.message, exc.headers) from None
+            raise too_large from None
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:

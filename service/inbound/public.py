@@ -19,15 +19,14 @@ import ipaddress
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
 from service.detection import Finding, scan_text
-from service.inbound.body import read_limited
-from service.inbound.reasons import InboundError
+from service.inbound.body import BodyBudget
 from service.reasons import Reason
 from service.refusal import Refusal
 from service.store import RateBucket, Store
@@ -52,6 +51,8 @@ STATUS: dict[Reason, int] = {
     Reason.PUBLIC_REPORT_TOO_LARGE: 413,
     Reason.PUBLIC_REPORT_TOO_MANY_KEYS: 413,
     Reason.PUBLIC_REPORT_UNSUPPORTED_TYPE: 415,
+    # Bodies being received, everyone's together, hold their budget: as the sender's retry.
+    Reason.BODY_BUDGET_FULL: 503,
 }
 
 
@@ -180,14 +181,12 @@ def media_type(content_type: str | None) -> str:
     return media
 
 
-async def read_public(chunks: AsyncIterator[bytes]) -> bytes:
-    """The body under 64 KiB, counted on the bytes received (see `read_limited`)."""
-    try:
-        return await read_limited(chunks, REPORT_LIMIT)
-    except InboundError:
-        raise PublicError(
-            Reason.PUBLIC_REPORT_TOO_LARGE, f"a report may hold at most {REPORT_LIMIT} bytes"
-        ) from None
+async def read_public(chunks: AsyncIterator[bytes], headers: Mapping[str, str], budget: BodyBudget) -> bytes:
+    """The body under 64 KiB, counted on the bytes received, and within the budget that every
+    route's bodies share (see `BodyBudget`): a crowd of slow anonymous uploads holds no more memory
+    than a crowd of slow alerts."""
+    too_large = PublicError(Reason.PUBLIC_REPORT_TOO_LARGE, f"a report may hold at most {REPORT_LIMIT} bytes")
+    return await budget.read_as(chunks, headers, REPORT_LIMIT, too_large)
 
 
 def parse_public(body: bytes, media: str, max_keys: int) -> PublicReport:

@@ -19,7 +19,6 @@ from typing import Any, Literal, overload
 
 from service.detection import Finding, scan_text
 from service.inbound.body import BodyBudget
-from service.inbound.reasons import InboundError
 from service.reasons import Reason
 from service.refusal import Refusal
 from service.tokens import KEY_SHAPE, redact, token_hash
@@ -90,12 +89,8 @@ async def read_report(
     chunks: AsyncIterator[bytes], headers: Mapping[str, str], budget: BodyBudget, limit: int = REPORT_LIMIT
 ) -> bytes:
     """The body under the report limit and within the bodies' shared budget (see `BodyBudget`)."""
-    try:
-        return await budget.read(chunks, headers, limit)
-    except InboundError as exc:
-        if exc.reason is Reason.BODY_BUDGET_FULL:
-            raise ReportError(exc.reason, exc.message, exc.headers) from None
-        raise ReportError(Reason.REPORT_TOO_LARGE, f"report exceeds the limit of {limit} bytes") from None
+    too_large = ReportError(Reason.REPORT_TOO_LARGE, f"report exceeds the limit of {limit} bytes")
+    return await budget.read_as(chunks, headers, limit, too_large)
 
 
 def parse_report(body: bytes, content_type: str | None) -> Report:

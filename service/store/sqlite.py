@@ -54,6 +54,7 @@ from service.store.models import (
     Transition,
 )
 from service.store.sealing import Sealer
+from service.store.walindex import WalIndexGuard
 
 _MAX_GROUP = 512
 _RATES_PRUNE_EVERY = 60.0
@@ -91,6 +92,8 @@ class SqliteStore:
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._index: WalIndexGuard | None = None
+        self._index_lost = False
         # Rate buckets: one process owns a SQLite store, so they live in its memory, never on disk.
         self._rates: dict[str, float] = {}
         self._rates_pruned = 0.0
@@ -108,6 +111,7 @@ class SqliteStore:
             )
             self._writer.start()
             await ready
+            self._index = WalIndexGuard(self._path)
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only = ON")
             await self.check_keys()
@@ -123,6 +127,9 @@ class SqliteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -154,6 +161,17 @@ class SqliteStore:
         conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
         return conn
 
+    def _cannot_open(self, exc: Exception) -> str:
+        """Why the store cannot be opened, naming the file and, for SQLite's own refusals (a read-only
+        directory or -shm file, a full disk), its error code and what the process needs."""
+        name = getattr(exc, "sqlite_errorname", None)
+        if name is None:
+            return f"cannot open store {self._path}: {exc}"
+        return (
+            f"cannot open store {self._path}: {exc} ({name}); the process must be able to write the"
+            " database, its directory and the -wal and -shm files beside it, on a volume with room"
+        )
+
     # -- the writer thread -----------------------------------------------------------------------
 
     def _write_loop(self, ready: asyncio.Future[None]) -> None:
@@ -165,7 +183,7 @@ class SqliteStore:
             conn.execute(*common.reclaim_leases("%", SQLITE))
             conn.execute(*common.reclaim_channel_holds("%", self._clock(), SQLITE))
         except Exception as exc:
-            loop.call_soon_threadsafe(ready.set_exception, StoreError(f"cannot open store: {exc}"))
+            loop.call_soon_threadsafe(ready.set_exception, StoreError(self._cannot_open(exc)))
             return
         loop.call_soon_threadsafe(ready.set_result, None)
         while True:
@@ -192,6 +210,7 @@ class SqliteStore:
     ) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
+            self._check_index(restore=True)
             conn.execute("BEGIN IMMEDIATE")
             for i, (work, _) in enumerate(group):
                 conn.execute(f"SAVEPOINT w{i}")
@@ -203,7 +222,7 @@ class SqliteStore:
                     conn.execute(f"RELEASE w{i}")
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {exc}")
@@ -215,6 +234,26 @@ class SqliteStore:
             by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
         for loop, settled in by_loop.items():
             loop.call_soon_threadsafe(_settle, settled)
+
+    def _check_index(self, restore: bool = False) -> None:
+        """StoreError while SQLite's WAL index cannot be used safely (see `WalIndexGuard`), reported
+        once per episode. The writer thread, between transactions, passes `restore`: holding the
+        reader too, it gives a shrunk index its size back for SQLite to rebuild, and goes on."""
+        if self._index is None:
+            return  # opening: no transaction but the writer's own migrations yet
+        try:
+            self._index.check()
+        except StoreError as exc:
+            if not self._index_lost:
+                self._on_failure(Reason.STORE_INDEX_LOST, str(exc))
+            self._index_lost = True
+            if not restore:
+                raise
+            with self._read_lock:
+                if not self._index.restore():
+                    raise
+            self._index.check()
+        self._index_lost = False
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
@@ -231,6 +270,7 @@ class SqliteStore:
             if self._reader is None:
                 raise StoreError("store is not open")
             with self._read_lock:
+                self._check_index()
                 return work(self._reader)
 
         try:

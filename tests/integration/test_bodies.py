@@ -101,6 +101,11 @@ def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
         with open_upload(service, report, 8 * 1024) as sock:
             got, text = answer(sock)
         assert got == 503 and '"error":"body_budget_full"' in text
+        # Anyone's report too: it counts against the same bytes, whoever sends it.
+        public = {":path": "/v1/public/reports", "Content-Type": "text/plain"}
+        with open_upload(service, public, 8 * 1024, sent=b"x") as sock:
+            got, text = answer(sock)
+        assert got == 503 and '"error":"body_budget_full"' in text and "retry-after: 1" in text.lower()
         # A small body still fits in what is left: the budget counts what each declared.
         body = build_alert([sandbox.tokens[0]], url=None)
         assert service.post_alert(sandbox.github, [], body=body).status_code == 200
@@ -114,6 +119,12 @@ def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
         got, text = answer(sock)
     assert got == 401 and '"error":"signature_invalid"' in text
     assert service.failures("inbound", "body_budget_full") == 1
+    assert service.failures("public", "body_budget_full") == 1
+    # Once the budget is free, the same report is read as any other and received.
+    public = {":path": "/v1/public/reports", "Content-Type": "text/plain"}
+    with open_upload(service, public, 8 * 1024, sent=b"x" * 8 * 1024) as sock:
+        got, text = answer(sock)
+    assert got == 202, text
 
 
 def test_a_crowd_of_unsigned_uploads_costs_no_memory(service):

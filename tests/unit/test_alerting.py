@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.alerting import FILTERED, EventBudget, Pager, scrub_event
+from service.alerting import FILTERED, EventBudget, PageCourier, Pager, scrub_event
 from service.reasons import Reason
 from service.tokens import redact
 
@@ -95,15 +95,12 @@ def test_admin_token_refused_is_one_condition_but_each_unrevoked_key_is_its_own(
     assert codes.count(Reason.REVOCATION_FAILED) == 5
 
 
-def test_error_events_have_a_budget_and_pages_do_not():
+def test_error_events_have_a_budget():
     clock = Clock()
     budget = EventBudget(burst=3, per_second=0.5, clock=clock)
-    error = {"level": "error", "message": "boom"}
-    page = {"level": "fatal", "tags": {"page": "revocation_failed"}}
-    assert [budget.admit(error) for _ in range(5)] == [True, True, True, False, False]
-    assert all(budget.admit(page) for _ in range(1000))
+    assert [budget.admit() for _ in range(5)] == [True, True, True, False, False]
     clock.now += 2  # one token back
-    assert [budget.admit(error) for _ in range(2)] == [True, False]
+    assert [budget.admit() for _ in range(2)] == [True, False]
 
 
 def test_url_passwords_are_masked_in_events_and_logs():
@@ -114,3 +111,42 @@ def test_url_passwords_are_masked_in_events_and_logs():
     scrubbed = scrub_event(event)
     assert scrubbed["message"] == "could not connect to postgresql://leak:***@db/leak"
     assert scrubbed["extra"]["x"] == ["smtp://u:***@m"]
+
+
+class FakeTransport:
+    """The SDK's transport as the courier sees it: full for a while, then with room."""
+
+    def __init__(self, full_for: int) -> None:
+        self.full_for = full_for
+
+    def is_healthy(self) -> bool:
+        self.full_for -= 1
+        return self.full_for < 0
+
+
+class FakeClient:
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport = transport
+        self.captured: list[dict] = []
+        self.closed = False
+
+    def capture_event(self, event: dict) -> None:
+        if event.get("explode"):
+            raise RuntimeError("the SDK failed")
+        assert self.transport.is_healthy(), "handed over while the transport was full"
+        self.captured.append(event)
+
+    def close(self, timeout: float) -> None:
+        self.closed = True
+
+
+def test_the_courier_waits_for_room_and_no_page_stops_the_next():
+    client = FakeClient(FakeTransport(full_for=5))
+    courier = PageCourier(client, poll=0.001)  # type: ignore[arg-type]
+    pages = [{"message": f"page {n}"} for n in range(3)]
+    courier.send(pages[0])
+    courier.send({"explode": True})
+    for page in pages[1:]:
+        courier.send(page)
+    courier.close(timeout=5)
+    assert client.captured == pages and client.closed

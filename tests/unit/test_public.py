@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from service.alerting import OncePerCondition, Pager
+from service.alerting import Gathering, Pager
+from service.inbound import BodyBudget
 from service.inbound.public import (
     REPORT_LIMIT,
     ClientNames,
@@ -178,7 +179,7 @@ def test_the_size_limit_is_counted_while_reading(size):
             yield b"x" * min(1000, size - start)
 
     async def read():
-        return await read_public(chunks())
+        return await read_public(chunks(), {}, BodyBudget(2 * REPORT_LIMIT))
 
     if size <= REPORT_LIMIT:
         assert len(asyncio.run(read())) == size
@@ -193,27 +194,32 @@ def test_the_size_limit_is_counted_while_reading(size):
 
 class Recorder(Pager):
     def __init__(self) -> None:
+        flood = Gathering(gather=0.2, window=0.3, until_quiet=True)
+        super().__init__(conditions={Reason.PUBLIC_REPORTS_FLOODED: flood})
         self.pages: list[tuple[Reason, str, dict[str, str]]] = []
 
-    def page(self, code, message, tags, context) -> None:
-        super().page(code, message, tags, context)
+    def _deliver(self, code, message, tags, context) -> None:
+        super()._deliver(code, message, tags, context)
         self.pages.append((code, message, dict(tags)))
 
 
 def test_a_flood_pages_once_with_its_count_and_again_after_a_quiet_spell():
     async def scenario() -> list[tuple[Reason, str, dict[str, str]]]:
         pager = Recorder()
-        flooded = OncePerCondition(pager, Reason.PUBLIC_REPORTS_FLOODED, "flooded", gather=0.2, quiet=0.3)
+
+        def refused() -> None:
+            pager.page(Reason.PUBLIC_REPORTS_FLOODED, "flooded", {}, {})
+
         for _ in range(50):
-            flooded.happened()
+            refused()
         await asyncio.sleep(0.25)
         assert len(pager.pages) == 1
         for _ in range(10):
-            flooded.happened()
+            refused()
             await asyncio.sleep(0.05)
         assert len(pager.pages) == 1, "one page while the condition lasts"
         await asyncio.sleep(0.5)
-        flooded.happened()
+        refused()
         await asyncio.sleep(0.3)
         return pager.pages
 
