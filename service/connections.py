@@ -18,8 +18,7 @@ import asyncio
 import logging
 import resource
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("service.connections")
 
@@ -47,11 +46,15 @@ def connection_cap(file_limit: int) -> int:
     return max(file_limit - RESERVED, 16)
 
 
-def bounded_protocol(idle_timeout: float, cap: int) -> type[H11Protocol]:
-    """uvicorn's HTTP/1.1 protocol with an idle timeout for the first request head and a cap."""
-    waiting: dict[H11Protocol, asyncio.TimerHandle] = {}  # insertion order: oldest first
+def bounded_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP/1.1 protocol with an idle timeout for the first request head and a cap.
 
-    class Bounded(H11Protocol):
+    httptools' parser (C) rather than h11's (pure Python): h11 cost the ack path about a quarter of
+    its CPU per alert under load (see BENCHMARKS.md); both come with `uvicorn[standard]`.
+    """
+    waiting: dict[HttpToolsProtocol, asyncio.TimerHandle] = {}  # insertion order: oldest first
+
+    class Bounded(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > cap:
@@ -64,10 +67,9 @@ def bounded_protocol(idle_timeout: float, cap: int) -> type[H11Protocol]:
                 oldest.transport.close()
             waiting[self] = self.loop.call_later(idle_timeout, transport.close)
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.conn.their_state is not h11.IDLE:  # a request head has arrived
-                self._started()
+        def on_headers_complete(self) -> None:
+            self._started()  # a request head has arrived
+            super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._started()

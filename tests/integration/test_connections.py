@@ -52,3 +52,22 @@ def test_more_idle_connections_than_the_file_limit_do_not_make_it_deaf(limited):
         for sock in crowd:
             sock.close()
     assert limited.proc.poll() is None
+
+
+
+def test_a_request_whose_head_arrived_is_not_cut_by_the_idle_timeout(sandbox, limited):
+    # The timeout is for connections that never send a request head; once one has arrived, a body
+    # slower than the timeout (a partner on a poor link) is still read and answered: here a signed
+    # empty alert, refused only once its body is read.
+    signature = sandbox.github.sign(b"[]")
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/alerts/github HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Github-Public-Key-Identifier: {sandbox.github.key_identifier}\r\n".encode()
+            + f"Github-Public-Key-Signature: {signature}\r\nContent-Length: 2\r\n\r\n".encode()
+        )
+        time.sleep(2)  # twice the idle timeout
+        sock.sendall(b"[]")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"body_empty" in answer
