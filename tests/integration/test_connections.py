@@ -54,7 +54,6 @@ def test_more_idle_connections_than_the_file_limit_do_not_make_it_deaf(limited):
     assert limited.proc.poll() is None
 
 
-
 def test_a_request_whose_head_arrived_is_not_cut_by_the_idle_timeout(sandbox, limited):
     # The timeout is for connections that never send a request head; once one has arrived, a body
     # slower than the timeout (a partner on a poor link) is still read and answered: here a signed
