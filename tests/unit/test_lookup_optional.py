@@ -13,6 +13,7 @@ import pytest
 from service.reasons import Reason
 from service.store import ChannelType
 from service.supermemory import KeyInfo, SupermemoryClient
+from tests.unit.http_stub import stub
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 24).decode()
 WEBHOOK = {"id": "wh", "type": "webhook", "url": "https://hooks.example/x", "secret": SECRET}
@@ -35,18 +36,14 @@ def looked_up(**extra: Any) -> KeyInfo:
         return httpx.Response(200, json={"keys": [entry]})
 
     async def go() -> KeyInfo:
-        client = SupermemoryClient(
-            api_url="https://api.test",
-            admin_url="https://admin.test",
-            admin_token="t",
-            timeout=1,
-            concurrency=1,
-            transport=httpx.MockTransport(handler),
-        )
-        try:
-            return (await client.lookup(["h" * 64]))["h" * 64]
-        finally:
-            await client.aclose()
+        async with stub(handler) as server:
+            client = SupermemoryClient(
+                api_url=server.url, admin_url=server.url, admin_token="t", timeout=1, concurrency=1
+            )
+            try:
+                return (await client.lookup(["h" * 64]))["h" * 64]
+            finally:
+                await client.aclose()
 
     return asyncio.run(go())
 

@@ -1,5 +1,6 @@
-"""The Supermemory client's classification of every answer (docs/contract.md §6), against a mocked transport:
-this is the one place where the HTTP boundary is faked, to reach answers a real server rarely gives."""
+"""The Supermemory client's classification of every answer (docs/contract.md §6), against a stub server
+on loopback (tests/unit/http_stub.py): this is the one place where the other side of the HTTP boundary
+is faked, to reach answers a real server rarely gives."""
 
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ import pytest
 
 from service.reasons import Reason
 from service.supermemory import CallFailed, ProbeVerdict, RevokeResult, SupermemoryClient
+from tests.unit.http_stub import HANG_UP, SLOW, stub
 
 TOKEN = "sm_" + "k" * 22 + "_" + "s" * 64
 
 
-def client_for(handler) -> SupermemoryClient:
+def client_for(url: str) -> SupermemoryClient:
     return SupermemoryClient(
-        api_url="https://api.test",
-        admin_url="https://admin.test",
+        api_url=url + "/api",
+        admin_url=url + "/admin",
         admin_token="admin-secret",
-        timeout=1,
+        timeout=0.5,
         concurrency=4,
-        transport=httpx.MockTransport(handler),
     )
 
 
@@ -33,9 +34,9 @@ def run(coro):
 
 
 def answer(status: int, body: object = None, headers: dict[str, str] | None = None):
-    def handler(request: httpx.Request) -> httpx.Response:
-        if isinstance(body, Exception):
-            raise body
+    def handler(request: httpx.Request) -> object:
+        if body is SLOW or body is HANG_UP:
+            return body
         content = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
         return httpx.Response(status, content=content, headers=headers or {})
 
@@ -43,11 +44,12 @@ def answer(status: int, body: object = None, headers: dict[str, str] | None = No
 
 
 async def probe_with(handler):
-    client = client_for(handler)
-    try:
-        return await client.probe(TOKEN)
-    finally:
-        await client.aclose()
+    async with stub(handler) as server:
+        client = client_for(server.url)
+        try:
+            return await client.probe(TOKEN)
+        finally:
+            await client.aclose()
 
 
 PROBES = [
@@ -66,8 +68,8 @@ PROBES = [
     (answer(500), ProbeVerdict.INCONCLUSIVE, "probe_server_error"),
     (answer(503), ProbeVerdict.INCONCLUSIVE, "probe_server_error"),
     (answer(404), ProbeVerdict.INCONCLUSIVE, "probe_unexpected_status"),
-    (answer(0, httpx.ReadTimeout("slow")), ProbeVerdict.INCONCLUSIVE, "probe_timeout"),
-    (answer(0, httpx.ConnectError("refused")), ProbeVerdict.INCONCLUSIVE, "probe_connection_error"),
+    (answer(0, SLOW), ProbeVerdict.INCONCLUSIVE, "probe_timeout"),
+    (answer(0, HANG_UP), ProbeVerdict.INCONCLUSIVE, "probe_connection_error"),
 ]
 
 
@@ -87,7 +89,7 @@ def test_probe_sends_the_leaked_key_and_not_the_admin_token():
         return httpx.Response(401, json={"error": "Unauthorized"})
 
     run(probe_with(handler))
-    assert seen[0].url == "https://api.test/v3/session"
+    assert seen[0].url.path == "/api/v3/session"
     assert seen[0].headers["Authorization"] == f"Bearer {TOKEN}"
 
 
@@ -102,11 +104,12 @@ def test_retry_after_as_http_date():
 
 
 async def lookup_with(handler, hashes):
-    client = client_for(handler)
-    try:
-        return await client.lookup(hashes)
-    finally:
-        await client.aclose()
+    async with stub(handler) as server:
+        client = client_for(server.url)
+        try:
+            return await client.lookup(hashes)
+        finally:
+            await client.aclose()
 
 
 def test_lookup_parses_keys_and_recipients():
@@ -150,8 +153,8 @@ def test_lookup_parses_keys_and_recipients():
         (answer(200, b"<html>"), Reason.BAD_RESPONSE),
         (answer(200, {"keys": [{"id": "no hash"}]}), Reason.BAD_RESPONSE),
         (answer(400), Reason.BAD_RESPONSE),
-        (answer(0, httpx.ConnectTimeout("slow")), Reason.TIMEOUT),
-        (answer(0, httpx.ConnectError("refused")), Reason.CONNECTION_ERROR),
+        (answer(0, SLOW), Reason.TIMEOUT),
+        (answer(0, HANG_UP), Reason.CONNECTION_ERROR),
     ],
     ids=["401", "403", "429", "502", "html", "shape", "400", "timeout", "refused"],
 )
@@ -164,8 +167,8 @@ def test_lookup_failures(handler, reason):
 
 
 def test_an_unreadable_answer_is_a_bad_response_not_a_crash():
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+    def handler(request: httpx.Request) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 15\r\n\r\nnot gzip at all"
 
     with pytest.raises(CallFailed) as caught:
         run(lookup_with(handler, ["a" * 64]))
@@ -187,11 +190,12 @@ def test_lookup_of_more_than_100_hashes_goes_out_in_calls_of_at_most_100():
 
 
 async def revoke_with(handler, key_id="key_1"):
-    client = client_for(handler)
-    try:
-        return await client.revoke(key_id)
-    finally:
-        await client.aclose()
+    async with stub(handler) as server:
+        client = client_for(server.url)
+        try:
+            return await client.revoke(key_id)
+        finally:
+            await client.aclose()
 
 
 def test_revoke_200_and_404_both_mean_revoked():
@@ -208,7 +212,7 @@ def test_revoke_quotes_the_key_id():
 
     run(revoke_with(handler, key_id="a/../b"))
     assert seen[0].method == "DELETE"
-    assert seen[0].url.raw_path == b"/v3/auth/scoped-key/a%2F..%2Fb"
+    assert seen[0].url.raw_path == b"/admin/v3/auth/scoped-key/a%2F..%2Fb"
 
 
 @pytest.mark.parametrize(
@@ -222,8 +226,20 @@ def test_revoke_failures(status, reason):
 
 
 def test_no_exception_text_carries_the_token():
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError(f"cannot connect while sending {request.headers['Authorization']}")
+    # A server that hangs up on the probe, and one that is not there at all.
+    probe = run(probe_with(answer(0, HANG_UP)))
+    assert probe.reason == "probe_connection_error"
+    assert TOKEN not in repr(probe)
 
-    probe = run(probe_with(handler))
+    async def refused():
+        async with stub(answer(200)) as server:
+            url = server.url
+        client = client_for(url)  # the port is closed now
+        try:
+            return await client.probe(TOKEN)
+        finally:
+            await client.aclose()
+
+    probe = run(refused())
+    assert probe.reason == "probe_connection_error"
     assert TOKEN not in repr(probe)
