@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 
 from service.observability import failure
 from service.pipeline.retry import resolve_transition, retry_transition
@@ -28,6 +28,7 @@ from service.store import (
     StoreError,
     TokenSighting,
     Transition,
+    channel_state,
 )
 from service.tasks import drain
 from service.tokens import is_key_shaped, token_hash
@@ -64,8 +65,9 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat = 0.0
-        # Called after a commit that applied transitions: the channel outbox's events of those
-        # transitions are due now (set by the runtime; the pipeline does not know who listens).
+        # Called after a commit that applied transitions the channels hear of: the channel outbox's
+        # events of those transitions are due now (set by the runtime; the pipeline does not know
+        # who listens).
         self.after_commit: Callable[[], None] = lambda: None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class Worker:
             )
             return
         recorded(transitions, applied)
-        if any(applied):
+        if _tell_channels(t for t, ok in zip(transitions, applied, strict=True) if ok):
             self.after_commit()
         if any(ok and t.next_run_at is not None for t, ok in zip(transitions, applied, strict=True)):
             self._wake.set()
@@ -243,7 +245,7 @@ class Worker:
         gated(refs)
         applied = [r.applied for r in refs if r.applied is not None]
         recorded(applied, [True] * len(applied))
-        if applied:
+        if _tell_channels(applied):
             self.after_commit()
         # Work this commit made due now: tokens left for a worker, keys just matched.
         if any(r.state is State.RECEIVED or (r.state is State.MATCHED and r.applied) for r in refs):
@@ -278,3 +280,10 @@ class Worker:
             )
             self.wake()
         return applied[0]
+
+
+def _tell_channels(applied: Iterable[Transition]) -> bool:
+    """Whether applied transitions wrote channel events, which are then due at once. Most of an ack
+    path's transitions are false positives, which tell no channel: waking the channel sender for
+    them cost a claim (a write) and a read per alert under load."""
+    return any(channel_state(t) is not None for t in applied)

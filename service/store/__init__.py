@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.store.base import Store, StoreError
-from service.store.common import RewrapReport
+from service.store.common import RewrapReport, channel_state
 from service.store.models import (
     CHANNEL_STATES,
     DELIVERY_FINAL,
@@ -78,6 +78,7 @@ __all__ = [
     "Timed",
     "TokenSighting",
     "Transition",
+    "channel_state",
     "embedded_key",
     "key_id",
 ]

@@ -377,6 +377,9 @@ class PostgresStore:
         # An alert is one per (reporter, body): a replay (or two copies in one batch) keeps the first
         # row. Each input alert's id is the row it inserted (RETURNING) or, for a replay, the row
         # already there (the statement's snapshot): the batch's n-th alert is numbered n either way.
+        # The earlier row is looked up per replayed alert through the replay index, which leaves
+        # public reports out, so the lookup says so too: as a join (or without `<> 'public'`) the
+        # planner read the whole alerts table on every batch.
         # A sighting is one per (incident, reporter, url, source): a place already seen adds nothing.
         rows = await self._rows(
             conn,
@@ -386,11 +389,12 @@ class PostgresStore:
             " alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
             " new_incidents) SELECT reporter, operator, received_at, body_sha256, item_count, new_incidents"
             f" FROM input ORDER BY n {common.REPLAY_CONFLICT} RETURNING id, reporter, body_sha256),"
-            " numbered AS (SELECT DISTINCT ON (input.n) input.n, COALESCE(alert.id, earlier.id) AS id"
+            " numbered AS (SELECT DISTINCT ON (input.n) input.n, COALESCE(alert.id, (SELECT min(earlier.id)"
+            " FROM alerts earlier WHERE earlier.reporter = input.reporter"
+            " AND earlier.body_sha256 = input.body_sha256 AND earlier.reporter <> 'public')) AS id"
             " FROM input"
             " LEFT JOIN alert ON alert.reporter = input.reporter AND alert.body_sha256 = input.body_sha256"
-            " LEFT JOIN alerts earlier ON alert.id IS NULL AND earlier.reporter = input.reporter"
-            " AND earlier.body_sha256 = input.body_sha256 ORDER BY input.n, alert.id, earlier.id),"
+            " ORDER BY input.n, alert.id),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
             " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"

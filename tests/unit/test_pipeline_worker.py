@@ -189,6 +189,40 @@ def test_accept_looks_up_then_commits_the_labels_with_the_alert_and_wakes_the_wo
     assert reasons == [Reason.SHAPE_GATE, Reason.NOT_A_KEY]
 
 
+def test_accept_wakes_the_channel_sender_only_for_a_transition_the_channels_hear_of(tmp_path, clock):
+    client = FakeSupermemory()
+    client.know(key_info(1, "a@example.test"))
+
+    async def scenario(store):
+        worker = worker_for(store, clock, client)
+        woken: list[str] = []
+        worker.after_commit = lambda: woken.append("woken")
+        await worker.accept(*alert_of(token(2), "not-a-key"), budget=5.0)  # false positives only
+        after_false_positives = len(woken)
+        await worker.accept(*alert_of(token(1)), budget=5.0)  # a key: matched
+        return after_false_positives, len(woken)
+
+    assert run_with_store(tmp_path, clock, scenario) == (0, 1)
+
+
+def test_a_match_step_wakes_the_channel_sender_only_for_a_transition_the_channels_hear_of(tmp_path, clock):
+    client = FakeSupermemory()
+    client.know(key_info(1, "a@example.test"))
+
+    async def scenario(store):
+        worker = worker_for(store, clock, client)
+        woken: list[str] = []
+        worker.after_commit = lambda: woken.append("woken")
+        await put(store, clock, 2, State.RECEIVED)  # not a key
+        await routed(worker, store)
+        after_false_positive = len(woken)
+        await put(store, clock, 1, State.RECEIVED)
+        await routed(worker, store)
+        return after_false_positive, len(woken)
+
+    assert run_with_store(tmp_path, clock, scenario) == (0, 1)
+
+
 def test_accept_with_no_budget_left_looks_nothing_up_and_a_known_token_keeps_its_label(tmp_path, clock):
     client = FakeSupermemory()
 
