@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 # Seconds a SIGTERM gives in-flight requests; the worker then gets as long again for its steps.
 SHUTDOWN_GRACE = 10
+# Seconds a thread may hold the interpreter lock while another waits for it (Python's default: 0.005).
+SWITCH_INTERVAL = 0.001
 
 
 def _on_store(work: Coroutine[Any, Any, T], code: int) -> T:
@@ -114,6 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     _store_or_exit(settings)
     configure_logging(settings.log_level, settings.log_format)
+    # The SQLite writer thread takes the interpreter lock back after every statement; with the
+    # default 5 ms switch interval it waited up to that long each time the event loop was busy,
+    # which under load was most of an intake's wait (BENCHMARKS.md, ack section).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     server = _Server(_uvicorn_config(create_app(settings), args.host, args.port, settings))
     server.run()
     return 0 if server.started else 1
