@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import logging
 import random
@@ -424,6 +425,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await rt.start()
         app.state.runtime = rt
+        # What start-up made (modules, settings, templates, the runtime) lives as long as the
+        # process: out of the collector's sight, a full collection under load takes a few ms
+        # instead of 30-150, a pause every request in flight would wait out (BENCHMARKS.md).
+        gc.collect()
+        gc.freeze()
         log.info("leak-responder ready", extra={"mode": settings.mode, "reporters": ",".join(rt.reporters)})
         try:
             yield
