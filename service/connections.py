@@ -49,8 +49,8 @@ def connection_cap(file_limit: int) -> int:
 def bounded_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
     """uvicorn's HTTP/1.1 protocol with an idle timeout for the first request head and a cap.
 
-    httptools' parser (C) rather than h11's (pure Python): h11 cost the ack path about a quarter of
-    its CPU per alert under load (see BENCHMARKS.md); both come with `uvicorn[standard]`.
+    httptools' parser (C) rather than h11's (pure Python): h11 was about a fifth of the event
+    loop's time on the ack path under load (see BENCHMARKS.md); both come with `uvicorn[standard]`.
     """
     waiting: dict[HttpToolsProtocol, asyncio.TimerHandle] = {}  # insertion order: oldest first
 
