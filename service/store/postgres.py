@@ -391,10 +391,15 @@ class PostgresStore:
             f" FROM input ORDER BY n {common.REPLAY_CONFLICT} RETURNING id, reporter, body_sha256),"
             " numbered AS (SELECT DISTINCT ON (input.n) input.n, COALESCE(alert.id, (SELECT min(earlier.id)"
             " FROM alerts earlier WHERE earlier.reporter = input.reporter"
-            " AND earlier.body_sha256 = input.body_sha256 AND earlier.reporter <> 'public')) AS id"
-            " FROM input"
+            " AND earlier.body_sha256 = input.body_sha256 AND earlier.reporter <> 'public')) AS id,"
+            " alert.id IS NULL AS replay FROM input"
             " LEFT JOIN alert ON alert.reporter = input.reporter AND alert.body_sha256 = input.body_sha256"
             " ORDER BY input.n, alert.id),"
+            # A later part of a big alert (or its redelivery after a crash between parts) adds the
+            # incidents it created to the record the first part made (see common.alert_counted).
+            " counted AS (UPDATE alerts SET new_incidents = alerts.new_incidents + input.new_incidents"
+            " FROM numbered JOIN input ON input.n = numbered.n WHERE numbered.replay"
+            " AND alerts.id = numbered.id AND input.new_incidents > 0),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
             " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"

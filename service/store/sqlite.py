@@ -376,6 +376,9 @@ class SqliteStore:
                 (alert_id,) = conn.execute(
                     common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
                 ).fetchone()
+                if created:
+                    # A later part of a big alert, or its redelivery after a crash between parts.
+                    conn.execute(common.alert_counted(SQLITE), (created, alert_id))
             conn.executemany(
                 common.sighting_insert(SQLITE),
                 plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),

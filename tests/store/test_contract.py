@@ -823,3 +823,25 @@ def test_postgres_refuses_to_open_with_migrations_pending(pg_url: str) -> None:
         await store.close()
 
     run(body())
+
+
+def test_an_alert_recorded_in_parts_counts_the_incidents_of_every_part_once(backend: Backend) -> None:
+    """A big alert commits in parts, each an intake of the same record (Worker.accept); a
+    redelivery after a crash between two of them creates what the crash left out. The alert stays
+    one row, and its count of new incidents adds up the parts, a replay adding nothing."""
+    tokens = [key() for _ in range(5)]
+    alert = AlertRecord("github", "c" * 64, len(tokens))
+
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            await store.intake(alert, [sighting(t) for t in tokens[:2]], match_after=5)
+            await store.intake(alert, [sighting(t) for t in tokens[2:3]], match_after=5)
+            # The crash: the last part never committed. The redelivery runs every part again.
+            refs = await store.intake(alert, [sighting(t) for t in tokens[:2]], match_after=5)
+            assert not any(r.created for r in refs)
+            refs = await store.intake(alert, [sighting(t) for t in tokens[2:]], match_after=5)
+            assert [r.created for r in refs] == [False, True, True]
+
+    run(body())
+    assert backend.query("SELECT count(*), max(new_incidents) FROM alerts") == [(1, 5)]
+    assert backend.query("SELECT count(*) FROM sightings") == [(5,)]
