@@ -33,11 +33,13 @@ from service.store import (
     TokenSighting,
     Transition,
 )
+from service.store.common import OFFLOAD_ITEMS
 from service.store.migrations import migrate_postgres as migrate
 from service.store.migrations import migrations
 from service.store.postgres import CHANNEL, PostgresStore
 from service.store.sqlite import SqliteStore
 from service.tokens import token_hash
+from tests.harness import wait_until
 from tests.store.conftest import Backend
 
 ALERT = AlertRecord("github", "0" * 64, 1)
@@ -747,6 +749,39 @@ def test_a_failed_commit_refuses_every_write_of_its_group(
     (record,) = reported(caplog, "store_commit_failed")
     assert (record.stage, record.levelname) == ("store", "ERROR")
     assert failures("store", "store_commit_failed") == before + 1
+
+
+def test_a_bulky_intake_commits_alone_after_the_writes_queued_beside_it(tmp_path: Path) -> None:
+    """A big alert's part (more than OFFLOAD_ITEMS tokens) waits in the writer for the small writes
+    queued behind it, then commits in a transaction of its own: a small alert is not held for it."""
+    sqlite = Backend("sqlite", tmp_path, None)
+    gate, holding = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        gate.wait(10)
+
+    async def queued(count: int, store: SqliteStore) -> None:
+        await asyncio.to_thread(wait_until, lambda: store._queue.qsize() >= count, 10, 0.005)
+
+    async def body() -> None:
+        async with sqlite.opened() as (store,):
+            assert isinstance(store, SqliteStore)
+            first = asyncio.create_task(store._write(hold))
+            await asyncio.to_thread(holding.wait, 10)
+            part = [sighting(key()) for _ in range(OFFLOAD_ITEMS + 1)]
+            bulky = asyncio.create_task(store.intake(AlertRecord("github", "b" * 64, len(part)), part, 5))
+            await queued(1, store)
+            small = asyncio.create_task(store.intake(ALERT, [sighting(key())], match_after=5))
+            await queued(2, store)
+            for name, task in (("bulky", bulky), ("small", small)):
+                task.add_done_callback(lambda _, name=name: finished.append(name))
+            gate.set()
+            await asyncio.gather(first, bulky, small)
+
+    run(body())
+    assert finished == ["small", "bulky"]
 
 
 # -- PostgreSQL only: migrations and wake-ups across processes ---------------------------------------------
