@@ -31,6 +31,7 @@ from service.store import (
     Transition,
     channel_state,
 )
+from service.store.common import OFFLOAD_ITEMS
 from service.supermemory import KeyInfo
 from service.tasks import drain
 from service.tokens import is_key_shaped, token_hash
@@ -233,14 +234,14 @@ class Worker:
         the labels: one commit per alert, and nothing acknowledged before the last commit. The
         lookup only reads, so doing it first risks nothing.
 
-        A big alert goes in parts of at most `INTAKE_PART` distinct tokens, one transaction each:
-        the next part's lookup runs while this one commits, and every other request's lookups and
-        commits go between two parts, so a small alert never waits for a big one's whole work
-        (a writer's queue is first come, first served). A crash between two parts leaves those
-        committed, each whole, and no 2xx: the sender redelivers the same body, whose intake finds
-        the parts already there (a known token adds nothing, the alert row is found by its body's
-        hash, no part is skipped because of it) and commits the rest. The parts cut no token in
-        two: every item of one token is in the part of its first appearance.
+        A big alert goes in parts of at most `INTAKE_PART` distinct tokens, one transaction each,
+        each committed once its lookup is in while the later parts' lookups go on: every other
+        request's commits go between two parts (and its lookup ahead of the big alert's queued
+        ones), so a small alert never waits for a big one's whole work. A crash between two parts
+        leaves those committed, each whole, and no 2xx: the sender redelivers the same body, whose
+        intake finds the parts already there (a known token adds nothing, the alert row is found
+        by its body's hash, no part is skipped because of it) and commits the rest. The parts cut
+        no token in two: every item of one token is in the part of its first appearance.
 
         A token whose lookup failed or did not finish in time is committed in `received`, due at
         once, and gets no label here: a worker takes it over, so a slow Supermemory delays the
@@ -248,25 +249,22 @@ class Worker:
         Every intake passes here, so this is where the shape gate's own decisions are logged.
         """
         deadline = time.monotonic() + budget
-        parts = _parts(sightings, INTAKE_PART) or [[]]
+        # Cutting 100,000 tokens in parts and hashing them is a third of a second: beside the loop.
+        big = len(sightings) > OFFLOAD_ITEMS
+        parts, shaped = await asyncio.to_thread(_plan, sightings) if big else _plan(sightings)
+        # Every part's lookup starts now, as one alert's did before it came in parts: the labels
+        # are as complete within the budget, and a small alert's lookup still goes first.
+        lookups = [self._look_up(hashes, deadline) for hashes in shaped]
         refs: list[IncidentRef] = []
-        ahead = self._look_up(parts[0], deadline)
-        for n, part in enumerate(parts):
-            found = await ahead
-            if n + 1 < len(parts):
-                # The next part's lookup runs while this part commits.
-                ahead = self._look_up(parts[n + 1], deadline)
-            try:
-                refs += await self._intake(alert, part, found)
-            except BaseException:
-                ahead.cancel()
-                raise
+        try:
+            for part, lookup in zip(parts, lookups, strict=True):
+                refs += await self._intake(alert, part, await lookup)
+        finally:
+            for lookup in lookups:
+                lookup.cancel()
         return refs, {r.token_hash: r.label for r in refs if r.label is not None}
 
-    def _look_up(
-        self, part: Sequence[TokenSighting], deadline: float
-    ) -> asyncio.Future[dict[str, KeyInfo | None]]:
-        hashes = list(dict.fromkeys(token_hash(s.token) for s in part if is_key_shaped(s.token)))
+    def _look_up(self, hashes: list[str], deadline: float) -> asyncio.Future[dict[str, KeyInfo | None]]:
         if not hashes:
             future: asyncio.Future[dict[str, KeyInfo | None]] = asyncio.get_running_loop().create_future()
             future.set_result({})
@@ -331,6 +329,15 @@ def _tell_channels(applied: Iterable[Transition]) -> bool:
     path's transitions are false positives, which tell no channel: waking the channel sender for
     them cost a claim (a write) and a read per alert under load."""
     return any(channel_state(t) is not None for t in applied)
+
+
+def _plan(sightings: Sequence[TokenSighting]) -> tuple[list[list[TokenSighting]], list[list[str]]]:
+    """The alert's parts (`_parts`), and each part's key-shaped tokens' hashes, once each."""
+    parts = _parts(sightings, INTAKE_PART) or [[]]
+    shaped = [
+        list(dict.fromkeys(token_hash(s.token) for s in part if is_key_shaped(s.token))) for part in parts
+    ]
+    return parts, shaped
 
 
 def _parts(sightings: Sequence[TokenSighting], size: int) -> list[list[TokenSighting]]:

@@ -60,9 +60,9 @@ def send(service: Service, sandbox: Sandbox, body: bytes, done: list[tuple[str, 
 @pytest.mark.timeout(180)
 def test_a_small_alert_is_answered_between_the_parts_of_a_big_one(sandbox, start):
     service = start()
-    # Each lookup call takes 100 ms, so the big alert's 50 calls outlast one part's commit by far.
+    # Each lookup call takes 100 ms, so the big alert's 80 calls outlast one part's commit by far.
     sandbox.supermemory.set_knobs(latency_ms={"lookup": 100})
-    big_tokens = fresh_tokens(5 * INTAKE_PART)
+    big_tokens = fresh_tokens(8 * INTAKE_PART)
     small_token = f"sm_small{secrets.token_hex(16)}"
     done: list[tuple[str, httpx.Response]] = []
     big = send(service, sandbox, build_alert(big_tokens, url=URL), done, "big")
