@@ -105,9 +105,9 @@ async def receive_alert(request: Request) -> Response:
         claim = await signed_by(reporter, cache, request.headers)
         body = await rt.bodies.read(request.stream(), request.headers, rt.settings.body_limit)
         claim.verify(body)
-        # A big body is CPU work (a 100,000-token alert is seconds of it, a second of that making
-        # every sighting's text safe): done beside the event loop, so other alerts are not held
-        # behind it; a small one is not worth the thread hop.
+        # A big body is CPU work (a 100,000-token alert is half a second of parsing and making
+        # sightings): done beside the event loop, so other alerts are not held behind it; a small
+        # one is not worth the thread hop.
         big = len(body) > OFFLOAD_BYTES
         sightings = await asyncio.to_thread(_sightings, body, name) if big else _sightings(body, name)
     except InboundError as exc:
