@@ -44,7 +44,7 @@ from psycopg_pool import AsyncConnectionPool
 from service.reasons import Reason
 from service.store import common, migrations
 from service.store.base import FailureHook, StoreError, ignore_failure
-from service.store.common import Dialect, IntakePlan, NewIncident, RewrapReport, Take
+from service.store.common import OFFLOAD_ITEMS, Dialect, IntakePlan, NewIncident, RewrapReport, Take
 from service.store.models import (
     AlertRecord,
     ChannelJob,
@@ -99,6 +99,18 @@ class _Intake:
     plan: IntakePlan
     decide: Decide | None
     future: asyncio.Future[list[IncidentRef]]
+
+
+def _next_batch(queued: list[_Intake]) -> list[_Intake]:
+    """Taken off `queued`, in order: a bulky intake (a big alert's part, of more than OFFLOAD_ITEMS
+    tokens) alone, or else the small ones up to the next bulky one (at most `_MAX_BATCH`). A small
+    alert never shares a transaction with a part's statements; it waits for a part to be taken by
+    a batcher, not to be committed, since the other batchers go on beside it."""
+    bulky = [len(intake.plan.candidates) > OFFLOAD_ITEMS for intake in queued[:_MAX_BATCH]]
+    count = 1 if bulky[0] else next((n for n, big in enumerate(bulky) if big), len(bulky))
+    batch = queued[:count]
+    del queued[:count]
+    return batch
 
 
 def _settle(future: asyncio.Future[list[IncidentRef]], outcome: list[IncidentRef] | BaseException) -> None:
@@ -275,8 +287,7 @@ class PostgresStore:
         batch: list[_Intake] = []
         try:
             while self._intakes:
-                batch = self._intakes[:_MAX_BATCH]
-                del self._intakes[:_MAX_BATCH]
+                batch = _next_batch(self._intakes)
                 if len(batch) > 1:
                     try:
                         done = await self._write(functools.partial(self._intake_batch, batch=batch))

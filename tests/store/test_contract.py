@@ -33,7 +33,8 @@ from service.store import (
     TokenSighting,
     Transition,
 )
-from service.store.common import OFFLOAD_ITEMS
+from service.store import postgres as postgres_store
+from service.store.common import OFFLOAD_ITEMS, IntakePlan
 from service.store.migrations import migrate_postgres as migrate
 from service.store.migrations import migrations
 from service.store.postgres import CHANNEL, PostgresStore
@@ -788,6 +789,22 @@ def test_a_bulky_intake_commits_alone_after_the_writes_queued_beside_it(tmp_path
 
 
 # SQLite has one process: it migrates at open and wakes its worker in-process.
+
+
+def test_a_big_alerts_part_is_batched_alone_and_small_intakes_up_to_it() -> None:
+    """PostgreSQL batches queued intakes into one transaction; a big alert's part (more than
+    OFFLOAD_ITEMS tokens) goes alone, so that no small alert waits for its statements."""
+
+    def queued(size: int) -> postgres_store._Intake:
+        plan = IntakePlan({f"{size}-{n}": None for n in range(size)}, [])  # type: ignore[misc]
+        return postgres_store._Intake(ALERT, [], plan, None, None)  # type: ignore[arg-type]
+
+    small, part = 1, OFFLOAD_ITEMS + 1
+    queue = [queued(n) for n in (small, small, part, small, part, part, small)]
+    sizes = []
+    while queue:
+        sizes.append([len(i.plan.candidates) for i in postgres_store._next_batch(queue)])
+    assert sizes == [[small, small], [part], [small], [part], [part], [small]]
 
 
 def test_watch_wakes_other_replicas_when_a_commit_makes_work_due(postgres: Backend) -> None:
