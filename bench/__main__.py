@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import ack, channels, console, core, notify, pg, public, scan
+from bench import ack, channels, console, core, hol, notify, pg, public, scan
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "ack": ack.run,
     "confirm": core.bench_confirm,
     "big": core.bench_big,
+    "hol": hol.run,
     "scan": scan.run,
     "notify": notify.run,
     "pg": pg.run,

@@ -95,7 +95,9 @@ class Coalescer:
       10,000-token alert is not serialised behind one call at a time.
 
     A caller's hashes travel in chunks of at most `batch`; a chunk is never split between calls, so
-    a call that fails fails exactly the callers whose chunks it carried.
+    a call that fails fails exactly the callers whose chunks it carried. A caller of one chunk (a
+    small alert) goes ahead of the queued chunks of bigger ones: it rides the next call rather
+    than wait behind a big alert's hundreds of calls.
     """
 
     def __init__(self, call: LookupCall, *, batch: int = LOOKUP_BATCH, parallel: int = 8) -> None:
@@ -104,6 +106,9 @@ class Coalescer:
         self._parallel = parallel
         self._queue: collections.deque[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]
         self._queue = collections.deque()
+        # Chunks of one-chunk callers, served before `_queue`.
+        self._ahead: collections.deque[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]
+        self._ahead = collections.deque()
         self._queued = 0
         self._inflight = 0
         # Strong references: the event loop keeps only weak ones to running tasks.
@@ -113,10 +118,11 @@ class Coalescer:
         """Which of these hashes are keys; CallFailed if a call carrying any of them failed."""
         loop = asyncio.get_running_loop()
         futures = []
+        queue = self._ahead if len(hashes) <= self._batch else self._queue
         for start in range(0, len(hashes), self._batch):
             chunk = list(hashes[start : start + self._batch])
             future: asyncio.Future[dict[str, KeyInfo]] = loop.create_future()
-            self._queue.append((chunk, future))
+            queue.append((chunk, future))
             self._queued += len(chunk)
             futures.append(future)
         self._dispatch()
@@ -132,17 +138,18 @@ class Coalescer:
         return found
 
     def _dispatch(self) -> None:
-        while self._queue and self._inflight < self._parallel:
+        while (self._ahead or self._queue) and self._inflight < self._parallel:
             if self._inflight and self._queued < self._batch:
                 return
             group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] = []
             size = 0
-            while self._queue and size + len(self._queue[0][0]) <= self._batch:
-                chunk, future = self._queue.popleft()
-                self._queued -= len(chunk)
-                if not future.done():
-                    group.append((chunk, future))
-                    size += len(chunk)
+            for queue in (self._ahead, self._queue):
+                while queue and size + len(queue[0][0]) <= self._batch:
+                    chunk, future = queue.popleft()
+                    self._queued -= len(chunk)
+                    if not future.done():
+                        group.append((chunk, future))
+                        size += len(chunk)
             if group:
                 self._inflight += 1
                 task = asyncio.get_running_loop().create_task(self._send(group))

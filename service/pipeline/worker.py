@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -30,12 +31,17 @@ from service.store import (
     Transition,
     channel_state,
 )
+from service.store.common import OFFLOAD_ITEMS
+from service.supermemory import KeyInfo
 from service.tasks import drain
 from service.tokens import is_key_shaped, token_hash
 
 log = logging.getLogger("service.pipeline")
 
 _IDLE_POLL = 2.0
+# Distinct tokens per intake transaction of one alert (see Worker.accept): big enough that a
+# 10,000-token alert is ten commits, small enough that a part's transaction is tens of milliseconds.
+INTAKE_PART = 1000
 
 
 class Worker:
@@ -225,23 +231,57 @@ class Worker:
         self, alert: AlertRecord, sightings: Sequence[TokenSighting], budget: float
     ) -> tuple[list[IncidentRef], dict[str, Label]]:
         """Look up an alert's key-shaped tokens within `budget` seconds, then commit the alert with
-        the labels in one transaction: one commit per alert, and nothing committed (so nothing
-        acknowledged) before it. The lookup only reads, so doing it first risks nothing.
+        the labels: one commit per alert, and nothing acknowledged before the last commit. The
+        lookup only reads, so doing it first risks nothing.
+
+        A big alert goes in parts of at most `INTAKE_PART` distinct tokens, one transaction each,
+        each committed once its lookup is in while the later parts' lookups go on: every other
+        request's commits go between two parts (and its lookup ahead of the big alert's queued
+        ones), so a small alert never waits for a big one's whole work. A crash between two parts
+        leaves those committed, each whole, and no 2xx: the sender redelivers the same body, whose
+        intake finds the parts already there (a known token adds nothing, the alert row is found
+        by its body's hash, no part is skipped because of it) and commits the rest. The parts cut
+        no token in two: every item of one token is in the part of its first appearance.
 
         A token whose lookup failed or did not finish in time is committed in `received`, due at
         once, and gets no label here: a worker takes it over, so a slow Supermemory delays the
         answer's completeness, never the alert. A token already known keeps the label it has.
         Every intake passes here, so this is where the shape gate's own decisions are logged.
         """
-        hashes = list(dict.fromkeys(token_hash(s.token) for s in sightings if is_key_shaped(s.token)))
-        found = await self.steps.lookup(hashes, budget) if hashes else {}
+        deadline = time.monotonic() + budget
+        # Cutting 100,000 tokens in parts and hashing them is a third of a second: beside the loop.
+        big = len(sightings) > OFFLOAD_ITEMS
+        parts, shaped = await asyncio.to_thread(_plan, sightings) if big else _plan(sightings)
+        # Every part's lookup starts now, as one alert's did before it came in parts: the labels
+        # are as complete within the budget, and a small alert's lookup still goes first.
+        lookups = [self._look_up(hashes, deadline) for hashes in shaped]
+        refs: list[IncidentRef] = []
+        try:
+            for part, lookup in zip(parts, lookups, strict=True):
+                refs += await self._intake(alert, part, await lookup)
+        finally:
+            for lookup in lookups:
+                lookup.cancel()
+        return refs, {r.token_hash: r.label for r in refs if r.label is not None}
+
+    def _look_up(self, hashes: list[str], deadline: float) -> asyncio.Future[dict[str, KeyInfo | None]]:
+        if not hashes:
+            future: asyncio.Future[dict[str, KeyInfo | None]] = asyncio.get_running_loop().create_future()
+            future.set_result({})
+            return future
+        return asyncio.ensure_future(self.steps.lookup(hashes, deadline - time.monotonic()))
+
+    async def _intake(
+        self, alert: AlertRecord, part: Sequence[TokenSighting], found: dict[str, KeyInfo | None]
+    ) -> list[IncidentRef]:
+        """One transaction: the part's incidents, sightings, the alert's record, the decided labels."""
 
         def decide(ref: IncidentRef) -> Transition | None:
             if ref.token_hash not in found:
                 return None
             return self.steps.matched(ref.id, found[ref.token_hash], None)
 
-        refs = await self.store.intake(alert, sightings, match_after=0, decide=decide)
+        refs = await self.store.intake(alert, part, match_after=0, decide=decide)
         gated(refs)
         applied = [r.applied for r in refs if r.applied is not None]
         recorded(applied, [True] * len(applied))
@@ -250,7 +290,9 @@ class Worker:
         # Work this commit made due now: tokens left for a worker, keys just matched.
         if any(r.state is State.RECEIVED or (r.state is State.MATCHED and r.applied) for r in refs):
             self.wake()
-        return refs, {r.token_hash: r.label for r in refs if r.label is not None}
+        # The transitions are recorded now: the refs the caller keeps until the last part (for the
+        # answer) do not keep them too, or a big alert would hold every one of them at once.
+        return [dataclasses.replace(r, applied=None) if r.applied else r for r in refs]
 
     async def retry(self, incident: Incident, operator: str) -> bool:
         """Run a stuck incident's step now, on an operator's word (see `retry_transition`).
@@ -287,3 +329,26 @@ def _tell_channels(applied: Iterable[Transition]) -> bool:
     path's transitions are false positives, which tell no channel: waking the channel sender for
     them cost a claim (a write) and a read per alert under load."""
     return any(channel_state(t) is not None for t in applied)
+
+
+def _plan(sightings: Sequence[TokenSighting]) -> tuple[list[list[TokenSighting]], list[list[str]]]:
+    """The alert's parts (`_parts`), and each part's key-shaped tokens' hashes, once each."""
+    parts = _parts(sightings, INTAKE_PART) or [[]]
+    shaped = [
+        list(dict.fromkeys(token_hash(s.token) for s in part if is_key_shaped(s.token))) for part in parts
+    ]
+    return parts, shaped
+
+
+def _parts(sightings: Sequence[TokenSighting], size: int) -> list[list[TokenSighting]]:
+    """The items in parts of at most `size` distinct tokens, in order of first appearance; every
+    item of a token goes to the part of the token's first appearance."""
+    part_of: dict[str, int] = {}
+    parts: list[list[TokenSighting]] = []
+    for sighting in sightings:
+        # Evaluated before the insertion: the token's rank among the distinct tokens seen so far.
+        n = part_of.setdefault(sighting.token, len(part_of) // size)
+        if n == len(parts):
+            parts.append([])
+        parts[n].append(sighting)
+    return parts

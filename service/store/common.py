@@ -237,6 +237,13 @@ def alert_id_query(d: Dialect) -> str:
     return f"SELECT min(id) FROM alerts WHERE reporter = {d.mark} AND body_sha256 = {d.mark}"  # noqa: S608
 
 
+def alert_counted(d: Dialect) -> str:
+    """Add (first argument) to the incidents an alert's record says it created (second: its id):
+    an alert committed in parts (see `Worker.accept`) creates its incidents in each of them, and
+    a redelivery after a crash between two parts creates those the crash left out."""
+    return f"UPDATE alerts SET new_incidents = new_incidents + {d.mark} WHERE id = {d.mark}"  # noqa: S608
+
+
 def sighting_insert(d: Dialect) -> str:
     """One sighting per (incident, reporter, url, source): a place already recorded adds nothing."""
     marks = ", ".join([d.mark] * 9)

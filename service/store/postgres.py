@@ -44,7 +44,7 @@ from psycopg_pool import AsyncConnectionPool
 from service.reasons import Reason
 from service.store import common, migrations
 from service.store.base import FailureHook, StoreError, ignore_failure
-from service.store.common import Dialect, IntakePlan, NewIncident, RewrapReport, Take
+from service.store.common import OFFLOAD_ITEMS, Dialect, IntakePlan, NewIncident, RewrapReport, Take
 from service.store.models import (
     AlertRecord,
     ChannelJob,
@@ -99,6 +99,18 @@ class _Intake:
     plan: IntakePlan
     decide: Decide | None
     future: asyncio.Future[list[IncidentRef]]
+
+
+def _next_batch(queued: list[_Intake]) -> list[_Intake]:
+    """Taken off `queued`, in order: a bulky intake (a big alert's part, of more than OFFLOAD_ITEMS
+    tokens) alone, or else the small ones up to the next bulky one (at most `_MAX_BATCH`). A small
+    alert never shares a transaction with a part's statements; it waits for a part to be taken by
+    a batcher, not to be committed, since the other batchers go on beside it."""
+    bulky = [len(intake.plan.candidates) > OFFLOAD_ITEMS for intake in queued[:_MAX_BATCH]]
+    count = 1 if bulky[0] else next((n for n, big in enumerate(bulky) if big), len(bulky))
+    batch = queued[:count]
+    del queued[:count]
+    return batch
 
 
 def _settle(future: asyncio.Future[list[IncidentRef]], outcome: list[IncidentRef] | BaseException) -> None:
@@ -275,8 +287,7 @@ class PostgresStore:
         batch: list[_Intake] = []
         try:
             while self._intakes:
-                batch = self._intakes[:_MAX_BATCH]
-                del self._intakes[:_MAX_BATCH]
+                batch = _next_batch(self._intakes)
                 if len(batch) > 1:
                     try:
                         done = await self._write(functools.partial(self._intake_batch, batch=batch))
@@ -391,10 +402,15 @@ class PostgresStore:
             f" FROM input ORDER BY n {common.REPLAY_CONFLICT} RETURNING id, reporter, body_sha256),"
             " numbered AS (SELECT DISTINCT ON (input.n) input.n, COALESCE(alert.id, (SELECT min(earlier.id)"
             " FROM alerts earlier WHERE earlier.reporter = input.reporter"
-            " AND earlier.body_sha256 = input.body_sha256 AND earlier.reporter <> 'public')) AS id"
-            " FROM input"
+            " AND earlier.body_sha256 = input.body_sha256 AND earlier.reporter <> 'public')) AS id,"
+            " alert.id IS NULL AS replay FROM input"
             " LEFT JOIN alert ON alert.reporter = input.reporter AND alert.body_sha256 = input.body_sha256"
             " ORDER BY input.n, alert.id),"
+            # A later part of a big alert (or its redelivery after a crash between parts) adds the
+            # incidents it created to the record the first part made (see common.alert_counted).
+            " counted AS (UPDATE alerts SET new_incidents = alerts.new_incidents + input.new_incidents"
+            " FROM numbered JOIN input ON input.n = numbered.n WHERE numbered.replay"
+            " AND alerts.id = numbered.id AND input.new_incidents > 0),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
             " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"

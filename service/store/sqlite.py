@@ -11,6 +11,7 @@ the writer) and never see uncommitted work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import os
@@ -62,6 +63,8 @@ _RATES_PRUNE_EVERY = 60.0
 _IN_CHUNK = 500
 
 T = TypeVar("T")
+# A write for the writer thread: the work, its caller's future, whether it is bulky.
+_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", bool]
 
 SQLITE = Dialect(mark="?", json=common.dumps)
 # How long a connection waits for another's lock before giving up.
@@ -87,8 +90,7 @@ class SqliteStore:
         self._lock_fd: int | None = None
         # The migrations the last `open` applied, for `leak-responder migrate` to report.
         self.migrated: list[str] = []
-        self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
-        self._queue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
@@ -186,28 +188,33 @@ class SqliteStore:
             loop.call_soon_threadsafe(ready.set_exception, StoreError(self._cannot_open(exc)))
             return
         loop.call_soon_threadsafe(ready.set_result, None)
+        # Bulky writes (a big alert's parts) wait here for their own transaction: whatever else is
+        # queued goes first, grouped as ever, then one bulky write, and so on in turn; so a small
+        # alert waits for at most one part of a big one, and the big one for one group at a time.
+        bulky: collections.deque[_Job] = collections.deque()
+        closing = False
         while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            group = [item]
-            while len(group) < _MAX_GROUP:
+            group: list[_Job] = []
+            while len(group) < _MAX_GROUP and not closing:
                 try:
-                    nxt = self._queue.get_nowait()
+                    job = self._queue.get(block=not group and not bulky)
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                group.append(nxt)
-            self._commit_group(conn, group)
+                if job is None:
+                    closing = True
+                elif job[2]:
+                    bulky.append(job)
+                else:
+                    group.append(job)
+            if group:
+                self._commit_group(conn, group)
+            if bulky:
+                self._commit_group(conn, [bulky.popleft()])
+            elif closing and not group:
+                break
         conn.close()
 
-    def _commit_group(
-        self,
-        conn: sqlite3.Connection,
-        group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-    ) -> None:
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         outcomes: list[tuple[bool, Any]]
         try:
             self._check_index(restore=True)
@@ -229,7 +236,7 @@ class SqliteStore:
         # One hand-off per event loop for the whole group: each call_soon_threadsafe wakes the
         # loop with a system call, and under load a group holds dozens of requests.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+        for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
         for loop, settled in by_loop.items():
             loop.call_soon_threadsafe(_settle, settled)
@@ -254,11 +261,13 @@ class SqliteStore:
             self._index.check()
         self._index_lost = False
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection], T], bulky: bool = False) -> T:
+        """`work` committed by the writer thread; a `bulky` one in a transaction of its own, after
+        the writes queued beside it (see `_write_loop`)."""
         if self._writer is None:
             raise StoreError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((work, future))
+        self._queue.put((work, future, bulky))
         try:
             return await future
         except sqlite3.Error as exc:
@@ -376,13 +385,16 @@ class SqliteStore:
                 (alert_id,) = conn.execute(
                     common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
                 ).fetchone()
+                if created:
+                    # A later part of a big alert, or its redelivery after a crash between parts.
+                    conn.execute(common.alert_counted(SQLITE), (created, alert_id))
             conn.executemany(
                 common.sighting_insert(SQLITE),
                 plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),
             )
             return list(refs.values())
 
-        return await self._write(work)
+        return await self._write(work, bulky=len(plan.candidates) > common.OFFLOAD_ITEMS)
 
     # -- work ------------------------------------------------------------------------------------
 
@@ -829,11 +841,7 @@ class SqliteStore:
         """Nothing to watch: one process, whose commits wake its worker in-process."""
 
 
-def _run_group(
-    conn: sqlite3.Connection,
-    group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-    isolated: bool,
-) -> list[tuple[bool, Any]] | None:
+def _run_group(conn: sqlite3.Connection, group: list[_Job], isolated: bool) -> list[tuple[bool, Any]] | None:
     """Each write's outcome, in a transaction left open for the caller to commit.
 
     A group first runs without savepoints (`isolated` false), and None says one of its writes
@@ -843,7 +851,7 @@ def _run_group(
     """
     conn.execute("BEGIN IMMEDIATE")
     outcomes: list[tuple[bool, Any]] = []
-    for i, (work, _) in enumerate(group):
+    for i, (work, _, _) in enumerate(group):
         if not isolated:
             try:
                 outcomes.append((True, work(conn)))

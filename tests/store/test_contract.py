@@ -33,11 +33,14 @@ from service.store import (
     TokenSighting,
     Transition,
 )
+from service.store import postgres as postgres_store
+from service.store.common import OFFLOAD_ITEMS, IntakePlan
 from service.store.migrations import migrate_postgres as migrate
 from service.store.migrations import migrations
 from service.store.postgres import CHANNEL, PostgresStore
 from service.store.sqlite import SqliteStore
 from service.tokens import token_hash
+from tests.harness import wait_until
 from tests.store.conftest import Backend
 
 ALERT = AlertRecord("github", "0" * 64, 1)
@@ -749,10 +752,59 @@ def test_a_failed_commit_refuses_every_write_of_its_group(
     assert failures("store", "store_commit_failed") == before + 1
 
 
+def test_a_bulky_intake_commits_alone_after_the_writes_queued_beside_it(tmp_path: Path) -> None:
+    """A big alert's part (more than OFFLOAD_ITEMS tokens) waits in the writer for the small writes
+    queued behind it, then commits in a transaction of its own: a small alert is not held for it."""
+    sqlite = Backend("sqlite", tmp_path, None)
+    gate, holding = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        gate.wait(10)
+
+    async def queued(count: int, store: SqliteStore) -> None:
+        await asyncio.to_thread(wait_until, lambda: store._queue.qsize() >= count, 10, 0.005)
+
+    async def body() -> None:
+        async with sqlite.opened() as (store,):
+            assert isinstance(store, SqliteStore)
+            first = asyncio.create_task(store._write(hold))
+            await asyncio.to_thread(holding.wait, 10)
+            part = [sighting(key()) for _ in range(OFFLOAD_ITEMS + 1)]
+            bulky = asyncio.create_task(store.intake(AlertRecord("github", "b" * 64, len(part)), part, 5))
+            await queued(1, store)
+            small = asyncio.create_task(store.intake(ALERT, [sighting(key())], match_after=5))
+            await queued(2, store)
+            for name, task in (("bulky", bulky), ("small", small)):
+                task.add_done_callback(lambda _, name=name: finished.append(name))
+            gate.set()
+            await asyncio.gather(first, bulky, small)
+
+    run(body())
+    assert finished == ["small", "bulky"]
+
+
 # -- PostgreSQL only: migrations and wake-ups across processes ---------------------------------------------
 
 
 # SQLite has one process: it migrates at open and wakes its worker in-process.
+
+
+def test_a_big_alerts_part_is_batched_alone_and_small_intakes_up_to_it() -> None:
+    """PostgreSQL batches queued intakes into one transaction; a big alert's part (more than
+    OFFLOAD_ITEMS tokens) goes alone, so that no small alert waits for its statements."""
+
+    def queued(size: int) -> postgres_store._Intake:
+        plan = IntakePlan({f"{size}-{n}": None for n in range(size)}, [])  # type: ignore[misc]
+        return postgres_store._Intake(ALERT, [], plan, None, None)  # type: ignore[arg-type]
+
+    small, part = 1, OFFLOAD_ITEMS + 1
+    queue = [queued(n) for n in (small, small, part, small, part, part, small)]
+    sizes = []
+    while queue:
+        sizes.append([len(i.plan.candidates) for i in postgres_store._next_batch(queue)])
+    assert sizes == [[small, small], [part], [small], [part], [part], [small]]
 
 
 def test_watch_wakes_other_replicas_when_a_commit_makes_work_due(postgres: Backend) -> None:
@@ -823,3 +875,25 @@ def test_postgres_refuses_to_open_with_migrations_pending(pg_url: str) -> None:
         await store.close()
 
     run(body())
+
+
+def test_an_alert_recorded_in_parts_counts_the_incidents_of_every_part_once(backend: Backend) -> None:
+    """A big alert commits in parts, each an intake of the same record (Worker.accept); a
+    redelivery after a crash between two of them creates what the crash left out. The alert stays
+    one row, and its count of new incidents adds up the parts, a replay adding nothing."""
+    tokens = [key() for _ in range(5)]
+    alert = AlertRecord("github", "c" * 64, len(tokens))
+
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            await store.intake(alert, [sighting(t) for t in tokens[:2]], match_after=5)
+            await store.intake(alert, [sighting(t) for t in tokens[2:3]], match_after=5)
+            # The crash: the last part never committed. The redelivery runs every part again.
+            refs = await store.intake(alert, [sighting(t) for t in tokens[:2]], match_after=5)
+            assert not any(r.created for r in refs)
+            refs = await store.intake(alert, [sighting(t) for t in tokens[2:]], match_after=5)
+            assert [r.created for r in refs] == [False, True, True]
+
+    run(body())
+    assert backend.query("SELECT count(*), max(new_incidents) FROM alerts") == [(1, 5)]
+    assert backend.query("SELECT count(*) FROM sightings") == [(5,)]

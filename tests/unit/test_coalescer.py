@@ -140,6 +140,26 @@ def test_a_partial_batch_waits_for_the_call_in_flight_rather_than_going_beside_i
     assert [len(c) for c in calls] == [1, 59]
 
 
+def test_a_small_lookup_rides_the_next_call_ahead_of_a_big_ones_queued_chunks():
+    async def scenario():
+        admin = FakeAdmin()
+        admin.gate.clear()
+        coalescer = Coalescer(admin, parallel=1)
+        big = asyncio.create_task(coalescer.lookup([h(i) for i in range(400)]))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(coalescer.lookup([h(1000)]))
+        await asyncio.sleep(0)
+        admin.gate.set()
+        await asyncio.gather(big, small)
+        return admin.calls
+
+    calls = asyncio.run(scenario())
+    # The big alert's first chunk was in flight; the small one goes next, not after its 3 others.
+    assert calls[0] == [h(i) for i in range(100)]
+    assert calls[1] == [h(1000)]
+    assert [len(c) for c in calls[2:]] == [100, 100, 100]
+
+
 def test_the_same_hash_asked_by_two_callers_is_sent_once():
     async def scenario():
         admin = FakeAdmin(known={h(5)})

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from service.pipeline import Worker
+from service.pipeline import worker as worker_module
 from service.reasons import Reason
 from service.store import Label, SqliteStore, State
 from service.supermemory import CallFailed
@@ -180,7 +181,9 @@ def test_accept_looks_up_then_commits_the_labels_with_the_alert_and_wakes_the_wo
     }
     assert client.lookups == [[refs[0].token_hash, refs[1].token_hash]], "the shape gate's token is not sent"
     assert [i.state for i in incidents] == [State.MATCHED, State.FALSE_POSITIVE, State.FALSE_POSITIVE]
-    assert [r.applied is not None for r in refs] == [True, True, False]
+    # Recorded (counted, logged) here: the refs handed back, kept until a big alert's last part,
+    # do not hold every transition too.
+    assert all(r.applied is None for r in refs)
     assert woken, "a matched key is revoked in the same breath"
     # The shape gate's decision is logged here, since it never reaches a step; the lookup's once each.
     reasons = [
@@ -221,6 +224,35 @@ def test_a_match_step_wakes_the_channel_sender_only_for_a_transition_the_channel
         return after_false_positive, len(woken)
 
     assert run_with_store(tmp_path, clock, scenario) == (0, 1)
+
+
+def test_accept_of_a_big_alert_commits_it_in_parts_that_cut_no_token_in_two(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(worker_module, "INTAKE_PART", 2)
+    client = FakeSupermemory()
+    client.know(key_info(5))
+    # token(1) again after token(2): it stays in the first part, whatever its position.
+    record, items = alert_of(token(1), token(2), token(1), token(3), token(4), token(5))
+    commits: list[int] = []
+
+    async def scenario(store):
+        intake = store.intake
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            refs = await intake(*args, **kwargs)
+            commits.append(len(refs))
+            return refs
+
+        store.intake = counted
+        refs, labels = await worker_for(store, clock, client).accept(record, items, budget=5.0)
+        return refs, labels, await store.sightings([r.id for r in refs])
+
+    refs, labels, sightings = run_with_store(tmp_path, clock, scenario)
+    hashes = [token_hash(token(n)) for n in range(1, 6)]
+    assert commits == [2, 2, 1], "one transaction per part of at most two distinct tokens"
+    assert client.lookups == [hashes[:2], hashes[2:4], hashes[4:]]
+    assert [r.token_hash for r in refs] == hashes
+    assert labels == {h: Label.FALSE_POSITIVE for h in hashes[:4]} | {hashes[4]: Label.TRUE_POSITIVE}
+    assert sum(len(s) for s in sightings.values()) == 6
 
 
 def test_accept_with_no_budget_left_looks_nothing_up_and_a_known_token_keeps_its_label(tmp_path, clock):
