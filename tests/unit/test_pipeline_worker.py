@@ -192,14 +192,19 @@ def test_accept_looks_up_then_commits_the_labels_with_the_alert_and_wakes_the_wo
     assert reasons == [Reason.SHAPE_GATE, Reason.NOT_A_KEY]
 
 
-def test_accept_wakes_the_channel_sender_only_for_a_transition_the_channels_hear_of(tmp_path, clock):
+def watched_worker(store, clock):
+    """A worker whose lookups know token(1) as a key, and the list its channel wake-ups go to."""
     client = FakeSupermemory()
     client.know(key_info(1, "a@example.test"))
+    worker = worker_for(store, clock, client)
+    woken: list[str] = []
+    worker.after_commit = lambda: woken.append("woken")
+    return worker, woken
 
+
+def test_accept_wakes_the_channel_sender_only_for_a_transition_the_channels_hear_of(tmp_path, clock):
     async def scenario(store):
-        worker = worker_for(store, clock, client)
-        woken: list[str] = []
-        worker.after_commit = lambda: woken.append("woken")
+        worker, woken = watched_worker(store, clock)
         await worker.accept(*alert_of(token(2), "not-a-key"), budget=5.0)  # false positives only
         after_false_positives = len(woken)
         await worker.accept(*alert_of(token(1)), budget=5.0)  # a key: matched
@@ -209,13 +214,8 @@ def test_accept_wakes_the_channel_sender_only_for_a_transition_the_channels_hear
 
 
 def test_a_match_step_wakes_the_channel_sender_only_for_a_transition_the_channels_hear_of(tmp_path, clock):
-    client = FakeSupermemory()
-    client.know(key_info(1, "a@example.test"))
-
     async def scenario(store):
-        worker = worker_for(store, clock, client)
-        woken: list[str] = []
-        worker.after_commit = lambda: woken.append("woken")
+        worker, woken = watched_worker(store, clock)
         await put(store, clock, 2, State.RECEIVED)  # not a key
         await routed(worker, store)
         after_false_positive = len(woken)

@@ -43,13 +43,18 @@ def answer(status: int, body: object = None, headers: dict[str, str] | None = No
     return handler
 
 
-async def probe_with(handler):
+async def call_with(handler, call):
+    """One client call against a stub server on loopback answering with `handler`."""
     async with stub(handler) as server:
         client = client_for(server.url)
         try:
-            return await client.probe(TOKEN)
+            return await call(client)
         finally:
             await client.aclose()
+
+
+def probe_with(handler):
+    return call_with(handler, lambda client: client.probe(TOKEN))
 
 
 PROBES = [
@@ -103,13 +108,8 @@ def test_retry_after_as_http_date():
     assert 25 <= probe.retry_after <= 31
 
 
-async def lookup_with(handler, hashes):
-    async with stub(handler) as server:
-        client = client_for(server.url)
-        try:
-            return await client.lookup(hashes)
-        finally:
-            await client.aclose()
+def lookup_with(handler, hashes):
+    return call_with(handler, lambda client: client.lookup(hashes))
 
 
 def test_lookup_parses_keys_and_recipients():
@@ -189,13 +189,8 @@ def test_lookup_of_more_than_100_hashes_goes_out_in_calls_of_at_most_100():
     assert sorted(h for b in batches for h in b) == sorted(hashes)
 
 
-async def revoke_with(handler, key_id="key_1"):
-    async with stub(handler) as server:
-        client = client_for(server.url)
-        try:
-            return await client.revoke(key_id)
-        finally:
-            await client.aclose()
+def revoke_with(handler, key_id="key_1"):
+    return call_with(handler, lambda client: client.revoke(key_id))
 
 
 def test_revoke_200_and_404_both_mean_revoked():
