@@ -145,6 +145,14 @@ def cmd_incidents_list(args: argparse.Namespace) -> None:
         print(f"more: --next {page['next']}")
 
 
+def _print_incident(args: argparse.Namespace, i: dict[str, Any]) -> None:
+    """An incident as `show` and `retry` print it: the API's JSON with --json, else `_show`'s text."""
+    if args.json:
+        _print_json(i)
+    else:
+        _show(i)
+
+
 def _show(i: dict[str, Any]) -> None:
     print(f"{i['id']}  {i['state']}  {i['label'] or '-'}  {i['redacted']}  sha256={i['token_hash']}")
     print(f"key {i['key_id'] or '-'} ({i['key_name'] or '-'}) org {i['org_id'] or '-'}")
@@ -181,21 +189,13 @@ def _show(i: dict[str, Any]) -> None:
 
 @_client
 def cmd_incidents_show(args: argparse.Namespace) -> None:
-    i = _api(args, "GET", f"/v1/incidents/{args.id}")
-    if args.json:
-        _print_json(i)
-    else:
-        _show(i)
+    _print_incident(args, _api(args, "GET", f"/v1/incidents/{args.id}"))
 
 
 @_client
 def cmd_incidents_retry(args: argparse.Namespace) -> None:
     """Run a stuck incident's step again now (the service answers 409 when it is not stuck)."""
-    i = _api(args, "POST", f"/v1/incidents/{args.id}/retry")
-    if args.json:
-        _print_json(i)
-    else:
-        _show(i)
+    _print_incident(args, _api(args, "POST", f"/v1/incidents/{args.id}/retry"))
 
 
 @_client

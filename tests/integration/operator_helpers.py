@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import httpx
@@ -52,3 +53,16 @@ def refused(response: httpx.Response, status: int, reason: str, service: Service
     assert any(r.get("reason") == reason and r.get("stage") == "operators" for r in service.log_records())
     metrics = httpx.get(f"{service.url}/metrics").text
     assert f'leak_responder_failures_total{{reason="{reason}",stage="operators"}}' in metrics
+
+
+def unreadable_incident(service: Service, token: str) -> dict[str, Any]:
+    """An incident of `token`, confirmed, with an event the code does not expect written behind its
+    back (a detail that is not JSON): every read of it is a bug on the route, a 500."""
+    incident = service.wait_state(token, "confirmed") and service.incident(token)
+    assert incident is not None
+    with service.db(writable=True) as conn:
+        conn.execute(
+            "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?, ?, 'x', NULL, '{')",
+            (incident["id"], time.time()),
+        )
+    return incident

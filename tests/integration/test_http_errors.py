@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.harness import metric, stranger_signature, wait_until
-from tests.integration.operator_helpers import auth, operator_env
+from tests.integration.operator_helpers import auth, operator_env, unreadable_incident
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +51,7 @@ def test_an_unexpected_error_is_a_problem_500_with_its_request_id_in_the_log(san
     service = make_service(operator_env())
     token = sandbox.tokens[0]
     assert service.post_alert(sandbox.github, [token]).status_code == 200
-    incident = service.wait_state(token, "confirmed") and service.incident(token)
-    # A row the code does not expect, written behind its back: an event whose detail is not JSON.
-    with service.db(writable=True) as conn:
-        conn.execute(
-            "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?, ?, 'x', NULL, '{')",
-            (incident["id"], time.time()),
-        )
+    incident = unreadable_incident(service, token)
     response = httpx.get(f"{service.url}/v1/incidents/{incident['id']}", headers=auth())
     body = assert_problem(response, 500, "internal_error")
     rid = response.headers["x-request-id"]
