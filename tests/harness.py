@@ -98,6 +98,25 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not in metrics")
 
 
+def read_answer(sock: socket.socket) -> tuple[int, str]:
+    """The status and the head-and-body text of the server's answer, read to its Content-Length
+    (the head and the body can arrive in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]), data.decode(errors="replace")
+
+
+def _content_length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].decode().lower()
+    return next(
+        (int(line.split(":")[1]) for line in head.splitlines() if line.startswith("content-length:")), 0
+    )
+
+
 class Sandbox:
     """Both stand-ins, served for one test."""
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.sandbox import build_alert
-from tests.harness import metric, stranger_signature, wait_until
+from tests.harness import metric, read_answer, stranger_signature, wait_until
 from tests.integration.operator_helpers import TOKENS, operator_env
 
 pytestmark = pytest.mark.integration
@@ -33,24 +33,6 @@ def held_bytes(service) -> float:
     return metric(httpx.get(f"{service.url}/metrics").text, "leak_responder_body_bytes_reserved")
 
 
-def answer(sock: socket.socket) -> tuple[int, str]:
-    """The status and the head-and-body text of the server's answer."""
-    data = b""
-    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return int(data.split(b" ", 2)[1]), data.decode(errors="replace")
-
-
-def _length(data: bytes) -> int:
-    head = data.split(b"\r\n\r\n", 1)[0].decode().lower()
-    return next(
-        (int(line.split(":")[1]) for line in head.splitlines() if line.startswith("content-length:")), 0
-    )
-
-
 @pytest.mark.parametrize(
     ("headers", "status", "reason"),
     [
@@ -69,7 +51,7 @@ def _length(data: bytes) -> int:
 )
 def test_a_stranger_is_refused_before_its_body_is_read(service, headers, status, reason):
     with open_upload(service, headers, 10 * MIB) as sock:
-        got, text = answer(sock)  # the other 10 MiB were never sent: a server waiting for them hangs here
+        got, text = read_answer(sock)  # the other 10 MiB never come: a server waiting for them hangs
     assert (got, f'"error":"{reason}"' in text) == (status, True), text
 
 
@@ -79,7 +61,7 @@ def test_a_declared_length_past_the_limit_is_refused_at_once(sandbox, service):
         "Github-Public-Key-Signature": stranger_signature(),
     }
     with open_upload(service, headers, 10 * MIB + 1) as sock:
-        got, text = answer(sock)
+        got, text = read_answer(sock)
     assert got == 413 and '"error":"body_too_large"' in text
 
 
@@ -95,16 +77,16 @@ def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
         # and so does a report that declares more than the 6 KiB left.
         wait_until(lambda: held_bytes(service) == 60 * MIB - 6 * 1024)
         with open_upload(service, dict(signed), 10 * MIB) as sock:
-            got, text = answer(sock)
+            got, text = read_answer(sock)
         assert got == 503 and '"error":"body_budget_full"' in text and "retry-after: 1" in text.lower()
         report = {":path": "/v1/reports", "Authorization": f"Bearer {TOKENS['alice']}"}
         with open_upload(service, report, 8 * 1024) as sock:
-            got, text = answer(sock)
+            got, text = read_answer(sock)
         assert got == 503 and '"error":"body_budget_full"' in text
         # Anyone's report too: it counts against the same bytes, whoever sends it.
         public = {":path": "/v1/public/reports", "Content-Type": "text/plain"}
         with open_upload(service, public, 8 * 1024, sent=b"x") as sock:
-            got, text = answer(sock)
+            got, text = read_answer(sock)
         assert got == 503 and '"error":"body_budget_full"' in text and "retry-after: 1" in text.lower()
         # A small body still fits in what is left: the budget counts what each declared.
         body = build_alert([sandbox.tokens[0]], url=None)
@@ -116,14 +98,14 @@ def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
     # Given back when those requests ended: a body at the limit is read again.
     with open_upload(service, dict(signed), 10 * MIB) as sock:
         sock.sendall(b"]" + b" " * (10 * MIB - 2))
-        got, text = answer(sock)
+        got, text = read_answer(sock)
     assert got == 401 and '"error":"signature_invalid"' in text
     assert service.failures("inbound", "body_budget_full") == 1
     assert service.failures("public", "body_budget_full") == 1
     # Once the budget is free, the same report is read as any other and received.
     public = {":path": "/v1/public/reports", "Content-Type": "text/plain"}
     with open_upload(service, public, 8 * 1024, sent=b"x" * 8 * 1024) as sock:
-        got, text = answer(sock)
+        got, text = read_answer(sock)
     assert got == 202, text
 
 
@@ -136,7 +118,7 @@ def test_a_crowd_of_unsigned_uploads_costs_no_memory(service):
                 chunk = b" " * MIB
                 for _ in range(10):
                     sock.sendall(chunk)
-                answer(sock)
+                read_answer(sock)
         except OSError:
             pass  # refused and closed under our feet: what we want
 
