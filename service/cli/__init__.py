@@ -7,6 +7,9 @@ keys offline, `operator` talks to a running service's operator API.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from collections.abc import Sequence
 
 from service.cli import operator, processes, scan
@@ -21,5 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; when the reader of our output goes away (`incidents list | head`), stop
+    quietly with the status of a tool ended by SIGPIPE rather than a BrokenPipeError traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered would fail again, loudly, at the interpreter's own exit flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code

@@ -143,6 +143,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 # Undecodable bytes become U+FFFD: a key is ASCII, and a binary file must not stop a hook.
                 with path.open(encoding="utf-8", errors="replace") as stream:
                     _scan_one(str(path), stream, path.stat().st_size, show, hashes, tally)
+            except BrokenPipeError:
+                raise  # our reader went away, not the file: the entry point ends quietly
             except OSError as exc:
                 tally.unreadable += 1
                 print(f"leak-responder: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)

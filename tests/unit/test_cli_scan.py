@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -119,3 +123,42 @@ def test_the_allow_marker_is_seen_across_chunk_boundaries():
     chunks = ["first\nkey  # leak-resp", "onder:allow\nthird\n", "leak-responder:allow"]
     assert "".join(marked.watch(chunks)) == "".join(chunks)
     assert marked.lines == {2, 4}
+
+
+def _scan_through_a_pipe(path: Path) -> subprocess.Popen[bytes]:
+    """`leak-responder scan path` with its output in a pipe, buffered as it is for a user (this
+    machine's PYTHONUNBUFFERED would hide the last flush)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "scan", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def _ended_quietly(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    # `scan … | head -1`: more findings than a pipe holds, and the reader gone after one line.
+    (tmp_path / "many.env").write_text(f"KEY={KEY}\n" * 5000)
+    proc = _scan_through_a_pipe(tmp_path / "many.env")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(str(tmp_path).encode())
+    proc.stdout.close()
+    _ended_quietly(proc)
+
+
+def test_a_reader_gone_before_the_first_line_ends_the_output_quietly(tmp_path):
+    # `scan … | true`: the findings still sit in our buffer when the reader is gone; the last
+    # flush, not a print, meets the closed pipe.
+    (tmp_path / "one.env").write_text(f"KEY={KEY}\n")
+    proc = _scan_through_a_pipe(tmp_path / "one.env")
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _ended_quietly(proc)
