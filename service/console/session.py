@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.inbound.body import read_limited
-from service.inbound.reasons import InboundError
+from service.inbound.body import BodyBudget
 from service.reasons import Reason
 from service.refusal import Refusal
 
@@ -59,6 +58,7 @@ STATUS: dict[Reason, int] = {
     Reason.SESSION_INVALID: 401,
     Reason.PASTE_INVALID: 400,
     Reason.FORM_INVALID: 400,
+    Reason.BODY_BUDGET_FULL: 503,
 }
 
 
@@ -207,8 +207,10 @@ def check_csrf(session: Session | None, presented: str | None) -> None:
         raise ConsoleError(Reason.CSRF_INVALID, "the form's CSRF token is missing or stale; reload")
 
 
-async def read_form(request: Request, limit: int) -> dict[str, str]:
-    """A urlencoded form (what the console's forms send), read under `limit` bytes.
+async def read_form(request: Request, limit: int, budget: BodyBudget) -> dict[str, str]:
+    """A urlencoded form (what the console's forms send), read under `limit` bytes and within the
+    budget every route's bodies share (see `BodyBudget`): the sign-in form is read before anyone is
+    known, so a crowd of slow sign-ins must hold no more memory than a crowd of slow alerts.
 
     Read here rather than by a multipart library: the console has no file upload, and a form that
     is not what its pages send is refused before anything is parsed.
@@ -216,11 +218,12 @@ async def read_form(request: Request, limit: int) -> dict[str, str]:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/x-www-form-urlencoded":
         raise ConsoleError(Reason.FORM_INVALID, "the console's forms are sent urlencoded")
+    invalid = ConsoleError(Reason.FORM_INVALID, f"the form is not UTF-8, or over {limit} bytes")
+    body = await budget.read_as(request.stream(), request.headers, limit, invalid)
     try:
-        body = await read_limited(request.stream(), limit)
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
-    except (InboundError, UnicodeDecodeError, ValueError):  # ValueError: too many fields
-        raise ConsoleError(Reason.FORM_INVALID, f"the form is not UTF-8, or over {limit} bytes") from None
+    except (UnicodeDecodeError, ValueError):  # ValueError: too many fields
+        raise invalid from None
     return dict(pairs)
 
 

@@ -214,7 +214,7 @@ def action(view: FormView) -> Callable[[Request], Awaitable[Response]]:
             if session is None:
                 raise ConsoleError(Reason.SESSION_INVALID, "sign in first")
             # Urlencoding can triple a paste: room for a report at the API's limit, and no more.
-            form = await read_form(request, 3 * REPORT_LIMIT + 4096)
+            form = await read_form(request, 3 * REPORT_LIMIT + 4096, request.app.state.runtime.bodies)
             check_csrf(session, form.get("csrf"))
         except ConsoleError as exc:
             return _refused(request, exc, session)
@@ -274,7 +274,7 @@ async def signin(request: Request) -> Response:
     target = "/console/"
     try:
         check_origin(request)
-        form = await read_form(request, 4096)
+        form = await read_form(request, 4096, rt.bodies)
         target = _safe_next(form.get("next"))
         try:
             pre = console.sessions.decode(request.cookies.get(COOKIE), rt.settings.operator_tokens)

@@ -129,3 +129,33 @@ def test_a_crowd_of_unsigned_uploads_costs_no_memory(service):
         thread.join(60)
     assert service.peak_rss_kib() - before < 60 * 1024
     assert len(service.logged("signature_missing")) == 40
+
+
+def test_a_console_form_is_read_within_the_same_budget(sandbox, make_service):
+    """The sign-in form is read before anyone is known: it reserves its bytes like an alert's body,
+    and waits for its retry when the bodies in flight hold the budget."""
+    service = make_service(operator_env())
+    signin = {
+        ":path": "/console/login",
+        "Origin": "http://x",  # the Host that open_upload sends: a form of this site
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    with open_upload(service, dict(signin), 3000, sent=b"csrf=") as sock:
+        wait_until(lambda: held_bytes(service) == 3000)
+    wait_until(lambda: held_bytes(service) == 0)
+    signed = {
+        "Github-Public-Key-Identifier": sandbox.github.key_identifier,
+        "Github-Public-Key-Signature": stranger_signature(),
+    }
+    held = [open_upload(service, dict(signed), 10 * MIB - 512) for _ in range(6)]
+    try:
+        # 3 KiB left: less than a sign-in form within its own 4 KiB limit may declare.
+        wait_until(lambda: held_bytes(service) == 60 * MIB - 3 * 1024)
+        with open_upload(service, dict(signin), 4000, sent=b"") as sock:
+            got, text = read_answer(sock)
+        assert got == 503 and "retry-after: 1" in text.lower(), text
+        assert "too many bodies are being received at once" in text
+    finally:
+        for sock in held:
+            sock.close()
+    assert service.failures("console", "body_budget_full") == 1
