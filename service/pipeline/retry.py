@@ -45,7 +45,7 @@ def retry_transition(incident: Incident, operator: str, now: float) -> Transitio
             "retry_requested",
             state=State.MATCHED,
             next_run_at=now,
-            set={**reset, "revoke_reissued": False},
+            set={**reset, "revoke_reissued": False, "probed_at": None},
             detail=detail,
         )
     if incident.state in _BACKING_OFF and incident.attempts > 0:

@@ -113,6 +113,21 @@ class Steps:
         start one interval later either way."""
         return now if self.notifier is not None else now + self.policy.reprobe_interval
 
+    def next_reprobe(self, incident: Incident) -> float | None:
+        """When an `unconfirmed` key is due for its next re-probe: an interval after its last probe,
+        whatever its owner's email is doing; None once a re-probe found its window over (it waits
+        for an operator). Never probed since it became unconfirmed: at once."""
+        started, last = incident.unconfirmed_at, incident.probed_at
+        if started is None or last is None:
+            return self._clock()
+        if last - started >= self.policy.unconfirmed_window:
+            return None
+        return last + self.policy.reprobe_interval
+
+    def reprobe_due(self, incident: Incident) -> bool:
+        due = self.next_reprobe(incident)
+        return due is not None and due <= self._clock()
+
     async def _reveal(self, incident: Incident) -> str | Reason:
         """The sealed token, or why there is none to probe with."""
         try:
@@ -373,7 +388,7 @@ class Steps:
             lease_owner=owner,
             state=State.UNCONFIRMED,
             next_run_at=self._after_unconfirmed(now),
-            set={"last_reason": reason, "unconfirmed_at": now, "attempts": 0},
+            set={"last_reason": reason, "unconfirmed_at": now, "probed_at": now, "attempts": 0},
             detail={"reason": reason, "status": status},
         )
         self._page(incident, t, Reason.REVOCATION_UNCONFIRMED, message)
@@ -383,7 +398,11 @@ class Steps:
         """An `unconfirmed` key, on its slow schedule: a 401 confirms it (the token is wiped; the
         owner's follow-up email, then closed, as any confirmed key); still alive, the revoke is
         issued again; either way it is probed again an interval later, until the window runs out,
-        when on-call is paged again and it waits, open, for an operator."""
+        when on-call is paged again and it waits, open, for an operator.
+
+        The schedule does not wait for the owner's urgent email: while that email is still owed
+        (SMTP down), the re-probes and the window's page go on, and the email is tried again right
+        after each re-probe (its own retries are capped by the next re-probe, see `notify`)."""
         now = self._clock()
         started = incident.unconfirmed_at or now
         token = await self._reveal(incident)
@@ -418,13 +437,14 @@ class Steps:
             await self._reissue(incident)
             reissued = True
         over = now - started >= self.policy.unconfirmed_window
+        owed = self.notifier is not None and incident.notified_at is None
         t = Transition(
             incident.id,
             State.UNCONFIRMED,
             "reprobed",
             lease_owner=owner,
-            next_run_at=None if over else now + self.policy.reprobe_interval,
-            set={"last_reason": reason},
+            next_run_at=now if owed else None if over else now + self.policy.reprobe_interval,
+            set={"last_reason": reason, "probed_at": now},
             detail={"reason": reason, "status": status, "reissued_revoke": reissued},
         )
         if over:
@@ -452,7 +472,7 @@ class Steps:
                     State.UNCONFIRMED,
                     "notified",
                     lease_owner=owner,
-                    next_run_at=now + self.policy.reprobe_interval,
+                    next_run_at=self.next_reprobe(incident),
                     set={"notified_at": now, "attempts": 0, "step_started_at": None},
                     detail={"refused": len(result.unreachable.get(incident.id, ())), "urgent": True},
                 )
@@ -481,6 +501,10 @@ class Steps:
             else:
                 reason = result.pending.get(incident.id, Reason.NOTIFY_PENDING)
                 t = self._retry(incident, owner, "notify_pending", reason)
+                reprobe = self.next_reprobe(incident) if incident.state is State.UNCONFIRMED else None
+                if reprobe is not None and t.next_run_at is not None and reprobe < t.next_run_at:
+                    # An unconfirmed key's re-probe does not wait for its email's backoff.
+                    t.next_run_at = reprobe
                 if reason is Reason.SMTP_TLS_REQUIRED:
                     self._page(incident, t, reason, "SMTP credentials would go in clear: no email goes out")
             if incident.id in result.unreachable:

@@ -148,8 +148,13 @@ class Worker:
             groups.setdefault(incident.state, []).append(incident)
         unconfirmed = groups.pop(State.UNCONFIRMED, [])
         # An unconfirmed key's owner is told once (in a batch, like the confirmed ones'); after
-        # that, or with nobody to tell, it is re-probed one by one.
-        tell = [i for i in unconfirmed if i.notified_at is None and self.steps.notifier is not None]
+        # that, with nobody to tell, or when its re-probe is due while the email is still owed, it
+        # is re-probed one by one.
+        tell = [
+            i
+            for i in unconfirmed
+            if i.notified_at is None and self.steps.notifier is not None and not self.steps.reprobe_due(i)
+        ]
         if tell:
             groups[State.UNCONFIRMED] = tell
         for state, incidents in groups.items():

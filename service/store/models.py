@@ -109,6 +109,8 @@ class Incident:
     last_reason: str | None
     has_token: bool
     unconfirmed_at: float | None = None
+    # An unconfirmed key's last probe: its re-probes count from it, apart from its owner's email.
+    probed_at: float | None = None
     # What the lookup said of the key besides its owner (None when the admin API did not say).
     key_created_at: float | None = None
     key_last_used_at: float | None = None

@@ -179,6 +179,66 @@ def test_unconfirmed_key_gets_an_urgent_email_then_a_follow_up_when_it_dies(sand
     assert sorted(tuple(r) for r in rows) == [("owner", "sent"), ("owner_confirmed", "sent")]
 
 
+SMTP_REFUSING = {"RCPT": "451 4.3.0 mail system temporarily unavailable, try again later"}
+
+
+def test_an_unconfirmed_key_is_reprobed_while_its_urgent_email_cannot_go(sandbox, make_service, smtp):
+    """The relay refuses every email for now: the owner of a key that still works cannot be told,
+    and the key is probed again (its revoke re-issued) meanwhile; once it dies it is confirmed at
+    its next re-probe, and when the relay takes mail again the owner hears the end of it."""
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    smtp.reply = dict(SMTP_REFUSING)
+    service = make_service({**smtp.env(), "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.5"})
+    key = sandbox.supermemory.keys[1]
+    service.post_alert(sandbox.github, [key.token])
+    wait_until(lambda: service.events(key.token).count("reprobed") >= 2)
+    incident = service.incident(key.token)
+    assert incident["state"] == "unconfirmed" and incident["notified_at"] is None
+    assert incident["probed_at"] > incident["unconfirmed_at"]
+    assert "notify_pending" in service.events(key.token) and smtp.received() == []
+    assert "smtp_temporary_failure" in reasons(service)
+
+    # The revoke re-issued at a re-probe now takes: the next re-probe finds the key dead, although
+    # its owner has still not been told that it may work.
+    sandbox.supermemory.set_knobs(never_revoke=False)
+    service.wait_state(key.token, "confirmed")
+    assert service.incident(key.token)["notified_at"] is None and smtp.received() == []
+
+    smtp.reply.clear()
+    service.wait_state(key.token, "closed")
+    (message,) = smtp.to("owner1@example.test")
+    assert message.email["Subject"].endswith("is now confirmed revoked")
+
+
+def test_the_window_page_of_an_unconfirmed_key_does_not_wait_for_its_email(
+    sandbox, make_service, smtp, sentry
+):
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    smtp.reply = dict(SMTP_REFUSING)
+    env = {
+        **smtp.env(),
+        **sentry.env(),
+        "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.3",
+        "LEAK_RESPONDER_UNCONFIRMED_WINDOW": "1",
+    }
+    service = make_service(env)
+    key = sandbox.supermemory.keys[1]
+    service.post_alert(sandbox.github, [key.token])
+    wait_until(lambda: sentry.pages("unconfirmed_window_over"))
+    incident = service.incident(key.token)
+    assert incident["notified_at"] is None and smtp.received() == []
+    assert "unconfirmed_window_over" in incident["pages"]
+
+    # The email still goes out once the relay takes mail; the key then waits for an operator.
+    smtp.reply.clear()
+    wait_until(lambda: service.incident(key.token)["notified_at"] is not None)
+    (message,) = smtp.to("owner1@example.test")
+    assert message.email["Subject"].startswith("URGENT: rotate your Supermemory API key")
+    incident = service.incident(key.token)
+    assert incident["state"] == "unconfirmed" and incident["next_run_at"] is None
+    assert len(sentry.pages("unconfirmed_window_over")) == 1
+
+
 def test_without_smtp_incidents_wait_then_resume(sandbox, make_service, smtp, tmp_path):
     service = make_service()
     assert "notify_disabled" in reasons(service)

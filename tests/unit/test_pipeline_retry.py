@@ -91,6 +91,7 @@ def test_retry_of_an_unconfirmed_key_revokes_it_again_and_starts_the_probes_over
     assert t is not None
     assert (t.expected_state, t.state, t.next_run_at) == (State.UNCONFIRMED, State.MATCHED, NOW)
     assert t.set["revoke_reissued"] is False and t.set["unconfirmed_at"] is None and t.set["attempts"] == 0
+    assert t.set["probed_at"] is None, "its re-probes start over from the next unconfirmed"
 
 
 def test_retry_of_an_unconfirmed_key_without_its_token_is_refused():

@@ -490,8 +490,8 @@ def test_probe_alive_when_the_schedule_runs_out_is_unconfirmed_and_paged(tmp_pat
     assert pager.codes() == [Reason.REVOCATION_UNCONFIRMED]
     assert incident.state is State.UNCONFIRMED and incident.has_token, "kept to probe again later"
     assert incident.unconfirmed_at == START + 40.0 and incident.last_reason == Reason.PROBE_KEY_ALIVE
-    # With a notifier the owner is told at once.
-    assert incident.next_run_at == START + 40.0
+    # With a notifier the owner is told at once; its re-probes count from this last probe.
+    assert incident.next_run_at == START + 40.0 and incident.probed_at == START + 40.0
 
 
 def test_unconfirmed_without_a_notifier_waits_one_reprobe_interval(tmp_path, clock):
@@ -613,15 +613,9 @@ def test_probe_of_a_token_no_key_opens_is_unconfirmed_token_unsealable_paged_onc
 
 
 async def unconfirmed(store, clock: Clock, since: float, **fields: Any):
-    return await at(
-        store,
-        clock,
-        State.UNCONFIRMED,
-        revoked_at=since - 40.0,
-        unconfirmed_at=since,
-        notified_at=since,
-        **fields,
-    )
+    """Unconfirmed since `since` (last probed then) and, unless `fields` say otherwise, told."""
+    told = {"revoked_at": since - 40.0, "unconfirmed_at": since, "probed_at": since, "notified_at": since}
+    return await at(store, clock, State.UNCONFIRMED, **{**told, **fields})
 
 
 @pytest.mark.parametrize("with_notifier", [True, False])
@@ -692,7 +686,7 @@ def test_reprobe_inconclusive_comes_back_without_revoking(tmp_path, clock):
     t = run_with_store(tmp_path, clock, scenario)
     assert client.revokes == [] and t.detail["reissued_revoke"] is False
     assert t.state is None and t.next_run_at == START + 3600.0
-    assert t.set == {"last_reason": Reason.PROBE_SERVER_ERROR}
+    assert t.set == {"last_reason": Reason.PROBE_SERVER_ERROR, "probed_at": START}
 
 
 @pytest.mark.parametrize("answer", [alive, inconclusive])
@@ -726,6 +720,58 @@ def test_reprobe_window_over_pages_once_and_parks_for_an_operator(tmp_path, cloc
     assert incident.pages == {Reason.UNCONFIRMED_WINDOW_OVER}
 
 
+@pytest.mark.parametrize("answer", [alive, inconclusive])
+def test_reprobe_while_the_urgent_email_is_owed_goes_on_to_the_email_and_pages_the_window(
+    tmp_path, clock, answer
+):
+    """SMTP down: the owner of an unconfirmed key is not told yet. Its re-probes, their re-issued
+    revokes and the window's page do not wait for that email, which is tried again at once."""
+    client, pager = FakeSupermemory(), RecordingPager()
+    client.probe_answers = [answer(), answer()]
+
+    async def scenario(store):
+        incident = await unconfirmed(store, clock, since=START, notified_at=None)
+        steps = steps_for(store, clock, client, pager, FakeNotifier(), unconfirmed_window=7200.0)
+        clock.advance(3600.0)
+        within = await steps.reprobe(incident, OWNER)
+        await record(store, within)
+        after_within = await one(store, incident.id)
+        clock.advance(3600.0)
+        over = await steps.reprobe(await claim_one(store, incident.id), OWNER)
+        await record(store, over)
+        return within, after_within, over, await one(store, incident.id), steps
+
+    within, after_within, over, incident, steps = run_with_store(tmp_path, clock, scenario)
+    assert within.next_run_at == START + 3600.0, "the email is tried again right after the re-probe"
+    assert after_within.probed_at == START + 3600.0
+    assert steps.next_reprobe(after_within) == START + 7200.0
+    assert over.page == Reason.UNCONFIRMED_WINDOW_OVER and pager.codes() == [Reason.UNCONFIRMED_WINDOW_OVER]
+    # Over: no more re-probes, but the email is still owed, so it is still scheduled.
+    assert over.next_run_at == START + 7200.0 and steps.next_reprobe(incident) is None
+    assert incident.state is State.UNCONFIRMED and incident.notified_at is None and incident.has_token
+    assert client.revokes == (["key_1", "key_1"] if answer is alive else [])
+
+
+def test_notify_pending_of_an_unconfirmed_key_comes_back_no_later_than_its_reprobe(tmp_path, clock):
+    """An email failing for long backs off past the re-probe interval: an unconfirmed key's retry
+    comes back at its re-probe instead; a confirmed key's keeps its backoff."""
+    result = NotifyResult()
+    notifier = FakeNotifier(result)
+
+    async def scenario(store):
+        urgent = await unconfirmed(store, clock, since=START, notified_at=None, attempts=20)
+        plain = await at(store, clock, State.CONFIRMED, 2, revoked_at=START, confirmed_at=START, attempts=20)
+        result.pending |= {urgent.id: Reason.SMTP_UNAVAILABLE, plain.id: Reason.SMTP_UNAVAILABLE}
+        clock.advance(60.0)
+        steps = steps_for(store, clock, notifier=notifier, backoff_max=86400.0)
+        return await steps.notify([urgent, plain], OWNER)
+
+    urgent, plain = run_with_store(tmp_path, clock, scenario)
+    assert urgent.event == plain.event == "notify_pending"
+    assert urgent.next_run_at == START + 3600.0
+    assert plain.next_run_at is not None and plain.next_run_at - (START + 60.0) >= 43200.0
+
+
 # -- notify and close ------------------------------------------------------------------------------
 
 
@@ -749,7 +795,9 @@ def test_notify_outcomes(tmp_path, clock):
 
     async def scenario(store):
         confirmed = await at(store, clock, State.CONFIRMED, 1, revoked_at=START, confirmed_at=START)
-        urgent = await at(store, clock, State.UNCONFIRMED, 2, revoked_at=START, unconfirmed_at=START)
+        urgent = await at(
+            store, clock, State.UNCONFIRMED, 2, revoked_at=START, unconfirmed_at=START, probed_at=START
+        )
         grouped = await at(store, clock, State.CONFIRMED, 3, revoked_at=START, confirmed_at=START)
         failing = await at(store, clock, State.CONFIRMED, 4, revoked_at=START, confirmed_at=START, attempts=2)
         silent = await at(store, clock, State.CONFIRMED, 5, revoked_at=START, confirmed_at=START)
@@ -774,9 +822,10 @@ def test_notify_outcomes(tmp_path, clock):
     ]
     # Confirmed and told: on to close at once.
     assert confirmed.state is State.NOTIFIED and confirmed.next_run_at == now and confirmed.notified_at == now
-    # Unconfirmed and told: stays open, on its slow re-probe schedule, the token kept.
+    # Unconfirmed and told: stays open, on its slow re-probe schedule (an interval after its last
+    # probe, not after the email), the token kept.
     assert urgent.state is State.UNCONFIRMED and urgent.notified_at == now and urgent.has_token
-    assert urgent.next_run_at == now + 3600.0
+    assert urgent.next_run_at == START + 3600.0
     # Waiting for its alert's siblings: not a failure, no attempt counted.
     assert grouped.state is State.CONFIRMED and grouped.next_run_at == START + 15.0 and grouped.attempts == 0
     # Pending: a retry with backoff and the notifier's reason.

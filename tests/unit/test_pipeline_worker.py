@@ -84,7 +84,7 @@ def test_each_claimed_state_goes_to_its_step(tmp_path, clock):
             "confirmed_5": await put(store, clock, 5, State.CONFIRMED, confirmed_at=START),
             "confirmed_6": await put(store, clock, 6, State.CONFIRMED, confirmed_at=START),
             "notified": await put(store, clock, 7, State.NOTIFIED, confirmed_at=START),
-            "untold": await put(store, clock, 8, State.UNCONFIRMED, unconfirmed_at=START),
+            "untold": await put(store, clock, 8, State.UNCONFIRMED, unconfirmed_at=START, probed_at=START),
             "told": await put(store, clock, 9, State.UNCONFIRMED, unconfirmed_at=START, notified_at=START),
             "closed": await put(store, clock, 10, State.CLOSED),
         }
@@ -134,6 +134,26 @@ def test_without_a_notifier_an_unconfirmed_key_is_reprobed(tmp_path, clock):
     assert client.probes == [token(8)]
     # Dead: confirmed, and parked for a notifier like any confirmed key (nobody was told yet).
     assert incident.state is State.CONFIRMED and incident.notified_at is None and incident.next_run_at is None
+
+
+def test_an_untold_unconfirmed_key_is_reprobed_when_due_and_told_otherwise(tmp_path, clock):
+    """The owner's urgent email is still owed (SMTP down): the key whose re-probe is due goes to
+    its re-probe, not to another attempt at the email; the one last probed moments ago is told."""
+    client = FakeSupermemory()
+    client.probe_answers = [dead()]
+    notifier = FakeNotifier()
+
+    async def scenario(store):
+        due = await put(
+            store, clock, 1, State.UNCONFIRMED, unconfirmed_at=START - 3600, probed_at=START - 3600
+        )
+        fresh = await put(store, clock, 2, State.UNCONFIRMED, unconfirmed_at=START - 5, probed_at=START - 5)
+        await routed(worker_for(store, clock, client, notifier), store)
+        return fresh, await one(store, due)
+
+    fresh, reprobed = run_with_store(tmp_path, clock, scenario)
+    assert client.probes == [token(1)] and notifier.calls == [[fresh]]
+    assert reprobed.state is State.CONFIRMED and reprobed.notified_at is None
 
 
 def test_a_step_that_raises_is_logged_and_frees_its_room(tmp_path, clock, caplog):
