@@ -3,8 +3,9 @@
 The pipeline raises a page through `Pager.page`; what carries it (the log and the pages metric, and
 Sentry when SENTRY_DSN is set) is this module's business, and it never blocks or fails the caller: a
 responder that stalls because its pager is down would turn one outage into two. Pages wait for
-Sentry in a queue of their own (`PageCourier`), so a burst of them is never dropped and a Sentry
-that is down or hanging costs the pipeline nothing.
+Sentry in a queue of their own (`PageCourier`), so a burst of them is never dropped, a Sentry that
+is briefly down or refusing gets them once it is back, and one that is down or hanging costs the
+pipeline nothing.
 
 Nothing secret may reach Sentry (contract.md §8). The SDK is initialised without request bodies, local
 variables or default PII, and every event and breadcrumb goes through `scrub_event`, which redacts
@@ -19,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import queue
+import random
 import re
 import threading
 import time
@@ -26,15 +28,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import sentry_sdk
+from sentry_sdk.consts import EndpointType
 from sentry_sdk.crons import capture_checkin
 from sentry_sdk.crons.consts import MonitorStatus
+from sentry_sdk.envelope import Envelope
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.starlette import StarletteIntegration
+from sentry_sdk.transport import Transport
+from sentry_sdk.utils import Dsn
 
 if TYPE_CHECKING:
     from sentry_sdk._types import Event, LogLevelStr, MonitorConfig
 
+from service import __version__
+from service.backoff import backoff, retry_after
 from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, failure
 from service.reasons import Reason
 from service.store import IncidentDetail, Store, StoreError
@@ -279,43 +288,152 @@ class EventBudget:
         return False
 
 
+class KeptEnvelopes(Transport):
+    """The pages client's transport: it sends nothing, and keeps each envelope the client built
+    (scrubbed by `before_send`, with the SDK's metadata and event id) for the courier, which posts it
+    itself so that it knows what became of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Envelope] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        self.kept.append(envelope)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What Sentry's ingest said to one post: its status (None: no answer, the connection failed
+    or timed out) and, when it asked us to wait, for how long at least."""
+
+    status: int | None
+    retry_after: float | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def worth_retrying(self) -> bool:
+        """No answer, a 5xx, a 408 or a 429 may go better later; any other 4xx says this page is
+        refused for good (a wrong DSN key, a body Sentry will never accept)."""
+        return self.status is None or self.status in (408, 429) or self.status >= 500
+
+
+Post = Callable[[bytes], Answer]
+
+
+def envelope_poster(dsn: str, timeout: float) -> tuple[Post, Callable[[], None]]:
+    """Posts an envelope to the DSN's ingest endpoint, the way the SDK's transport does; with the
+    function that closes its connections."""
+    auth = Dsn(dsn).to_auth(client=f"leak-responder/{__version__}")
+    url = auth.get_api_url(EndpointType.ENVELOPE)
+    headers = {"Content-Type": "application/x-sentry-envelope", "X-Sentry-Auth": auth.to_header()}
+    http = httpx.Client(timeout=timeout)
+
+    def post(body: bytes) -> Answer:
+        try:
+            response = http.post(url, content=body, headers=headers)
+        except httpx.HTTPError:
+            return Answer(None)
+        return Answer(response.status_code, _wait_asked(response.headers))
+
+    return post, http.close
+
+
+def _wait_asked(headers: Mapping[str, str]) -> float | None:
+    """Sentry asks for a pause with `Retry-After`, or in `X-Sentry-Rate-Limits` (`seconds:categories
+    :scope, …`): the longest it names."""
+    limits = headers.get("x-sentry-rate-limits")
+    if limits:
+        seconds = [s for part in limits.split(",") if (s := part.strip().split(":")[0]).isdigit()]
+        if seconds:
+            return float(max(int(s) for s in seconds))
+    return retry_after(headers.get("retry-after"))
+
+
+@dataclass(frozen=True)
+class PageRetry:
+    """How long a page may wait for Sentry (from when it was raised), and the backoff between its
+    attempts (the pipeline's own, `LEAK_RESPONDER_BACKOFF_*`)."""
+
+    give_up_after: float = 86400.0
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+
+
 class PageCourier:
-    """Pages' own way to Sentry, which no burst can overflow.
+    """Pages' own way to Sentry, which no burst can overflow and no brief outage loses.
 
     The SDK's transport queues events for its sending thread and drops whatever arrives while its
-    queue (100 events) is full: 150 keys that cannot be revoked are 150 pages within seconds, and a
-    slow Sentry takes them one at a time. So pages have a client of their own, with no other event
-    in its queue (no errors, no client reports), fed by this thread from a queue that has no bound,
-    never faster than the transport takes them: while the transport is full (or Sentry has asked us
-    to back off), the next page waits here instead of being dropped. A page is small and raised at
-    most once per incident or per gathered condition, so what waits stays small.
+    queue (100 events) is full: 150 keys that cannot be revoked are 150 pages within seconds. It also
+    drops an event it could not send: a connection refused (after three immediate retries), a 5xx or
+    a 429 and the event is gone. So pages have a client of their own, with no other event in its
+    queue, whose transport only keeps the envelope it built (`KeptEnvelopes`); this thread takes
+    pages one at a time from a queue that has no bound, posts each one itself and, while Sentry does
+    not take it, tries again with backoff (a `Retry-After` or rate limit as a floor) for up to
+    `give_up_after` seconds after it was raised. Each attempt sends the same envelope, event id
+    included, so a page whose answer was lost on the way is still one event in Sentry. A page Sentry
+    refuses for good, or that has waited that long, is dropped with `page_dropped` in a log line
+    that carries the page itself. A page is small and raised at most once per incident or per
+    gathered condition, so what waits stays small.
     """
 
-    def __init__(self, client: sentry_sdk.Client, poll: float = 0.02) -> None:
+    def __init__(
+        self,
+        client: sentry_sdk.Client,
+        post: Post,
+        retry: PageRetry,
+        close_post: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        assert isinstance(client.transport, KeptEnvelopes), "the pages client keeps its envelopes"
         self._client = client
-        self._poll = poll
-        self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._kept = client.transport
+        self._post = post
+        self._close_post = close_post
+        self._retry = retry
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._queue: queue.SimpleQueue[tuple[Event, float] | None] = queue.SimpleQueue()
+        # Set at close: a page then gets one more attempt, no more waiting between attempts.
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._unsettled = 0
         self._thread = threading.Thread(target=self._run, name="sentry-pages", daemon=True)
         self._thread.start()
 
     def send(self, event: Event) -> None:
         """Queue a page; returns at once, from any thread."""
-        self._queue.put(event)
+        with self._lock:
+            self._unsettled += 1
+        self._queue.put((event, self._clock()))
 
     def close(self, timeout: float) -> None:
-        """Hand over every page queued so far and wait, `timeout` at most, for them to be sent."""
-        deadline = time.monotonic() + timeout
+        """Try every page queued so far once more, at once, and wait `timeout` at most for them; a
+        page still not taken is dropped (and logged), since the process is going away."""
+        self._closing.set()
         self._queue.put(None)
         self._thread.join(timeout)
-        self._client.close(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = self._unsettled
+        if left:
+            failure(
+                log,
+                "alerting",
+                Reason.PAGE_DROPPED,
+                "pages not yet taken by Sentry at shutdown",
+                level=logging.ERROR,
+                count=left,
+            )
+        self._close_post()
 
     def _run(self) -> None:
-        while (event := self._queue.get()) is not None:
-            transport = self._client.transport
-            while transport is not None and not transport.is_healthy():
-                time.sleep(self._poll)
+        while (item := self._queue.get()) is not None:
+            event, raised = item
             try:
-                self._client.capture_event(event)
+                self._deliver(event, raised)
             except Exception as exc:
                 # This thread carries every later page: one that cannot be sent must not stop it.
                 failure(
@@ -326,10 +444,47 @@ class PageCourier:
                     level=logging.ERROR,
                     exc_info=exc,
                 )
+            finally:
+                with self._lock:
+                    self._unsettled -= 1
+
+    def _deliver(self, event: Event, raised: float) -> None:
+        self._client.capture_event(event)
+        envelopes, self._kept.kept = self._kept.kept, []
+        for envelope in envelopes:
+            self._until_taken(event, envelope.serialize(), raised)
+
+    def _until_taken(self, event: Event, body: bytes, raised: float) -> None:
+        attempts = 0
+        while True:
+            attempts += 1
+            answer = self._post(body)
+            if answer.taken:
+                return
+            waited = self._clock() - raised
+            if not answer.worth_retrying or waited >= self._retry.give_up_after or self._closing.is_set():
+                failure(
+                    log,
+                    "alerting",
+                    Reason.PAGE_DROPPED,
+                    f"Sentry did not take a page: {event.get('message', '')}",
+                    level=logging.ERROR,
+                    page=event.get("tags", {}).get("page"),
+                    status=answer.status,
+                    attempts=attempts,
+                    waited=round(waited, 1),
+                )
+                return
+            delay = backoff(
+                attempts, self._retry.backoff_base, self._retry.backoff_max, answer.retry_after, self._rng
+            )
+            log.debug("page not taken by Sentry yet", extra={"status": answer.status, "retry_in": delay})
+            self._closing.wait(delay)
 
 
-def init_sentry(dsn: str, environment: str) -> PageCourier:
-    """The global client, for errors and check-ins, and the pages' own (see `PageCourier`)."""
+def init_sentry(dsn: str, environment: str, retry: PageRetry, timeout: float) -> PageCourier:
+    """The global client, for errors and check-ins, and the pages' own (see `PageCourier`); a post
+    of a page waits `timeout` at most for Sentry's answer."""
     budget = EventBudget()
     private: dict[str, Any] = {
         "dsn": dsn,
@@ -352,12 +507,14 @@ def init_sentry(dsn: str, environment: str) -> PageCourier:
     ignore_logger(log.name)
     pages = sentry_sdk.Client(
         **private,
+        transport=KeptEnvelopes(),
         before_send=lambda event, hint: scrub_event(event),
         default_integrations=False,
         auto_enabling_integrations=False,
         send_client_reports=False,
     )
-    return PageCourier(pages)
+    post, close_post = envelope_poster(dsn, timeout)
+    return PageCourier(pages, post, retry, close_post)
 
 
 class SentryPager(Pager):

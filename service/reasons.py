@@ -128,6 +128,8 @@ class Reason(enum.StrEnum):
     OWNER_UNREACHABLE = "owner_unreachable"
     PIPELINE_STALLED = "pipeline_stalled"
     PUBLIC_REPORTS_FLOODED = "public_reports_flooded"
+    # -- delivering pages to Sentry (stage `alerting`; a log line, since Sentry did not take it) --
+    PAGE_DROPPED = "page_dropped"
     # -- start-up notices ------------------------------------------------------------------------
     NOTIFY_DISABLED = "notify_disabled"
     PAGER_LOG_ONLY = "pager_log_only"

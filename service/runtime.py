@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from service.alerting import Gathering, Pager, PipelineMonitor, SentryPager, init_sentry
+from service.alerting import Gathering, Pager, PageRetry, PipelineMonitor, SentryPager, init_sentry
 from service.channels import AddressPolicy, ChannelDispatcher, ChannelSender
 from service.inbound import BodyBudget, KeyCache, Reporter, reporters
 from service.inbound.public import ClientNames, PublicLimits
@@ -127,7 +127,10 @@ class Runtime:
         conditions = {Reason.PUBLIC_REPORTS_FLOODED: flood}
         if pager is None:
             if settings.sentry_dsn:
-                courier = init_sentry(settings.sentry_dsn, settings.sentry_environment)
+                retry = PageRetry(settings.page_give_up_after, settings.backoff_base, settings.backoff_max)
+                courier = init_sentry(
+                    settings.sentry_dsn, settings.sentry_environment, retry, settings.http_timeout
+                )
                 pager = SentryPager(store, settings.runbook_url, courier, conditions)
             else:
                 pager = Pager(conditions=conditions)

@@ -305,6 +305,7 @@ class Settings:
     sentry_dsn: str = _setting("SENTRY_DSN", _sentry_dsn, "", secret=True, prefixed=False)
     sentry_environment: str = _setting("SENTRY_ENVIRONMENT", str, "production", prefixed=False)
     sentry_checkin_interval: float = _setting("SENTRY_CHECKIN_INTERVAL", _positive(_F), "60")
+    page_give_up_after: float = _setting("PAGE_GIVE_UP_AFTER", _positive(_F), "86400")
 
     @property
     def admin_url(self) -> str:

@@ -580,23 +580,35 @@ class _SmtpHandler:
 
 class SentrySink:
     """Sentry's ingest endpoint, enough of it to receive envelopes: a DSN pointing here gets every
-    event and cron check-in the SDK sends, decompressed and parsed."""
+    event and cron check-in the SDK sends, decompressed and parsed.
+
+    `status` answers every envelope with that status instead, keeping nothing (an ingest failing or
+    refusing); `stop()` and `start()` take the endpoint down and bring it back on the same port."""
 
     def __init__(self) -> None:
         self.envelopes: list[list[tuple[dict[str, Any], bytes]]] = []
         self.raw: list[bytes] = []
         # Seconds each envelope takes to be accepted: a slow ingest, behind which the SDK's queue fills.
         self.delay = 0.0
+        self.status: int | None = None
+        self.refused = 0  # envelopes answered with `status`
         self._lock = threading.Lock()
-        self._server = ServerThread(
-            Starlette(routes=[Route("/api/{project}/envelope/", self._receive, methods=["POST"])])
-        )
+        self._app = Starlette(routes=[Route("/api/{project}/envelope/", self._receive, methods=["POST"])])
+        self._server = ServerThread(self._app)
 
     def __enter__(self) -> SentrySink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> SentrySink:
+        if self._server.port:
+            self._server = ServerThread(self._app, port=self._server.port)
         self._server.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._server.stop()
 
     @property
@@ -608,6 +620,10 @@ class SentrySink:
 
     async def _receive(self, request: Request) -> Response:
         body = await request.body()
+        if self.status is not None:
+            with self._lock:
+                self.refused += 1
+            return JSONResponse({"detail": "refused by the test"}, status_code=self.status)
         await asyncio.sleep(self.delay)
         if request.headers.get("content-encoding") == "gzip":
             body = gzip.decompress(body)

@@ -53,6 +53,45 @@ def test_key_that_stays_alive_pages_revocation_unconfirmed(sandbox, make_service
     assert "probe_alive" in [e["event"] for e in event["contexts"]["incident"]["timeline"]]
 
 
+@pytest.mark.parametrize("outage", ["stopped", "503", "429"])
+def test_a_page_raised_while_sentry_is_briefly_down_arrives_once_it_is_back(
+    sandbox, make_service, sentry, outage
+):
+    service = make_service(sentry.env())
+    if outage == "stopped":
+        sentry.stop()
+    else:
+        sentry.status = int(outage)
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    key = sandbox.supermemory.keys[0]
+    service.post_alert(sandbox.github, [key.token])
+    wait_until(lambda: "revocation_unconfirmed" in (service.incident(key.token) or {}).get("pages", ""))
+    if outage == "stopped":
+        time.sleep(1.0)  # a few attempts meet a closed port
+        sentry.start()
+    else:
+        wait_until(lambda: sentry.refused >= 2)
+        sentry.status = None
+    event = page(sentry, "revocation_unconfirmed", "fatal")
+    assert_incident_tags(event, key.token, key.org_id)
+    wait_until(lambda: len(sentry.pages("revocation_unconfirmed")) == 1)
+    assert service.logged("page_dropped") == []
+
+
+def test_a_page_sentry_never_takes_is_dropped_with_a_reason(sandbox, make_service, sentry):
+    sentry.status = 503
+    service = make_service({**sentry.env(), "LEAK_RESPONDER_PAGE_GIVE_UP_AFTER": "1"})
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    key = sandbox.supermemory.keys[0]
+    service.post_alert(sandbox.github, [key.token])
+    (line,) = wait_until(lambda: service.logged("page_dropped"))
+    assert line["stage"] == "alerting" and line["page"] == "revocation_unconfirmed" and line["status"] == 503
+    assert line["attempts"] >= 2 and line["level"] == "error"
+    assert service.failures("alerting", "page_dropped") == 1
+    sentry.status = None
+    assert sentry.refused >= 2 and sentry.pages("revocation_unconfirmed") == []
+
+
 def test_revoke_that_keeps_failing_pages_revocation_failed(sandbox, make_service, sentry):
     sandbox.supermemory.set_knobs(fail_next={"revoke": 10_000}, fail_status={"revoke": 503})
     service = make_service({**sentry.env(), "LEAK_RESPONDER_REVOKE_RETRY_WINDOW": "0.5"})

@@ -1,8 +1,26 @@
-"""What leaves for Sentry: the scrubber over events and breadcrumbs."""
+"""What leaves for Sentry: the scrubber over events and breadcrumbs, and how pages get there."""
 
 from __future__ import annotations
 
-from service.alerting import FILTERED, EventBudget, PageCourier, Pager, scrub_event
+import json
+import logging
+import threading
+import time
+
+import httpx
+import sentry_sdk
+
+from service.alerting import (
+    FILTERED,
+    Answer,
+    EventBudget,
+    KeptEnvelopes,
+    PageCourier,
+    Pager,
+    PageRetry,
+    _wait_asked,
+    scrub_event,
+)
 from service.reasons import Reason
 from service.tokens import redact
 
@@ -113,40 +131,129 @@ def test_url_passwords_are_masked_in_events_and_logs():
     assert scrubbed["extra"]["x"] == ["smtp://u:***@m"]
 
 
-class FakeTransport:
-    """The SDK's transport as the courier sees it: full for a while, then with room."""
+class FakeIngest:
+    """Sentry's ingest as the courier sees it: answers each post from a script (then 200), keeps the
+    bodies, and moves the courier's clock on by `step` seconds a post."""
 
-    def __init__(self, full_for: int) -> None:
-        self.full_for = full_for
+    def __init__(self, *answers: Answer | Exception, step: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.bodies: list[bytes] = []
+        self.step = step
+        self.now = 0.0
 
-    def is_healthy(self) -> bool:
-        self.full_for -= 1
-        return self.full_for < 0
+    def post(self, body: bytes) -> Answer:
+        self.bodies.append(body)
+        self.now += self.step
+        answer = self.answers.pop(0) if self.answers else Answer(200)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-
-class FakeClient:
-    def __init__(self, transport: FakeTransport) -> None:
-        self.transport = transport
-        self.captured: list[dict] = []
-        self.closed = False
-
-    def capture_event(self, event: dict) -> None:
-        if event.get("explode"):
-            raise RuntimeError("the SDK failed")
-        assert self.transport.is_healthy(), "handed over while the transport was full"
-        self.captured.append(event)
-
-    def close(self, timeout: float) -> None:
-        self.closed = True
+    def pages(self) -> list[str]:
+        return [json.loads(b.split(b"\n")[2])["message"] for b in self.bodies]
 
 
-def test_the_courier_waits_for_room_and_no_page_stops_the_next():
-    client = FakeClient(FakeTransport(full_for=5))
-    courier = PageCourier(client, poll=0.001)  # type: ignore[arg-type]
-    pages = [{"message": f"page {n}"} for n in range(3)]
-    courier.send(pages[0])
-    courier.send({"explode": True})
-    for page in pages[1:]:
-        courier.send(page)
-    courier.close(timeout=5)
-    assert client.captured == pages and client.closed
+QUICK = PageRetry(give_up_after=60.0, backoff_base=0.001, backoff_max=0.01)
+
+
+def courier_for(ingest: FakeIngest, retry: PageRetry = QUICK) -> PageCourier:
+    client = sentry_sdk.Client(
+        dsn="http://publickey@127.0.0.1:9/1", transport=KeptEnvelopes(), default_integrations=False
+    )
+    return PageCourier(client, ingest.post, retry, clock=lambda: ingest.now)
+
+
+def posted(ingest: FakeIngest, count: int) -> None:
+    """Until the courier has made `count` posts (closing earlier would cut its retries short)."""
+    deadline = time.monotonic() + 5
+    while len(ingest.bodies) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def dropped(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "reason", None) == Reason.PAGE_DROPPED]
+
+
+def test_the_courier_retries_a_page_until_sentry_takes_it_and_no_page_stops_the_next(caplog):
+    ingest = FakeIngest(Answer(None), Answer(503), Answer(429, 0.02), Answer(200), RuntimeError("boom"))
+    courier = courier_for(ingest)
+    for n in range(3):
+        courier.send({"message": f"page {n}", "tags": {"page": "revocation_failed"}})
+    with caplog.at_level(logging.DEBUG, logger="service.alerting"):
+        posted(ingest, 6)
+        courier.close(timeout=5)
+    # No answer, a 5xx and a 429 are tried again, with the same envelope (the same event id: one
+    # event in Sentry even if an answer was lost); a post that raised costs only its own page.
+    assert ingest.pages() == ["page 0"] * 4 + ["page 1", "page 2"]
+    assert len(set(ingest.bodies[:4])) == 1
+    assert dropped(caplog) == []
+    assert [r.reason for r in caplog.records if hasattr(r, "reason")] == [Reason.INTERNAL_ERROR]
+    # Backoff within its 10 ms cap, but never sooner than the 20 ms the 429 asked for.
+    waits = [r.retry_in for r in caplog.records if hasattr(r, "retry_in")]
+    assert len(waits) == 3 and max(waits[:2]) <= 0.01 and waits[2] == 0.02
+
+
+def test_a_page_refused_for_good_is_dropped_at_once_with_its_reason(caplog):
+    ingest = FakeIngest(Answer(401))
+    courier = courier_for(ingest)
+    courier.send({"message": "page 0", "tags": {"page": "revocation_failed"}})
+    courier.send({"message": "page 1", "tags": {"page": "lookup_unauthorized"}})
+    with caplog.at_level(logging.INFO, logger="service.alerting"):
+        courier.close(timeout=5)
+    assert ingest.pages() == ["page 0", "page 1"]
+    (line,) = dropped(caplog)
+    assert (line.page, line.status, line.attempts) == ("revocation_failed", 401, 1)
+    assert line.levelno == logging.ERROR and "page 0" in line.getMessage()
+
+
+def test_a_page_sentry_does_not_take_within_its_window_is_dropped(caplog):
+    ingest = FakeIngest(*[Answer(503)] * 10, step=4.0)
+    courier = courier_for(ingest, PageRetry(give_up_after=10.0, backoff_base=0.001, backoff_max=0.01))
+    courier.send({"message": "page 0", "tags": {"page": "revocation_failed"}})
+    with caplog.at_level(logging.INFO, logger="service.alerting"):
+        posted(ingest, 3)
+        courier.close(timeout=5)
+    (line,) = dropped(caplog)
+    # Posted at 4, 8 and 12 s after it was raised: the third answer came past the 10 s window.
+    assert (line.status, line.attempts, line.waited) == (503, 3, 12.0)
+
+
+def test_at_close_a_page_waiting_to_be_retried_gets_one_more_attempt_then_is_dropped(caplog):
+    ingest = FakeIngest(*[Answer(503)] * 10)
+    courier = courier_for(ingest, PageRetry(give_up_after=3600.0, backoff_base=600.0, backoff_max=600.0))
+    courier.send({"message": "page 0", "tags": {"page": "revocation_failed"}})
+    with caplog.at_level(logging.DEBUG, logger="service.alerting"):
+        deadline = time.monotonic() + 5
+        # Closed while the page waits out its backoff (600 s), not while its first post is out.
+        while not any(r.getMessage() == "page not taken by Sentry yet" for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        courier.close(timeout=5)
+    (line,) = dropped(caplog)
+    assert line.attempts == 2 and len(ingest.bodies) == 2
+
+
+def test_at_close_pages_still_in_flight_are_counted_as_dropped(caplog):
+    held = threading.Event()
+
+    def hanging(body: bytes) -> Answer:
+        held.wait(5)
+        return Answer(200)
+
+    client = sentry_sdk.Client(
+        dsn="http://publickey@127.0.0.1:9/1", transport=KeptEnvelopes(), default_integrations=False
+    )
+    courier = PageCourier(client, hanging, QUICK)
+    for n in range(3):
+        courier.send({"message": f"page {n}", "tags": {"page": "revocation_failed"}})
+    with caplog.at_level(logging.INFO, logger="service.alerting"):
+        courier.close(timeout=0.2)
+    held.set()
+    (line,) = dropped(caplog)
+    assert line.count == 3
+
+
+def test_the_wait_sentry_asks_for_is_the_longest_it_names():
+    assert _wait_asked(httpx.Headers({"X-Sentry-Rate-Limits": "60:error:organization, 120::key"})) == 120.0
+    assert _wait_asked(httpx.Headers({"Retry-After": "7"})) == 7.0
+    assert _wait_asked(httpx.Headers({})) is None
