@@ -582,8 +582,8 @@ class SentrySink:
     """Sentry's ingest endpoint, enough of it to receive envelopes: a DSN pointing here gets every
     event and cron check-in the SDK sends, decompressed and parsed.
 
-    `status` answers every envelope with that status instead, keeping nothing (an ingest failing or
-    refusing); `stop()` and `start()` take the endpoint down and bring it back on the same port."""
+    `status` answers every envelope with that status instead, keeping it only in `raw` (an ingest
+    failing or refusing); `stop()` and `start()` take the endpoint down and bring it back on the same port."""
 
     def __init__(self) -> None:
         self.envelopes: list[list[tuple[dict[str, Any], bytes]]] = []
@@ -623,6 +623,7 @@ class SentrySink:
         if self.status is not None:
             with self._lock:
                 self.refused += 1
+                self.raw.append(body)  # sent all the same: the canary tests search these bytes too
             return JSONResponse({"detail": "refused by the test"}, status_code=self.status)
         await asyncio.sleep(self.delay)
         if request.headers.get("content-encoding") == "gzip":

@@ -83,8 +83,11 @@ def test_a_page_sentry_never_takes_is_dropped_with_a_reason(sandbox, make_servic
     service = make_service({**sentry.env(), "LEAK_RESPONDER_PAGE_GIVE_UP_AFTER": "1"})
     sandbox.supermemory.set_knobs(never_revoke=True)
     key = sandbox.supermemory.keys[0]
-    service.post_alert(sandbox.github, [key.token])
+    # The key in its sighting's URL too: neither the dropped page's line nor its attempts show it.
+    service.post_alert(sandbox.github, [key.token], url=f"https://example.test/x?k={key.token}")
     (line,) = wait_until(lambda: service.logged("page_dropped"))
+    for output in (service.log_text().encode(), sentry.all_bytes()):
+        assert key.token[3:].encode() not in output and key.token[-16:].encode() not in output
     assert line["stage"] == "alerting" and line["page"] == "revocation_unconfirmed" and line["status"] == 503
     assert line["attempts"] >= 2 and line["level"] == "error"
     assert service.failures("alerting", "page_dropped") == 1
