@@ -78,9 +78,16 @@ def recipients(incident: Incident, fallback: str | None) -> list[Recipient]:
 
 
 def purpose_of(incident: Incident) -> str:
-    """Which of the owner's emails an incident is due: a confirmed key that was unconfirmed first has
-    had its urgent email already (or missed it), so it gets the follow-up, a delivery of its own."""
-    if incident.state is State.CONFIRMED and incident.unconfirmed_at is not None:
+    """Which of the owner's emails an incident is due: a confirmed key whose owner was told, while
+    it was unconfirmed, that it may still work gets the follow-up, a delivery of its own. One whose
+    re-probe confirmed it before that urgent email could go (SMTP down meanwhile) gets the first
+    email after all, with the confirmed wording: nothing was said that needs following up, and the
+    urgent email's delivery, left pending, is the one this completes."""
+    if (
+        incident.state is State.CONFIRMED
+        and incident.unconfirmed_at is not None
+        and incident.notified_at is not None
+    ):
         return FOLLOW_UP
     return OWNER
 

@@ -185,7 +185,8 @@ SMTP_REFUSING = {"RCPT": "451 4.3.0 mail system temporarily unavailable, try aga
 def test_an_unconfirmed_key_is_reprobed_while_its_urgent_email_cannot_go(sandbox, make_service, smtp):
     """The relay refuses every email for now: the owner of a key that still works cannot be told,
     and the key is probed again (its revoke re-issued) meanwhile; once it dies it is confirmed at
-    its next re-probe, and when the relay takes mail again the owner hears the end of it."""
+    its next re-probe, and when the relay takes mail again the owner gets one email, saying that
+    the key leaked and is revoked for sure (nothing urgent was said that needs a follow-up)."""
     sandbox.supermemory.set_knobs(never_revoke=True)
     smtp.reply = dict(SMTP_REFUSING)
     service = make_service({**smtp.env(), "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "0.5"})
@@ -207,7 +208,13 @@ def test_an_unconfirmed_key_is_reprobed_while_its_urgent_email_cannot_go(sandbox
     smtp.reply.clear()
     service.wait_state(key.token, "closed")
     (message,) = smtp.to("owner1@example.test")
-    assert message.email["Subject"].endswith("is now confirmed revoked")
+    assert (
+        message.email["Subject"]
+        == f"Your Supermemory API key {redact(key.token)} was leaked and has been revoked"
+    )
+    with service.db() as db:
+        rows = db.execute("SELECT purpose, status FROM deliveries").fetchall()
+    assert [tuple(r) for r in rows] == [("owner", "sent")], "the email left pending is the one that went"
 
 
 def test_the_window_page_of_an_unconfirmed_key_does_not_wait_for_its_email(

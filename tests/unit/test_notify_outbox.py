@@ -217,6 +217,42 @@ def test_an_unconfirmed_key_never_waits_and_its_email_is_urgent(tmp_path, clock)
     )
 
 
+def test_a_key_confirmed_before_its_urgent_email_could_go_gets_the_first_email_confirmed(tmp_path, clock):
+    """SMTP refused the urgent email; a re-probe then confirmed the key. Its owner, told nothing yet,
+    gets the first email with the confirmed wording, which settles that email's pending delivery;
+    an owner already told urgently gets the follow-up, a delivery of its own."""
+    smtp = FakeSmtp()
+    smtp.answers["ann@example.test"] = SendResult(SendOutcome.RETRY, Reason.SMTP_UNAVAILABLE, "refused")
+
+    async def scenario(store):
+        ids = await intake(store, 1, 2)
+        fields = {"unconfirmed_at": START, "revoked_at": START}
+        await drive(store, ids[0], State.UNCONFIRMED, START, **key_fields(1, "ann@example.test"), **fields)
+        await drive(store, ids[1], State.UNCONFIRMED, START, **key_fields(2, "bob@example.test"), **fields)
+        notifier = notifier_for(store, clock, smtp)
+        urgent = await notifier.notify(await store.incidents(ids))
+        await drive(store, ids[1], State.UNCONFIRMED, START, notified_at=START)
+        for incident_id in ids:
+            await drive(store, incident_id, State.CONFIRMED, START, confirmed_at=START + 3600.0)
+        del smtp.answers["ann@example.test"]
+        confirmed = await notifier.notify(await store.incidents(ids))
+        return ids, urgent, confirmed, await store.deliveries(ids)
+
+    ids, urgent, confirmed, rows = run_with_store(tmp_path, clock, scenario)
+    assert urgent.pending == {ids[0]: Reason.SMTP_UNAVAILABLE} and urgent.done == {ids[1]}
+    assert confirmed.done == set(ids)
+    assert sorted((r.recipient, r.purpose, r.status) for r in rows) == [
+        ("ann@example.test", "owner", DeliveryStatus.SENT),
+        ("bob@example.test", "owner", DeliveryStatus.SENT),
+        ("bob@example.test", "owner_confirmed", DeliveryStatus.SENT),
+    ]
+    ann = smtp.to("ann@example.test")
+    assert [m["Subject"] for m in ann][
+        -1
+    ] == f"Your Supermemory API key {redact(token(1))} was leaked and has been revoked"
+    assert smtp.to("bob@example.test")[-1]["Subject"].endswith("is now confirmed revoked")
+
+
 # -- exactly once ----------------------------------------------------------------------------------
 
 
