@@ -324,8 +324,8 @@ Post = Callable[[bytes], Answer]
 
 
 def envelope_poster(dsn: str, timeout: float) -> tuple[Post, Callable[[], None]]:
-    """Posts an envelope to the DSN's ingest endpoint, the way the SDK's transport does; with the
-    function that closes its connections."""
+    """Posts an envelope to the DSN's ingest endpoint with the SDK's auth header (uncompressed: a
+    page is small); with the function that closes its connections."""
     auth = Dsn(dsn).to_auth(client=f"leak-responder/{__version__}")
     url = auth.get_api_url(EndpointType.ENVELOPE)
     headers = {"Content-Type": "application/x-sentry-envelope", "X-Sentry-Auth": auth.to_header()}
@@ -357,9 +357,9 @@ class PageRetry:
     """How long a page may wait for Sentry (from when it was raised), and the backoff between its
     attempts (the pipeline's own, `LEAK_RESPONDER_BACKOFF_*`)."""
 
-    give_up_after: float = 86400.0
-    backoff_base: float = 1.0
-    backoff_max: float = 300.0
+    give_up_after: float
+    backoff_base: float
+    backoff_max: float
 
 
 class PageCourier:
@@ -367,16 +367,16 @@ class PageCourier:
 
     The SDK's transport queues events for its sending thread and drops whatever arrives while its
     queue (100 events) is full: 150 keys that cannot be revoked are 150 pages within seconds. It also
-    drops an event it could not send: a connection refused (after three immediate retries), a 5xx or
-    a 429 and the event is gone. So pages have a client of their own, with no other event in its
-    queue, whose transport only keeps the envelope it built (`KeptEnvelopes`); this thread takes
-    pages one at a time from a queue that has no bound, posts each one itself and, while Sentry does
-    not take it, tries again with backoff (a `Retry-After` or rate limit as a floor) for up to
-    `give_up_after` seconds after it was raised. Each attempt sends the same envelope, event id
-    included, so a page whose answer was lost on the way is still one event in Sentry. A page Sentry
-    refuses for good, or that has waited that long, is dropped with `page_dropped` in a log line
-    that carries the page itself. A page is small and raised at most once per incident or per
-    gathered condition, so what waits stays small.
+    drops an event it could not send: a connection refused, a 5xx or a 429, and the event is gone.
+    So pages have a client of their own, with no other event in its queue, whose transport only
+    keeps the envelope it built (`KeptEnvelopes`); this thread takes pages one at a time from a
+    queue that has no bound, posts each one itself and, while Sentry does not take it, tries again
+    with backoff (a `Retry-After` or rate limit as a floor) for up to `give_up_after` seconds after
+    it was raised. Each attempt sends the same envelope, event id included, so a page whose answer
+    was lost on the way is still one event in Sentry. A page Sentry refuses for good, or that has
+    waited that long, is dropped with `page_dropped` in a log line that carries the page itself. A
+    page is small and raised at most once per incident or per gathered condition, so what waits
+    stays small.
     """
 
     def __init__(
