@@ -3,11 +3,14 @@ same machine, because these machines are shared and noisy (the ack benchmark is 
 
 - confirm: alert to confirmed revocation with the sandbox adding 20 ms to every call, for one
   token and for one 1,000-token alert, against the three calls' own 60 ms.
-- big: ack time of one 10,000-token alert and the service's peak RSS while it handles it.
+- big: ack time of one 10,000-token alert and the service's peak RSS while it handles it; then
+  the ack time of one 100,000-token alert on PostgreSQL (one process, a throwaway local server,
+  stand-ins in a process of their own as in bench/hol.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import statistics
 import tempfile
@@ -15,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.ack import postgres_services, service_env, stand_ins
 from service.sandbox import build_alert, seeded_keys
 from tests.harness import Sandbox, Service, wait_until
+from tests.pgserver import PostgresServer
 
 
 def bench_confirm(runs: int = 15) -> dict[str, Any]:
@@ -82,4 +87,26 @@ def bench_big(tokens: int = 10_000) -> dict[str, Any]:
         "labelled": labelled,
         "rss_idle_mib": rss_before / 1024,
         "rss_peak_mib": rss_peak / 1024,
+        "postgres": bench_big_postgres(),
     }
+
+
+def bench_big_postgres(tokens: int = 100_000) -> dict[str, Any]:
+    """Ack time of one alert of `tokens` fresh key-shaped tokens, none of them a key, on PostgreSQL."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        github, _, sm_url, keys_url = stack.enter_context(stand_ins(root))
+        # 100,000 tokens are 12 MiB, over the default limit of 10 MiB.
+        env = {**service_env(sm_url, keys_url), "LEAK_RESPONDER_BODY_LIMIT": str(32 * 2**20)}
+        server = PostgresServer().start()
+        stack.callback(server.stop)
+        (service,) = postgres_services(root, env, server, "big", 1)
+        stack.callback(service.stop)
+        body = build_alert(
+            [f"sm_big{i:08d}{secrets.token_hex(12)}" for i in range(tokens)], url="https://x.test/a"
+        )
+        started = time.perf_counter()
+        response = service.post_alert(github, [], body=body, timeout=180)
+        ack = time.perf_counter() - started
+        assert response.status_code == 200, response.text[:200]
+        return {"tokens": tokens, "ack_s": ack, "labelled": len(response.json())}

@@ -8,6 +8,7 @@ Every step is safe to run twice: lookup and probe only read, a revoke of a revok
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -537,12 +538,21 @@ def gated(refs: Sequence[IncidentRef]) -> None:
 
 
 def recorded(transitions: Sequence[Transition], applied: Sequence[bool]) -> None:
-    """Count and log what the store applied, whichever path (worker, request, operator) applied it."""
+    """Count and log what the store applied, whichever path (worker, request, operator) applied it.
+
+    Counted once per state, and the log lines built only if they are logged: a big alert's intake
+    records thousands of transitions at once, on the event loop."""
+    counts: collections.Counter[State] = collections.Counter()
+    logged = log.isEnabledFor(logging.INFO)
     for t, ok in zip(transitions, applied, strict=True):
         if not ok:
-            log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
+            if logged:
+                log.info("step outcome superseded", extra={"incident_id": t.incident_id, "event": t.event})
         elif t.state is not None:
-            TRANSITIONS.labels(state=str(t.state)).inc()
-            log.info(
-                f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
-            )
+            counts[t.state] += 1
+            if logged:
+                log.info(
+                    f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
+                )
+    for state, count in counts.items():
+        TRANSITIONS.labels(state=str(state)).inc(count)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -34,7 +33,6 @@ from service.store import (
 from service.store.common import OFFLOAD_ITEMS
 from service.supermemory import KeyInfo
 from service.tasks import drain
-from service.tokens import is_key_shaped, token_hash
 
 log = logging.getLogger("service.pipeline")
 
@@ -297,7 +295,7 @@ class Worker:
             self.wake()
         # The transitions are recorded now: the refs the caller keeps until the last part (for the
         # answer) do not keep them too, or a big alert would hold every one of them at once.
-        return [dataclasses.replace(r, applied=None) if r.applied else r for r in refs]
+        return [r.moved(r.state, r.label, None) if r.applied else r for r in refs]
 
     async def retry(self, incident: Incident, operator: str) -> bool:
         """Run a stuck incident's step now, on an operator's word (see `retry_transition`).
@@ -339,9 +337,7 @@ def _tell_channels(applied: Iterable[Transition]) -> bool:
 def _plan(sightings: Sequence[TokenSighting]) -> tuple[list[list[TokenSighting]], list[list[str]]]:
     """The alert's parts (`_parts`), and each part's key-shaped tokens' hashes, once each."""
     parts = _parts(sightings, INTAKE_PART) or [[]]
-    shaped = [
-        list(dict.fromkeys(token_hash(s.token) for s in part if is_key_shaped(s.token))) for part in parts
-    ]
+    shaped = [list(dict.fromkeys(s.digest for s in part if s.shaped)) for part in parts]
     return parts, shaped
 
 

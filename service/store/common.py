@@ -11,12 +11,11 @@ which a `Dialect` carries.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +47,7 @@ from service.store.models import (
     Transition,
 )
 from service.store.sealing import Sealer, SealingError
-from service.tokens import is_key_shaped, redact, token_hash
+from service.tokens import redact
 
 # Intakes of more items than this are prepared beside the event loop (see IntakePlan).
 OFFLOAD_ITEMS = 500
@@ -135,35 +134,72 @@ class NewIncident:
     next_run_at: float | None
     last_reason: str | None
 
-    def events(self, alert: AlertRecord) -> list[tuple[str, State, dict[str, Any]]]:
-        """(kind, state, detail) of the audit events its creation writes."""
-        found: list[tuple[str, State, dict[str, Any]]] = [
+    def events(
+        self, alert: AlertRecord, decided: Transition | None = None
+    ) -> list[tuple[str, State | None, dict[str, Any]]]:
+        """(kind, state, detail) of the audit events its creation writes, `decided`'s last: the
+        timeline reads as if the incident had been received, then moved on by `decided`."""
+        found: list[tuple[str, State | None, dict[str, Any]]] = [
             ("received", State.RECEIVED, {"reporter": alert.reporter})
         ]
         if self.state is State.FALSE_POSITIVE:
             found.append(("false_positive", self.state, {"reason": Reason.SHAPE_GATE}))
+        if decided is not None:
+            found.append((decided.event, decided.state, decided.detail))
         return found
+
+    def ref(self) -> IncidentRef:
+        """The incident as created, before any decision."""
+        return IncidentRef(
+            self.id, self.token_hash, self.token_type, self.redacted, self.state, self.label, True
+        )
+
+    def row(self, now: float, decided: Transition | None, d: Dialect) -> dict[str, Any]:
+        """Column → value of its INSERT: the incident as created or, when its intake decided it
+        (`decided`, which must expect it as created and unleased: its fence holds by
+        construction), as that transition leaves it, in the same columns and values the fenced
+        UPDATE would write. A decided incident is inserted once, not inserted then updated."""
+        row = {
+            "id": self.id,
+            "token_hash": self.token_hash,
+            "redacted": self.redacted,
+            "token_sealed": self.sealed,
+            "sealed_key": self.sealed_key,
+            "token_type": self.token_type,
+            "state": str(self.state),
+            "label": plain(self.label),
+            "created_at": now,
+            "next_run_at": self.next_run_at,
+            "last_reason": self.last_reason,
+        }
+        if decided is None:
+            return row
+        if decided.expected_state is not self.state or decided.lease_owner is not None:
+            raise ValueError("a new incident's transition must expect it as created, unleased")
+        row.update(transition_values(decided, d))
+        if decided.page:
+            row["pages"] = decided.page
+        return row
 
 
 @dataclass(frozen=True, slots=True)
 class IntakePlan:
     """An intake prepared outside the transaction (sealing is CPU work): one candidate incident per
-    distinct token in order of first appearance, and each item's hash."""
+    distinct token, by its hash, in order of first appearance."""
 
     candidates: dict[str, NewIncident]
-    hashes: list[str]
 
     @classmethod
     def prepare(
         cls, items: Sequence[TokenSighting], sealer: Sealer, now: float, match_after: float
     ) -> IntakePlan:
         candidates: dict[str, NewIncident] = {}
-        hashes = [token_hash(item.token) for item in items]
-        ids = new_incident_ids(len(set(hashes)))
-        for digest, item in zip(hashes, items, strict=True):
-            if digest in candidates:
-                continue
-            shaped = is_key_shaped(item.token)
+        firsts: dict[str, TokenSighting] = {}
+        for item in items:
+            firsts.setdefault(item.digest, item)
+        ids = new_incident_ids(len(firsts))
+        for item in firsts.values():
+            digest, shaped = item.digest, item.shaped
             candidates[digest] = NewIncident(
                 id=next(ids),
                 token_hash=digest,
@@ -176,7 +212,7 @@ class IntakePlan:
                 next_run_at=now + match_after if shaped else None,
                 last_reason=None if shaped else "shape_gate",
             )
-        return cls(candidates, hashes)
+        return cls(candidates)
 
     @classmethod
     async def prepare_beside_loop(
@@ -193,10 +229,10 @@ class IntakePlan:
         nothing."""
         seen: set[tuple[str, str | None, str | None]] = set()
         found = []
-        for digest, item in zip(self.hashes, items, strict=True):
-            if (digest, item.url, item.source) not in seen:
-                seen.add((digest, item.url, item.source))
-                found.append((digest, item))
+        for item in items:
+            if (item.digest, item.url, item.source) not in seen:
+                seen.add((item.digest, item.url, item.source))
+                found.append((item.digest, item))
         return found
 
     def sighting_rows(
@@ -211,11 +247,23 @@ class IntakePlan:
         ]  # fmt: skip
 
 
+def incident_rows(
+    news: Iterable[tuple[NewIncident, Transition | None]], now: float, d: Dialect
+) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
+    """An intake's new incidents as rows to insert (`NewIncident.row`), grouped by the columns they
+    set, one INSERT each: those left in `received` or stopped by the shape gate, those its lookup
+    made false positives, those it matched."""
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for new, decided in news:
+        row = new.row(now, decided, d)
+        groups.setdefault(tuple(row), []).append(tuple(row.values()))
+    return groups
+
+
 def after(ref: IncidentRef, t: Transition, own: bool = True) -> IncidentRef:
     """`ref` once an intake applied `t` to it: this ref's own intake, or (`own` false) another one
     in the same transaction, whose transition this ref only sees the result of."""
-    label = t.set.get("label", ref.label)
-    return dataclasses.replace(ref, state=t.state or ref.state, label=label, applied=t if own else None)
+    return ref.moved(t.state or ref.state, t.set.get("label", ref.label), t if own else None)
 
 
 # An alert is one per (reporter, body), public reports apart (migration 0003 says why): the
@@ -286,6 +334,20 @@ def check_transitions(transitions: Sequence[Transition]) -> None:
             raise ValueError(f"transition may not set {sorted(unknown)}")
 
 
+def transition_values(t: Transition, d: Dialect) -> dict[str, Any]:
+    """Column → value of what `t` writes on its incident's row, but for the lease it hands back and
+    the page it adds: `fenced_update` writes these on an existing incident, `NewIncident.row` on
+    one its intake inserts already decided."""
+    values: dict[str, Any] = {"next_run_at": t.next_run_at}
+    if t.state is not None:
+        values["state"] = str(t.state)
+    for column, value in t.set.items():
+        values[column] = d.json(value) if column == "recipients" else plain(value)
+    if t.wipe_token:
+        values["token_sealed"] = None
+    return values
+
+
 def fenced_update(t: Transition, d: Dialect) -> tuple[str, list[Any]]:
     """The UPDATE that applies `t` only if the incident is still in `t.expected_state` and, for a
     worker's step, still leased to it; it hands the lease back either way it applies.
@@ -293,20 +355,9 @@ def fenced_update(t: Transition, d: Dialect) -> tuple[str, list[Any]]:
     Exactly one row changes when the transition applies, none when it was superseded.
     """
     m = d.mark
-    assignments = [f"next_run_at = {m}", "lease_owner = NULL", "lease_until = NULL"]
-    args: list[Any] = [t.next_run_at]
-    if t.state is not None:
-        assignments.append(f"state = {m}")
-        args.append(str(t.state))
-    for column, value in t.set.items():
-        if column == "recipients":
-            assignments.append(f"recipients = {m}")
-            args.append(d.json(value))
-        else:
-            assignments.append(f"{column} = {m}")
-            args.append(plain(value))
-    if t.wipe_token:
-        assignments.append("token_sealed = NULL")
+    values = transition_values(t, d)
+    assignments = [f"{column} = {m}" for column in values] + ["lease_owner = NULL", "lease_until = NULL"]
+    args: list[Any] = list(values.values())
     if t.page:
         assignments.append(f"pages = CASE WHEN pages = '' THEN {m} ELSE pages || ',' || {m} END")
         args += [t.page, t.page]
@@ -323,6 +374,26 @@ def event_args(
 ) -> tuple[Any, ...]:
     """Parameters of `INSERT INTO events (incident_id, at, kind, state, detail)`."""
     return (incident_id, at, kind, None if state is None else str(state), d.json(detail))
+
+
+Events = Iterable[tuple[str, float, str, State | None, dict[str, Any]]]
+
+
+def events_args(d: Dialect, events: Events) -> Iterator[tuple[Any, ...]]:
+    """`event_args` of many events, (incident_id, at, kind, state, detail) each. A detail whose
+    values are all text (a reporter, a reason) is serialized once: a big alert's thousands of
+    events share a handful of them, and serializing each one again was a tenth of its intake.
+    Text only, because equal keys must mean equal JSON (1 and True are equal keys)."""
+    serialized: dict[tuple[tuple[str, Any], ...], Any] = {}
+    for incident_id, at, kind, state, detail in events:
+        if all(isinstance(value, str) for value in detail.values()):
+            key = tuple(detail.items())
+            json_detail = serialized.get(key)
+            if json_detail is None:
+                json_detail = serialized[key] = d.json(detail)
+        else:
+            json_detail = d.json(detail)
+        yield (incident_id, at, kind, None if state is None else str(state), json_detail)
 
 
 # -- reads -------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ from service.store.models import (
 from service.store.sealing import Sealer
 
 POSTGRES = Dialect(mark="%s", json=Jsonb)
+# JSON as text, for arrays of it passed in binary (see `_creation`) and cast to jsonb in SQL.
+_TEXT_JSON = Dialect(mark="%s", json=common.dumps)
 CHANNEL = "leak_responder_due"
 _RETRIES = 4
 _CONNECT_TIMEOUT = 10.0
@@ -87,6 +89,8 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 _BATCHERS = 4
 _MAX_BATCH = 64
 
+# Which of an intake batch's tokens are known already: only the others are decided before their insert.
+_KNOWN = "SELECT token_hash FROM incidents WHERE token_hash = ANY(%b)"
 _EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (%s, %s, %s, %s, %s)"
 
 
@@ -111,6 +115,43 @@ def _next_batch(queued: list[_Intake]) -> list[_Intake]:
     batch = queued[:count]
     del queued[:count]
     return batch
+
+
+def _creation(
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]],
+    types: dict[str, str],
+    events: list[tuple[Any, ...]],
+) -> tuple[str, list[Any]]:
+    """One statement that inserts new incidents (`groups`: rows by the columns they set, see
+    `common.incident_rows`) and the events of those it created (`common.events_args` keyed by token
+    hash, in order); it returns their hashes. Every row goes in an array per column, in binary:
+    psycopg's text arrays (quoting, escaping) were half the time of a big alert on PostgreSQL.
+
+    Each group goes in token-hash order, and the groups in the order of their columns, which two
+    replicas deciding the same tokens alike share: their inserts wait on each other, never in a
+    circle. (Replicas whose lookups disagree can deadlock; the transaction is then run again.)"""
+    inserts, args = [], []
+    for g, (columns, rows) in enumerate(sorted(groups.items())):
+        names = ", ".join(columns)
+        arrays = ", ".join(f"%b::{types[c]}[]" for c in columns)
+        inserts.append(
+            f"c{g} AS (INSERT INTO incidents ({names}) SELECT {names} FROM unnest({arrays}) AS n ({names})"  # noqa: S608
+            " ORDER BY token_hash ON CONFLICT (token_hash) DO NOTHING RETURNING id, token_hash)"
+        )
+        for column, values in zip(columns, zip(*rows, strict=True), strict=True):
+            # A binary array holds one type: a whole number among times is made a float.
+            floats = types[column] == "double precision"
+            args.append([float(v) if floats and v is not None else v for v in values])
+    created = " UNION ALL ".join(f"SELECT * FROM c{g}" for g in range(len(inserts)))  # noqa: S608
+    sql = (
+        f"WITH {', '.join(inserts)}, created AS ({created}),"  # noqa: S608
+        " logged AS (INSERT INTO events (incident_id, at, kind, state, detail)"
+        " SELECT created.id, e.at, e.kind, e.state, e.detail::jsonb FROM created JOIN unnest(%b::text[],"
+        " %b::float8[], %b::text[], %b::text[], %b::text[]) WITH ORDINALITY AS e (token_hash, at, kind,"
+        " state, detail, n) ON e.token_hash = created.token_hash ORDER BY e.n)"
+        " SELECT token_hash FROM created"
+    )
+    return sql, [*args, *(list(column) for column in zip(*events, strict=True))]
 
 
 def _settle(future: asyncio.Future[list[IncidentRef]], outcome: list[IncidentRef] | BaseException) -> None:
@@ -151,6 +192,7 @@ class PostgresStore:
         # The payload of this process's notifications, so that its listener can skip them.
         self._instance = secrets.token_hex(8)
         self._rates_pruned = 0.0
+        self._types: dict[str, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -250,6 +292,18 @@ class PostgresStore:
     async def _notify(self, conn: Conn) -> None:
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._instance))
 
+    async def _incident_types(self, conn: Conn) -> dict[str, str]:
+        """Each column of `incidents` with its type, as the database has it: an intake's INSERT
+        passes its rows as one typed array per column, whichever columns their decisions set."""
+        if self._types is None:
+            rows = await self._rows(
+                conn,
+                "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute"
+                " WHERE attrelid = 'incidents'::regclass AND attnum > 0 AND NOT attisdropped",
+            )
+            self._types = {r["attname"]: r["type"] for r in rows}
+        return self._types
+
     @staticmethod
     async def _rows(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         cur = await conn.execute(sql, args)
@@ -268,7 +322,7 @@ class PostgresStore:
         decided transitions, atomically; batched with the intakes of concurrent requests.
 
         Intakes queue; up to `_BATCHERS` tasks each take whatever is queued (at most
-        `_MAX_BATCH`) and record it in one transaction of four statements (see `_intake_batch`),
+        `_MAX_BATCH`) and record it in one transaction of five statements (see `_intake_batch`),
         so that under load an alert costs a fraction of a transaction, not one of its own, while a
         lone alert goes out at once. A batch that fails is retried one intake at a time, so that
         one bad intake fails only its own request.
@@ -318,65 +372,65 @@ class PostgresStore:
                 _settle(intake.future, StoreError("the store closed before the intake committed"))
 
     async def _intake_batch(self, conn: Conn, batch: Sequence[_Intake]) -> list[list[IncidentRef]]:
-        """Intakes in four statements whatever their number and size.
+        """Intakes in five statements whatever their number and size.
 
-        The first inserts the new incidents with their events; it waits on a concurrent insert of
-        the same token by another replica and then skips it, so once it has run every token has a
-        committed or own row. The second, with a snapshot taken after that wait, records the
-        alerts and their sightings and reads the incidents back. The third applies the transitions
-        the intakes' `decide` make of those still in `received`; the fourth is the commit.
+        The first finds which of their tokens are known already (only if one of them decides).
+        The second inserts the new incidents, each as its intake's `decide` leaves it, with their
+        events (see `_creation`); it waits on a concurrent insert of the same token by another
+        replica and then skips it, so once it has run every token has a committed or own row. The
+        third, with a snapshot taken after that wait, records the alerts and their sightings and
+        reads the incidents back. The fourth applies the transitions `decide` makes of the known
+        incidents still in `received` (a fresh alert has none) and writes what the decided ones
+        owe their channels; the fifth is the commit.
 
         A token in several intakes of the batch is created by the first of them, and decided by
         the first that decides it; the others see it as they would after that intake committed.
+        `decide` may be asked twice about a token another replica created meanwhile: its first
+        answer, made for the row this batch would have created, is dropped.
         """
         now = self._clock()
         first: dict[str, tuple[int, NewIncident]] = {}
         for n, intake in enumerate(batch):
             for digest, new in intake.plan.candidates.items():
                 first.setdefault(digest, (n, new))
-        news = sorted((new for _, new in first.values()), key=lambda new: new.token_hash)
-        events = [
-            (new.token_hash, kind, str(state), Jsonb(detail))
-            for n, new in first.values()
-            for kind, state, detail in new.events(batch[n].alert)
+        # A new incident goes in as its intake's decision leaves it (see NewIncident.row), unless
+        # another replica creates it first: that one is decided below, once it is read back.
+        deciding = any(intake.decide is not None for intake in batch)
+        known = (
+            {r["token_hash"] for r in await self._rows(conn, _KNOWN, [list(first)])} if deciding else set()
+        )
+        decided: dict[str, tuple[int, Transition]] = {}
+        for digest, (n, new) in first.items():
+            decide = batch[n].decide
+            if new.state is not State.RECEIVED or decide is None or digest in known:
+                continue
+            if (t := decide(new.ref())) is not None:
+                decided[digest] = (n, t)
+        born = [t for _, t in decided.values()]
+        common.check_transitions(born)
+        news = [
+            (new, decided[new.token_hash][1] if new.token_hash in decided else None)
+            for _, new in first.values()
         ]
-        created = {
-            r["token_hash"]
-            for r in await self._rows(
-                conn,
-                "WITH created AS (INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key,"
-                " token_type, state, label, created_at, next_run_at, last_reason)"
-                " SELECT id, token_hash, redacted, token_sealed, sealed_key, token_type, state, label, %s,"
-                " next_run_at, last_reason FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[],"
-                " %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::text[]) AS n (id,"
-                " token_hash, redacted, token_sealed, sealed_key, token_type, state, label, next_run_at,"
-                " last_reason) ORDER BY token_hash ON CONFLICT (token_hash) DO NOTHING"
-                " RETURNING id, token_hash),"
-                " logged AS (INSERT INTO events (incident_id, at, kind, state, detail)"
-                " SELECT created.id, %s, e.kind, e.state, e.detail FROM created JOIN unnest(%s::text[],"
-                " %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY AS e (token_hash, kind, state, detail,"
-                " n) ON e.token_hash = created.token_hash ORDER BY e.n)"
-                " SELECT token_hash FROM created",
-                [
-                    now,
-                    [n.id for n in news],
-                    [n.token_hash for n in news],
-                    [n.redacted for n in news],
-                    [n.sealed for n in news],
-                    [n.sealed_key for n in news],
-                    [n.token_type for n in news],
-                    [str(n.state) for n in news],
-                    [common.plain(n.label) for n in news],
-                    [n.next_run_at for n in news],
-                    [n.last_reason for n in news],
-                    now,
-                    [e[0] for e in events],
-                    [e[1] for e in events],
-                    [e[2] for e in events],
-                    [e[3] for e in events],
-                ],
+        news.sort(key=lambda pair: pair[0].token_hash)
+        events = list(
+            common.events_args(
+                _TEXT_JSON,
+                (
+                    (new.token_hash, now, *event)
+                    for new, t in news
+                    for event in new.events(batch[first[new.token_hash][0]].alert, t)
+                ),
             )
-        }
+        )
+        created: set[str] = set()
+        if news:
+            sql, args = _creation(
+                common.incident_rows(news, now, POSTGRES), await self._incident_types(conn), events
+            )
+            created = {r["token_hash"] for r in await self._rows(conn, sql, args)}
+        # Decisions whose incident another replica created are dropped: they are made again below.
+        decided = {d: decision for d, decision in decided.items() if d in created}
         ours = [
             {d for d in i.plan.candidates if d in created and first[d][0] == n} for n, i in enumerate(batch)
         ]
@@ -395,7 +449,7 @@ class PostgresStore:
         rows = await self._rows(
             conn,
             "WITH input AS (SELECT a.*, %s::double precision AS received_at"  # noqa: S608
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
+            " FROM unnest(%b::text[], %b::text[], %b::text[], %b::int[], %b::int[])"
             " WITH ORDINALITY AS a (reporter, operator, body_sha256, item_count, new_incidents, n)),"
             " alert AS (INSERT INTO alerts (reporter, operator, received_at, body_sha256, item_count,"
             " new_incidents) SELECT reporter, operator, received_at, body_sha256, item_count, new_incidents"
@@ -413,12 +467,12 @@ class PostgresStore:
             " AND alerts.id = numbered.id AND input.new_incidents > 0),"
             " seen AS (INSERT INTO sightings (incident_id, alert_id, reporter, operator, url, source,"
             " token_type, seen_at, note) SELECT i.id, numbered.id, s.reporter, s.operator, s.url,"
-            " s.source, s.token_type, %s, s.note FROM unnest(%s::int[], %s::text[], %s::text[],"
-            " %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS s (alert_n,"
+            " s.source, s.token_type, %s, s.note FROM unnest(%b::int[], %b::text[], %b::text[],"
+            " %b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) WITH ORDINALITY AS s (alert_n,"
             " token_hash, reporter, operator, url, source, token_type, note, n)"
             " JOIN numbered ON numbered.n = s.alert_n JOIN incidents i ON i.token_hash = s.token_hash"
             " ORDER BY s.n ON CONFLICT DO NOTHING)"
-            " SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%s)",
+            " SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%b)",
             [
                 now,
                 [i.alert.reporter for i in batch], [i.alert.operator for i in batch],
@@ -448,19 +502,25 @@ class PostgresStore:
                     created=digest in ours[n],
                 )
             results.append(refs)
-        decided: dict[str, tuple[int, Transition]] = {}
+        # The new incidents' decisions are in their rows already: what remains is their channels
+        # and outbox events, and the decisions of known incidents still in `received`.
+        born = [t for _, t in decided.values()]
+        await self._owed(conn, born, now, common.sealed_channels(born, self._sealer))
+        for digest, (n, t) in decided.items():
+            results[n][digest] = common.after(results[n][digest], t)
+        later: dict[str, tuple[int, Transition]] = {}
         for n, intake in enumerate(batch):
             for digest, ref in results[n].items():
-                if ref.state is not State.RECEIVED or digest in decided or intake.decide is None:
+                if ref.state is not State.RECEIVED or digest in later or intake.decide is None:
                     continue
                 if (t := intake.decide(ref)) is not None:
-                    decided[digest] = (n, t)
-        transitions = [t for _, t in decided.values()]
+                    later[digest] = (n, t)
+        transitions = [t for _, t in later.values()]
         common.check_transitions(transitions)
         applied = await self._apply_in(
             conn, transitions, now, common.sealed_channels(transitions, self._sealer)
         )
-        for (digest, (n, t)), ok in zip(decided.items(), applied, strict=True):
+        for (digest, (n, t)), ok in zip(later.items(), applied, strict=True):
             # Not applied: another replica moved the incident on since the read-back; the answer
             # then shows it as read, and its label comes with a later delivery.
             if ok:
@@ -527,7 +587,15 @@ class PostgresStore:
                 )
                 cursors.append(cur)
         applied = [cur.rowcount == 1 for cur in cursors]
-        done = [t for t, ok in zip(transitions, applied, strict=True) if ok]
+        await self._owed(conn, [t for t, ok in zip(transitions, applied, strict=True) if ok], now, channels)
+        return applied
+
+    async def _owed(
+        self, conn: Conn, done: Sequence[Transition], now: float, channels: dict[str, list[tuple[Any, ...]]]
+    ) -> None:
+        """What applied transitions bring beside their rows and events: their incidents' channels
+        (`channels`, sealed beforehand), the outbox events they owe them, and a notification to the
+        other replicas when they made work due now."""
         async with conn.cursor() as cur:
             rows = [row for t in done for row in channels.get(t.incident_id, [])]
             if rows:
@@ -538,7 +606,6 @@ class PostgresStore:
                     await cur.execute(*outbox)
         if any(t.next_run_at is not None and t.next_run_at <= now for t in done):
             await self._notify(conn)
-        return applied
 
     async def release(self, owner: str) -> None:
         """Hand back every lease of a process that is shutting down, and tell the others."""

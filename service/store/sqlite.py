@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -321,46 +321,43 @@ class SqliteStore:
                     chunk,
                 ):
                     known[row["token_hash"]] = row
-            refs: dict[str, IncidentRef] = {}
-            news = [new for digest, new in plan.candidates.items() if digest not in known]
-            # Rows as generators: a 10,000-token alert would otherwise hold every row twice.
-            conn.executemany(
-                "INSERT INTO incidents (id, token_hash, redacted, token_sealed, sealed_key, token_type,"
-                " state, label, created_at, next_run_at, last_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    (new.id, new.token_hash, new.redacted, new.sealed, new.sealed_key, new.token_type,
-                     str(new.state), common.plain(new.label), now, new.next_run_at, new.last_reason)
-                    for new in news
-                ),
-            )  # fmt: skip
-            _events(conn, ((new.id, now, *e) for new in news for e in new.events(alert)))
-            for digest, new in plan.candidates.items():
-                row = known.get(digest)
-                refs[digest] = (
-                    IncidentRef(new.id, digest, new.token_type, new.redacted, new.state, new.label, True)
-                    if row is None
-                    else IncidentRef(
-                        row["id"],
-                        digest,
-                        new.token_type,
-                        row["redacted"],
-                        State(row["state"]),
-                        Label(row["label"]) if row["label"] else None,
-                        created=False,
-                    )
+            refs = {
+                digest: new.ref()
+                if (row := known.get(digest)) is None
+                else IncidentRef(
+                    row["id"],
+                    digest,
+                    new.token_type,
+                    row["redacted"],
+                    State(row["state"]),
+                    Label(row["label"]) if row["label"] else None,
+                    created=False,
                 )
-            created = len(news)
-            decided = [
-                (digest, t)
+                for digest, new in plan.candidates.items()
+            }
+            decided = {
+                digest: t
                 for digest, ref in refs.items()
                 if ref.state is State.RECEIVED and decide is not None and (t := decide(ref)) is not None
-            ]
-            common.check_transitions([t for _, t in decided])
-            # The fences hold for every decided transition: this transaction read the states just
-            # now, and it is the only writer. Those that owe nothing beyond their row and event (a
-            # false positive, a key without channels to tell) go grouped by statement, one
-            # executemany each; the others as `apply` writes them, channels and outbox included.
-            plain = [t for _, t in decided if not t.channels and common.outbox_insert(t, now, SQLITE) is None]
+            }
+            common.check_transitions(list(decided.values()))
+            channels = common.sealed_channels(list(decided.values()), self._sealer)
+            # A new incident goes in as its decision leaves it, in one INSERT; its events read as
+            # the fenced UPDATE's would have: received, then the decision.
+            news = [(new, decided.get(d)) for d, new in plan.candidates.items() if d not in known]
+            for columns, inserts in common.incident_rows(news, now, SQLITE).items():
+                conn.executemany(_incident_insert(columns), inserts)
+            _events(conn, ((new.id, now, *e) for new, t in news for e in new.events(alert, t)))
+            for _, t in news:
+                if t is not None and _owes(t, now):
+                    _owed(conn, t, now, channels.get(t.incident_id, []))
+            # The fences hold for every decided transition of a known incident: this transaction
+            # read the states just now, and it is the only writer. Those that owe nothing beyond
+            # their row and event (a false positive, a key without channels to tell) go grouped by
+            # statement, one executemany each; the others as `apply` writes them, channels and
+            # outbox included.
+            earlier = [t for digest, t in decided.items() if digest in known]
+            plain = [t for t in earlier if not _owes(t, now)]
             updates: dict[str, list[list[Any]]] = {}
             for t in plain:
                 sql, args = common.fenced_update(t, SQLITE)
@@ -369,13 +366,12 @@ class SqliteStore:
                 if conn.executemany(sql, rows).rowcount != len(rows):
                     raise StoreError("an incident moved under the writer's own transaction")
             _events(conn, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
-            owing = [t for _, t in decided if t.channels or common.outbox_insert(t, now, SQLITE) is not None]
-            channels = common.sealed_channels(owing, self._sealer)
-            for t in owing:
+            for t in (t for t in earlier if _owes(t, now)):
                 if not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
                     raise StoreError("an incident moved under the writer's own transaction")
-            for digest, t in decided:
+            for digest, t in decided.items():
                 refs[digest] = common.after(refs[digest], t)
+            created = len(news)
             inserted = conn.execute(
                 common.alert_insert(SQLITE),
                 (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
@@ -880,13 +876,11 @@ def _settle(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_exception(value)
 
 
-def _events(
-    conn: sqlite3.Connection, events: Iterable[tuple[str, float, str, State | None, dict[str, Any]]]
-) -> None:
+def _events(conn: sqlite3.Connection, events: common.Events) -> None:
     """Many events at once: (incident_id, at, kind, state, detail) each."""
     conn.executemany(
         "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)",
-        (common.event_args(SQLITE, *e) for e in events),
+        common.events_args(SQLITE, events),
     )
 
 
@@ -911,9 +905,24 @@ def _apply_one(
     if conn.execute(sql, args).rowcount != 1:
         return False
     _event(conn, t.incident_id, now, t.event, t.state, t.detail)
+    _owed(conn, t, now, channels)
+    return True
+
+
+def _owes(t: Transition, now: float) -> bool:
+    """Whether applying `t` writes more than its incident's row and event (see `_owed`)."""
+    return bool(t.channels) or common.outbox_insert(t, now, SQLITE) is not None
+
+
+def _owed(conn: sqlite3.Connection, t: Transition, now: float, channels: Sequence[tuple[Any, ...]]) -> None:
+    """What an applied transition brings beside its row and event: its incident's channels
+    (`channels`, sealed beforehand) and the outbox events it owes them."""
     if channels:
         conn.executemany(common.channel_insert(SQLITE), channels)
     outbox = common.outbox_insert(t, now, SQLITE)
     if outbox is not None:
         conn.execute(*outbox)
-    return True
+
+
+def _incident_insert(columns: Sequence[str]) -> str:
+    return f"INSERT INTO incidents ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"  # noqa: S608

@@ -796,7 +796,7 @@ def test_a_big_alerts_part_is_batched_alone_and_small_intakes_up_to_it() -> None
     OFFLOAD_ITEMS tokens) goes alone, so that no small alert waits for its statements."""
 
     def queued(size: int) -> postgres_store._Intake:
-        plan = IntakePlan({f"{size}-{n}": None for n in range(size)}, [])  # type: ignore[misc]
+        plan = IntakePlan({f"{size}-{n}": None for n in range(size)})  # type: ignore[misc]
         return postgres_store._Intake(ALERT, [], plan, None, None)  # type: ignore[arg-type]
 
     small, part = 1, OFFLOAD_ITEMS + 1
