@@ -252,7 +252,7 @@ class Worker:
         Every intake passes here, so this is where the shape gate's own decisions are logged.
         """
         deadline = time.monotonic() + budget
-        # Cutting 100,000 tokens in parts and hashing them is a third of a second: beside the loop.
+        # Cutting 100,000 tokens in parts takes tens of milliseconds: beside the loop.
         big = len(sightings) > OFFLOAD_ITEMS
         parts, shaped = await asyncio.to_thread(_plan, sightings) if big else _plan(sightings)
         # Every part's lookup starts now, as one alert's did before it came in parts: the labels

@@ -121,12 +121,12 @@ def new_incident_ids(count: int) -> Iterator[str]:
 class NewIncident:
     """The first sighting of a token, as it is inserted: key-shaped tokens are sealed and wait
     `match_after` seconds for the request's own lookup; anything else is a false positive at once,
-    stored hash-only."""
+    stored hash-only. `token` is the key-shaped token, to seal (see `row`)."""
 
     id: str
     token_hash: str
     redacted: str
-    sealed: bytes | None
+    token: str | None = field(repr=False)
     sealed_key: str | None
     token_type: str
     state: State
@@ -154,16 +154,21 @@ class NewIncident:
             self.id, self.token_hash, self.token_type, self.redacted, self.state, self.label, True
         )
 
-    def row(self, now: float, decided: Transition | None, d: Dialect) -> dict[str, Any]:
+    def row(self, now: float, decided: Transition | None, d: Dialect, sealer: Sealer) -> dict[str, Any]:
         """Column → value of its INSERT: the incident as created or, when its intake decided it
         (`decided`, which must expect it as created and unleased: its fence holds by
         construction), as that transition leaves it, in the same columns and values the fenced
-        UPDATE would write. A decided incident is inserted once, not inserted then updated."""
+        UPDATE would write. A decided incident is inserted once, not inserted then updated.
+
+        The token is sealed here, in the intake's transaction, and only if the decision keeps it:
+        most of a big alert's tokens are no key, and sealing each of them before learning that
+        was the largest part of preparing it."""
+        wiped = decided is not None and decided.wipe_token
         row = {
             "id": self.id,
             "token_hash": self.token_hash,
             "redacted": self.redacted,
-            "token_sealed": self.sealed,
+            "token_sealed": None if self.token is None or wiped else sealer.seal(self.token, self.token_hash),
             "sealed_key": self.sealed_key,
             "token_type": self.token_type,
             "state": str(self.state),
@@ -184,8 +189,9 @@ class NewIncident:
 
 @dataclass(frozen=True, slots=True)
 class IntakePlan:
-    """An intake prepared outside the transaction (sealing is CPU work): one candidate incident per
-    distinct token, by its hash, in order of first appearance."""
+    """An intake prepared outside the transaction: one candidate incident per distinct token, by its
+    hash, in order of first appearance. Its sealing waits for the intake's decision (see
+    `NewIncident.row`)."""
 
     candidates: dict[str, NewIncident]
 
@@ -204,7 +210,7 @@ class IntakePlan:
                 id=next(ids),
                 token_hash=digest,
                 redacted=redact(item.token),
-                sealed=sealer.seal(item.token, digest) if shaped else None,
+                token=item.token if shaped else None,
                 sealed_key=sealer.current if shaped else None,
                 token_type=item.token_type,
                 state=State.RECEIVED if shaped else State.FALSE_POSITIVE,
@@ -218,8 +224,8 @@ class IntakePlan:
     async def prepare_beside_loop(
         cls, items: Sequence[TokenSighting], sealer: Sealer, now: float, match_after: float
     ) -> IntakePlan:
-        """`prepare`, in a thread when the intake is big: hashing and sealing 100,000 tokens on the
-        event loop would hold every other request behind one alert."""
+        """`prepare`, in a thread when the intake is big: redacting thousands of tokens and drawing
+        their candidates on the event loop would hold every other request behind one alert."""
         if len(items) <= OFFLOAD_ITEMS:
             return cls.prepare(items, sealer, now, match_after)
         return await asyncio.to_thread(cls.prepare, items, sealer, now, match_after)
@@ -248,14 +254,14 @@ class IntakePlan:
 
 
 def incident_rows(
-    news: Iterable[tuple[NewIncident, Transition | None]], now: float, d: Dialect
+    news: Iterable[tuple[NewIncident, Transition | None]], now: float, d: Dialect, sealer: Sealer
 ) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
     """An intake's new incidents as rows to insert (`NewIncident.row`), grouped by the columns they
     set, one INSERT each: those left in `received` or stopped by the shape gate, those its lookup
     made false positives, those it matched."""
     groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for new, decided in news:
-        row = new.row(now, decided, d)
+        row = new.row(now, decided, d, sealer)
         groups.setdefault(tuple(row), []).append(tuple(row.values()))
     return groups
 

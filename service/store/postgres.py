@@ -426,7 +426,9 @@ class PostgresStore:
         created: set[str] = set()
         if news:
             sql, args = _creation(
-                common.incident_rows(news, now, POSTGRES), await self._incident_types(conn), events
+                common.incident_rows(news, now, POSTGRES, self._sealer),
+                await self._incident_types(conn),
+                events,
             )
             created = {r["token_hash"] for r in await self._rows(conn, sql, args)}
         # Decisions whose incident another replica created are dropped: they are made again below.

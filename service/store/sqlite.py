@@ -345,7 +345,7 @@ class SqliteStore:
             # A new incident goes in as its decision leaves it, in one INSERT; its events read as
             # the fenced UPDATE's would have: received, then the decision.
             news = [(new, decided.get(d)) for d, new in plan.candidates.items() if d not in known]
-            for columns, inserts in common.incident_rows(news, now, SQLITE).items():
+            for columns, inserts in common.incident_rows(news, now, SQLITE, self._sealer).items():
                 conn.executemany(_incident_insert(columns), inserts)
             _events(conn, ((new.id, now, *e) for new, t in news for e in new.events(alert, t)))
             for _, t in news:
