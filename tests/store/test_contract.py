@@ -7,12 +7,14 @@ must never make two incidents of one token, take one incident twice, or both win
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -21,8 +23,11 @@ from prometheus_client import REGISTRY
 
 from service.store import (
     AlertRecord,
+    ChannelSpec,
+    ChannelType,
     DeliveryStatus,
     IdempotencyState,
+    Incident,
     IncidentFilter,
     IncidentRef,
     Label,
@@ -38,7 +43,7 @@ from service.store.common import OFFLOAD_ITEMS, IntakePlan
 from service.store.migrations import migrate_postgres as migrate
 from service.store.migrations import migrations
 from service.store.postgres import CHANNEL, PostgresStore
-from service.store.sqlite import SqliteStore
+from service.store.sqlite import SQLITE, SqliteStore
 from service.tokens import token_hash
 from tests.harness import wait_until
 from tests.store.conftest import Backend
@@ -168,6 +173,81 @@ def test_intake_applies_the_decided_transitions_in_its_own_transaction(backend: 
             assert [e.kind for e in detail.events] == ["received", "false_positive"]
 
     run(body())
+
+
+def matched_at_intake(ref: IncidentRef) -> Transition:
+    """A key match with everything a transition can write on a row: columns, JSON, a page, channels."""
+    return Transition(
+        ref.id,
+        State.RECEIVED,
+        "matched",
+        state=State.MATCHED,
+        next_run_at=123.0,
+        set={
+            "label": Label.TRUE_POSITIVE,
+            "key_id": "key_1",
+            "org_id": "org_1",
+            "recipients": [{"email": "owner@example.test", "name": "Owner"}],
+            "matched_at": 120,
+            "attempts": 0,
+            "key_created_at": 100.5,
+        },
+        detail={"key_id": "key_1", "enabled": True, "channels": 1},
+        page="key_matched",
+        channels=[ChannelSpec("wh", ChannelType.WEBHOOK, "https://hooks.example/a", "whsec_c2VjcmV0")],
+    )
+
+
+@pytest.mark.parametrize("decide", [not_a_key, matched_at_intake], ids=["not_a_key", "matched"])
+def test_a_new_incident_decided_at_intake_is_the_row_its_transition_leaves(
+    backend: Backend, decide: Callable[[IncidentRef], Transition]
+) -> None:
+    """A new incident decided by its intake is inserted as the decision leaves it: the same row,
+    timeline and outbox as one received first and moved on by the same transition afterwards."""
+
+    async def body() -> None:
+        async with backend.opened() as (store,):
+            direct, stepwise = key(), key()
+            (ref,) = await store.intake(ALERT, [sighting(direct)], 0, decide)
+            (received,) = await store.intake(AlertRecord("github", "1" * 64, 1), [sighting(stepwise)], 0)
+            assert await store.apply([decide(received)]) == [True]
+            assert (ref.state, ref.applied is not None) == (decide(received).state, True)
+            one, other = await store.detail(ref.id), await store.detail(received.id)
+            assert one is not None and other is not None
+
+            def row(incident: Incident) -> dict[str, object]:
+                return {
+                    k: v
+                    for k, v in dataclasses.asdict(incident).items()
+                    if k not in ("id", "token_hash", "redacted", "created_at")
+                }
+
+            assert row(one.incident) == row(other.incident)
+            assert [(e.kind, e.state, e.detail) for e in one.events] == [
+                (e.kind, e.state, e.detail) for e in other.events
+            ]
+            assert [(c.channel_id, c.state, c.status) for c in one.channels] == [
+                (c.channel_id, c.state, c.status) for c in other.channels
+            ]
+            # A kept token is sealed and opens; a wiped one was never stored.
+            assert await store.reveal_token(ref.id) == (
+                None if one.incident.state is State.FALSE_POSITIVE else direct
+            )
+
+    run(body())
+
+
+def test_a_new_incidents_transition_must_expect_it_as_created() -> None:
+    """On a new row the fence holds by construction, so a transition that expects another state or a
+    lease is a mistake in the caller, refused rather than written."""
+    (new,) = IntakePlan.prepare([sighting(key())], Sealer(os.urandom(32)), 0.0, 0.0).candidates.values()
+    sealer = Sealer(os.urandom(32))
+    for wrong in (
+        Transition(new.id, State.MATCHED, "revoked", state=State.REVOKED),
+        Transition(new.id, State.RECEIVED, "matched", lease_owner="w", state=State.MATCHED),
+    ):
+        with pytest.raises(ValueError, match="expect it as created"):
+            new.row(0.0, wrong, SQLITE, sealer)
 
 
 def test_a_redelivery_keeps_the_label_and_decides_only_what_is_still_received(backend: Backend) -> None:
