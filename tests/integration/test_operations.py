@@ -57,7 +57,8 @@ def test_open_incidents_keep_their_urls(sandbox, make_service):
 
 def test_metrics_follow_the_pipeline(sandbox, service):
     key = sandbox.tokens[0]
-    service.post_alert(sandbox.github, [key, "not-a-key"])
+    # Two key-shaped tokens that are no key: the lookup's false positives, counted as transitions.
+    service.post_alert(sandbox.github, [key, "not-a-key", f"sm_{'a' * 40}", f"sm_{'b' * 40}"])
     service.wait_state(key, "confirmed")
     refused = httpx.post(f"{service.url}/v1/alerts/github", content=b"[]", timeout=10)
     assert refused.status_code == 401
@@ -66,8 +67,9 @@ def test_metrics_follow_the_pipeline(sandbox, service):
     assert metric(text, "leak_responder_alerts_total", reporter="github", outcome="signature_missing") == 1
     assert metric(text, "leak_responder_failures_total", stage="inbound", reason="signature_missing") == 1
     assert metric(text, "leak_responder_incidents", state="confirmed") == 1
-    assert metric(text, "leak_responder_incidents", state="false_positive") == 1
+    assert metric(text, "leak_responder_incidents", state="false_positive") == 3
     assert metric(text, "leak_responder_transitions_total", state="revoked") == 1
+    assert metric(text, "leak_responder_transitions_total", state="false_positive") == 2
     assert metric(text, "leak_responder_supermemory_calls_total", call="revoke", outcome="revoked") == 1
     assert metric(text, "leak_responder_time_to_revoke_seconds_count") == 1
     assert metric(text, "leak_responder_time_to_confirm_seconds_count") == 1

@@ -207,8 +207,26 @@ def test_a_new_incident_decided_at_intake_is_the_row_its_transition_leaves(
 
     async def body() -> None:
         async with backend.opened() as (store,):
-            direct, stepwise = key(), key()
-            (ref,) = await store.intake(ALERT, [sighting(direct)], 0, decide)
+            direct, stepwise, beside, undecided = key(), key(), key(), key()
+            # Two decided alike in one intake, one's key creation time a whole number and the other's
+            # not, beside one left undecided (its lookup missed the budget): rows of other columns.
+            whole = {token_hash(beside)}
+
+            def deciding(ref: IncidentRef) -> Transition | None:
+                if ref.token_hash == token_hash(undecided):
+                    return None
+                t = decide(ref)
+                if "key_created_at" in t.set and ref.token_hash in whole:
+                    t.set["key_created_at"] = 100
+                return t
+
+            items = [sighting(direct), sighting(beside), sighting(undecided)]
+            ref, _, waiting = await store.intake(ALERT, items, 0, deciding)
+            assert (waiting.state, waiting.applied, await store.reveal_token(waiting.id)) == (
+                State.RECEIVED,
+                None,
+                undecided,
+            )
             (received,) = await store.intake(AlertRecord("github", "1" * 64, 1), [sighting(stepwise)], 0)
             assert await store.apply([decide(received)]) == [True]
             assert (ref.state, ref.applied is not None) == (decide(received).state, True)
@@ -235,6 +253,31 @@ def test_a_new_incident_decided_at_intake_is_the_row_its_transition_leaves(
             )
 
     run(body())
+
+
+def test_a_new_incidents_token_is_sealed_only_if_its_decision_keeps_it() -> None:
+    """Most of a big alert's tokens are no key: sealing waits for the decision, and a wiped token is
+    never sealed at all."""
+
+    class Recording(Sealer):
+        def __init__(self) -> None:
+            super().__init__(os.urandom(32))
+            self.sealed: list[str] = []
+
+        def seal(self, plain: str, associated: str) -> bytes:
+            self.sealed.append(plain)
+            return super().seal(plain, associated)
+
+    sealer = Recording()
+    plan = IntakePlan.prepare([sighting(t) for t in (key(), key(), key())], sealer, 0.0, 0.0)
+    wiped, kept, undecided = plan.candidates.values()
+    assert sealer.sealed == []
+    assert wiped.row(0.0, not_a_key(wiped.ref()), SQLITE, sealer)["token_sealed"] is None
+    assert sealer.sealed == []
+    for new, decided in ((kept, matched_at_intake(kept.ref())), (undecided, None)):
+        blob = new.row(0.0, decided, SQLITE, sealer)["token_sealed"]
+        assert sealer.open(blob, new.token_hash, sealer.current) == new.token
+    assert sealer.sealed == [kept.token, undecided.token]
 
 
 def test_a_new_incidents_transition_must_expect_it_as_created() -> None:
@@ -315,6 +358,55 @@ def test_two_replicas_deciding_the_same_tokens_at_once_apply_each_decision_once(
                     detail = await one.detail(r.id)
                     assert detail is not None
                     assert [e.kind for e in detail.events] == ["received", "false_positive"]
+
+    run(body())
+
+
+async def lock_waits(conn: psycopg.AsyncConnection[tuple[int]]) -> int:
+    """How many transactions of the server wait for another's row."""
+    cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'")
+    (count,) = await cur.fetchone() or (0,)
+    return int(count)
+
+
+def test_a_token_another_replica_creates_meanwhile_is_decided_once_as_read(postgres: Backend) -> None:
+    """PostgreSQL decides a new token before inserting it; when another replica creates the token in
+    between, that decision (made for a row this intake would have created) is dropped, and the row
+    read back is decided as read: one decision applied, on the row that exists."""
+
+    async def body() -> None:
+        async with postgres.opened() as (store,):
+            token, decided = key(), []
+
+            def decide(ref: IncidentRef) -> Transition:
+                decided.append(ref.id)
+                return not_a_key(ref)
+
+            assert postgres.url is not None
+            async with await psycopg.AsyncConnection.connect(postgres.url) as other:
+                async with other.transaction():
+                    # The other replica's insert of the token, not committed yet.
+                    await other.execute(
+                        "INSERT INTO incidents (id, token_hash, redacted, token_type, state, created_at)"
+                        " VALUES ('inc_other', %s, 'sm_…', 'supermemory_api_key', 'received', 1.0)",
+                        [token_hash(token)],
+                    )
+                    intake = asyncio.ensure_future(store.intake(ALERT, [sighting(token)], 0, decide))
+                    while not await lock_waits(other):
+                        assert not intake.done(), "the intake must wait on the other replica's row"
+                        await asyncio.sleep(0.01)
+                (ref,) = await intake
+            assert decided[1:] == ["inc_other"] and decided[0] != "inc_other"
+            assert (ref.id, ref.created, ref.state, ref.applied is not None) == (
+                "inc_other",
+                False,
+                State.FALSE_POSITIVE,
+                True,
+            )
+            detail = await store.detail("inc_other")
+            assert detail is not None and detail.incident.state is State.FALSE_POSITIVE
+            assert [e.kind for e in detail.events] == ["false_positive"]
+            assert (await store.stats()).incidents_by_state == {"false_positive": 1}
 
     run(body())
 
