@@ -272,6 +272,9 @@ class ChannelDelivery:
 
 # What an intake should do with one of its incidents still in `received` (new, or left there by an
 # earlier delivery): the transition to apply in the intake's own transaction, or None to leave it.
+# A new incident is inserted as its transition leaves it, which must then expect it as created
+# (`received`, no lease). PostgreSQL asks about a new token before its insert: if another replica
+# creates the token meanwhile, that answer is dropped and the row read back is asked about again.
 Decide = Callable[[IncidentRef], Transition | None]
 
 
