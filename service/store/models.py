@@ -48,11 +48,12 @@ class TokenSighting:
     operator: str | None = None
     # An operator's free-text context for a manual report; never holds a key (refused at parsing).
     note: str | None = None
-    # The token's hash and whether it has a key's shape, worked out once, here, for every stage
-    # that asks (the lookup, the intake): SHA-256 and the shape's pattern twice per token were a
-    # hundredth of a big alert's time.
-    digest: str = field(init=False, compare=False)
-    shaped: bool = field(init=False, compare=False)
+    # The token's hash and whether it has a key's shape, worked out once for every stage that asks
+    # (the lookup, the intake: SHA-256 and the shape's pattern twice per token were a hundredth of
+    # a big alert's time), on first use rather than here: a big alert's sightings are made while
+    # its parsed body is still held, its peak of memory, which 10,000 hashes more would raise.
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    _shaped: bool | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Whoever builds a sighting (an alert, a report, a tool), what it says around the token is
@@ -61,8 +62,22 @@ class TokenSighting:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, safe_text(value))
-        object.__setattr__(self, "digest", token_hash(self.token))
-        object.__setattr__(self, "shaped", is_key_shaped(self.token))
+
+    @property
+    def digest(self) -> str:
+        digest = self._digest
+        if digest is None:
+            digest = token_hash(self.token)
+            object.__setattr__(self, "_digest", digest)
+        return digest
+
+    @property
+    def shaped(self) -> bool:
+        shaped = self._shaped
+        if shaped is None:
+            shaped = is_key_shaped(self.token)
+            object.__setattr__(self, "_shaped", shaped)
+        return shaped
 
 
 @dataclass(frozen=True, slots=True)
