@@ -179,6 +179,8 @@ def test_unknown_type_is_routed_by_shape(sandbox, service):
         [
             {"token": token, "type": "openai_api_key", "url": "https://x.test/a", "source": "Content"},
             {"token": "plainly-not-a-key", "type": "whatever"},
+            # A type is the sender's text: the answer escapes it as JSON does.
+            {"token": "another-non-key", "type": 'a "quoted" \\ type, été ✓'},
         ]
     ).encode()
     response = service.post_alert(sandbox.github, [], body=body)
@@ -186,7 +188,10 @@ def test_unknown_type_is_routed_by_shape(sandbox, service):
     assert [(e["token_type"], e["label"]) for e in response.json()] == [
         ("openai_api_key", "true_positive"),
         ("whatever", "false_positive"),
+        ('a "quoted" \\ type, été ✓', "false_positive"),
     ]
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == json.dumps(response.json(), ensure_ascii=False, separators=(",", ":")).encode()
     service.wait_state(token, "confirmed")
 
 
