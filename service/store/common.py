@@ -382,6 +382,7 @@ def event_args(
     return (incident_id, at, kind, None if state is None else str(state), d.json(detail))
 
 
+# Events to insert: (incident_id, at, kind, state, detail) each.
 Events = Iterable[tuple[str, float, str, State | None, dict[str, Any]]]
 
 

@@ -366,8 +366,8 @@ class SqliteStore:
                 if conn.executemany(sql, rows).rowcount != len(rows):
                     raise StoreError("an incident moved under the writer's own transaction")
             _events(conn, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
-            for t in (t for t in earlier if _owes(t, now)):
-                if not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
+            for t in earlier:
+                if _owes(t, now) and not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
                     raise StoreError("an incident moved under the writer's own transaction")
             for digest, t in decided.items():
                 refs[digest] = common.after(refs[digest], t)
@@ -925,4 +925,5 @@ def _owed(conn: sqlite3.Connection, t: Transition, now: float, channels: Sequenc
 
 
 def _incident_insert(columns: Sequence[str]) -> str:
+    """New incidents with these columns, a row per executemany item (`common.incident_rows`)."""
     return f"INSERT INTO incidents ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"  # noqa: S608
