@@ -15,7 +15,6 @@ import base64
 import binascii
 import collections
 import enum
-import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,8 +110,9 @@ class Coalescer:
         self._ahead = collections.deque()
         self._queued = 0
         self._inflight = 0
-        # Strong references: the event loop keeps only weak ones to running tasks.
-        self._calls: set[asyncio.Task[None]] = set()
+        # Each call's task and the chunks it carries now (none once it is done with them); strong
+        # references too, as the event loop keeps only weak ones to running tasks.
+        self._calls: dict[asyncio.Task[None], list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]] = {}
 
     async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
         """Which of these hashes are keys; CallFailed if a call carrying any of them failed."""
@@ -138,45 +138,67 @@ class Coalescer:
         return found
 
     def _dispatch(self) -> None:
-        while (self._ahead or self._queue) and self._inflight < self._parallel:
-            if self._inflight and self._queued < self._batch:
+        """Start calls for what is queued, as many as the rules allow, each in a task of its own."""
+        while self._inflight < self._parallel:
+            group = self._next_group()
+            if group is None:
                 return
-            group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] = []
-            size = 0
-            for queue in (self._ahead, self._queue):
-                while queue and size + len(queue[0][0]) <= self._batch:
-                    chunk, future = queue.popleft()
-                    self._queued -= len(chunk)
-                    if not future.done():
-                        group.append((chunk, future))
-                        size += len(chunk)
             if group:
                 self._inflight += 1
                 task = asyncio.get_running_loop().create_task(self._send(group))
-                self._calls.add(task)
-                task.add_done_callback(functools.partial(self._sent, group=group))
+                self._calls[task] = group
+                task.add_done_callback(self._sent)
+
+    def _next_group(self) -> list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] | None:
+        """The chunks the next call may carry now (empty if every one taken was given up), or None
+        when no call may start: nothing queued, or a call in flight and less than a batch queued."""
+        if not (self._ahead or self._queue) or (self._inflight and self._queued < self._batch):
+            return None
+        group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] = []
+        size = 0
+        for queue in (self._ahead, self._queue):
+            while queue and size + len(queue[0][0]) <= self._batch:
+                chunk, future = queue.popleft()
+                self._queued -= len(chunk)
+                if not future.done():
+                    group.append((chunk, future))
+                    size += len(chunk)
+        return group
 
     async def _send(self, group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]) -> None:
-        try:
-            found = await self._call(list(dict.fromkeys(h for chunk, _ in group for h in chunk)))
-        except Exception as exc:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
-            for chunk, future in group:
-                if not future.done():
-                    future.set_result({h: found[h] for h in chunk if h in found})
+        """One call, then, in the same task, the next one for what queued meanwhile: that call
+        leaves in the turn of the event loop that read this one's answer. Through this task's end
+        and a new task's start it left two turns later, a wait every queued caller had, each turn
+        under load a round of every request's ready work."""
+        task = asyncio.current_task()
+        assert task is not None
+        while group:
+            try:
+                found = await self._call(list(dict.fromkeys(h for chunk, _ in group for h in chunk)))
+            except Exception as exc:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for chunk, future in group:
+                    if not future.done():
+                        future.set_result({h: found[h] for h in chunk if h in found})
+            self._inflight -= 1
+            group = self._next_group() or []
+            if group:
+                self._inflight += 1
+            self._calls[task] = group
+            self._dispatch()  # full batches beside it, as ever
 
-    def _sent(
-        self, task: asyncio.Task[None], *, group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]
-    ) -> None:
+    def _sent(self, task: asyncio.Task[None]) -> None:
         """A callback rather than a `finally`, so that it also runs for a call cancelled before it
-        started: its callers then hear CancelledError instead of waiting forever."""
-        self._calls.discard(task)
-        for _, future in group:
-            future.cancel()  # a no-op for those answered above
-        self._inflight -= 1
+        started: the callers of the chunks it carried then hear CancelledError instead of waiting
+        forever, and the queue goes on."""
+        group = self._calls.pop(task)
+        if group:
+            for _, future in group:
+                future.cancel()
+            self._inflight -= 1
         self._dispatch()
 
 

@@ -216,3 +216,41 @@ def test_a_call_cancelled_before_it_ran_cancels_its_callers_and_the_queue_goes_o
     assert isinstance(results[0], asyncio.CancelledError)
     assert results[1:] == [{}] * 4
     assert calls == [[h(i) for i in range(1, 5)]]
+
+
+def test_the_next_call_leaves_in_the_turn_of_the_event_loop_that_read_the_answer():
+    """Under load every turn of the event loop runs a round of every request's ready work: the
+    callers queued behind a call must not wait extra turns after its answer for their own to go."""
+
+    class TurnedAdmin(FakeAdmin):
+        async def __call__(self, hashes: list[str]) -> dict[str, KeyInfo]:
+            self.turns.append(turns)
+            return await super().__call__(hashes)
+
+    turns = 0
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            nonlocal turns
+            turns += 1
+            loop.call_soon(tick)
+
+        tick()
+        admin = TurnedAdmin()
+        admin.turns = []
+        admin.gate.clear()
+        coalescer = Coalescer(admin)
+        first = asyncio.create_task(coalescer.lookup([h(0)]))
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(coalescer.lookup([h(1)]))
+        await asyncio.sleep(0)
+        answered = turns
+        admin.gate.set()  # the answer read in this turn: the first call's task resumes in the next
+        await asyncio.gather(first, queued)
+        return answered, admin.turns, admin.calls
+
+    answered, started, calls = asyncio.run(scenario())
+    assert calls == [[h(0)], [h(1)]]
+    assert started[1] == answered + 1
