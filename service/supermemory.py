@@ -79,6 +79,8 @@ class RevokeResult(enum.StrEnum):
 _QUOTA_WORDS = ("rate limit", "rate-limit", "ratelimit", "quota", "too many")
 
 LookupCall = Callable[[list[str]], Awaitable[dict[str, KeyInfo]]]
+# Hashes asked of the Coalescer: each chunk (one call carries it whole) and the future of its answer.
+Asked = list[tuple[list[str], "asyncio.Future[dict[str, KeyInfo]]"]]
 
 
 class Coalescer:
@@ -114,27 +116,32 @@ class Coalescer:
         # references too, as the event loop keeps only weak ones to running tasks.
         self._calls: dict[asyncio.Task[None], list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]] = {}
 
-    async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
-        """Which of these hashes are keys; CallFailed if a call carrying any of them failed."""
+    def ask(self, hashes: Sequence[str]) -> Asked:
+        """Queue these hashes, in chunks, for the calls to come, without waiting: the caller awaits
+        each chunk's future in its own task (every task between a call's answer and its caller
+        is one more turn of the event loop). Cancelling a future gives its chunk up: a chunk
+        still queued then leaves the queue, one in flight has its answer dropped."""
         loop = asyncio.get_running_loop()
-        futures = []
+        asked: Asked = []
         queue = self._ahead if len(hashes) <= self._batch else self._queue
         for start in range(0, len(hashes), self._batch):
             chunk = list(hashes[start : start + self._batch])
             future: asyncio.Future[dict[str, KeyInfo]] = loop.create_future()
             queue.append((chunk, future))
             self._queued += len(chunk)
-            futures.append(future)
+            asked.append((chunk, future))
         self._dispatch()
+        return asked
+
+    async def lookup(self, hashes: Sequence[str]) -> dict[str, KeyInfo]:
+        """Which of these hashes are keys; CallFailed if a call carrying any of them failed."""
+        asked = self.ask(hashes)
         found: dict[str, KeyInfo] = {}
         try:
-            for future in futures:
+            for _, future in asked:
                 found |= await future
         finally:
-            # A caller that gave up (its budget ran out) takes its queued chunks with it.
-            for future in futures:
-                if not future.cancel() and not future.cancelled():
-                    future.exception()  # retrieved: a later chunk's failure is not "never retrieved"
+            give_up(asked)
         return found
 
     def _dispatch(self) -> None:
@@ -202,6 +209,14 @@ class Coalescer:
         self._dispatch()
 
 
+def give_up(asked: Asked) -> None:
+    """Cancel what is not answered yet (see `Coalescer.ask`); an answered chunk's failure counts as
+    retrieved, so that a chunk's failure after its caller gave up is not "never retrieved"."""
+    for _, future in asked:
+        if not future.cancel() and not future.cancelled():
+            future.exception()
+
+
 class SupermemoryClient:
     def __init__(
         self,
@@ -243,6 +258,10 @@ class SupermemoryClient:
         these hashes failed.
         """
         return await self._lookups.lookup(hashes)
+
+    def ask(self, hashes: Sequence[str]) -> Asked:
+        """`lookup` without waiting: each chunk's future (see `Coalescer.ask`)."""
+        return self._lookups.ask(hashes)
 
     async def _lookup_call(self, hashes: list[str]) -> dict[str, KeyInfo]:
         """One admin call; the Coalescer never hands it more than LOOKUP_BATCH hashes."""

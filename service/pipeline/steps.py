@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -22,7 +23,15 @@ from service.notify.result import NotifyResult
 from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
 from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, SealingError, State, Store, Transition
-from service.supermemory import LOOKUP_BATCH, CallFailed, KeyInfo, ProbeVerdict, SupermemoryClient
+from service.supermemory import (
+    LOOKUP_BATCH,
+    Asked,
+    CallFailed,
+    KeyInfo,
+    ProbeVerdict,
+    SupermemoryClient,
+    give_up,
+)
 
 log = logging.getLogger("service.pipeline")
 
@@ -45,6 +54,53 @@ class Policy:
     # An `unconfirmed` key is probed again (and its revoke re-issued) this often, for this long.
     reprobe_interval: float = 3600.0
     unconfirmed_window: float = 7 * 24 * 3600.0
+
+
+class Lookup:
+    """A request path's lookup under way (see `Steps.lookup`)."""
+
+    def __init__(self, asked: Asked, deadline: float, incomplete: bool = False) -> None:
+        self._asked = asked
+        self._deadline = deadline
+        self._incomplete = incomplete
+
+    async def answers(self) -> dict[str, KeyInfo | None]:
+        """Per hash, its key or None (not a key), for the hashes answered by the deadline. A failed
+        or unfinished call leaves its hashes out; they are committed as received and a worker
+        takes them over. The answers are awaited here, in the caller's task: under load each task
+        between a call's answer and the request was one more turn of the event loop to wait."""
+        try:
+            async with asyncio.timeout(self._deadline - time.monotonic()):
+                for _, future in self._asked:
+                    with contextlib.suppress(Exception):  # a failed chunk: read below
+                        await future
+        except TimeoutError:
+            pass
+        finally:
+            self.cancel()
+        outcomes: dict[str, KeyInfo | None] = {}
+        incomplete = self._incomplete
+        for chunk, future in self._asked:
+            if future.cancelled():
+                incomplete = True
+                continue
+            exc = future.exception()
+            if isinstance(exc, CallFailed):
+                SUPERMEMORY_CALLS.labels(call="lookup", outcome=exc.reason).inc()
+                failure(log, "match", exc.reason, "key lookup failed", count=len(chunk), status=exc.status)
+                continue
+            if exc is not None:
+                raise exc
+            found = future.result()
+            SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
+            outcomes |= {h: found.get(h) for h in chunk}
+        if incomplete:
+            log.info("labels incomplete within the request budget", extra={"detail": "TimeoutError"})
+        return outcomes
+
+    def cancel(self) -> None:
+        """Give up what is not answered yet."""
+        give_up(self._asked)
 
 
 class Steps:
@@ -179,30 +235,12 @@ class Steps:
         SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
         return [self.matched(i.id, found.get(i.token_hash), owner) for i in incidents]
 
-    async def lookup(self, hashes: Sequence[str], budget: float) -> dict[str, KeyInfo | None]:
-        """The request path's lookup, before anything is committed: per hash, its key or None (not
-        a key), for the hashes answered within `budget` seconds. A failed or unfinished call
-        leaves its hashes out; they are committed as received and a worker takes them over."""
-        chunks = [hashes[i : i + LOOKUP_BATCH] for i in range(0, len(hashes), LOOKUP_BATCH)]
-        tasks = {asyncio.ensure_future(self.client.lookup(chunk)): chunk for chunk in chunks}
-        done, pending = await asyncio.wait(tasks, timeout=budget) if budget > 0 else (set(), set(tasks))
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.info("labels incomplete within the request budget", extra={"detail": "TimeoutError"})
-        outcomes: dict[str, KeyInfo | None] = {}
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, CallFailed):
-                SUPERMEMORY_CALLS.labels(call="lookup", outcome=exc.reason).inc()
-                failure(
-                    log, "match", exc.reason, "key lookup failed", count=len(tasks[task]), status=exc.status
-                )
-                continue
-            found = task.result()
-            SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
-            outcomes |= {h: found.get(h) for h in tasks[task]}
-        return outcomes
+    def lookup(self, hashes: Sequence[str], budget: float) -> Lookup:
+        """The request path's lookup, started now (nothing is committed before it), to be answered
+        within `budget` seconds (see `Lookup.answers`); nothing is asked when no budget is left."""
+        if budget <= 0:
+            return Lookup([], 0.0, incomplete=bool(hashes))
+        return Lookup(self.client.ask(hashes), time.monotonic() + budget)
 
     def matched(self, incident_id: str, key: KeyInfo | None, owner: str | None) -> Transition:
         """A lookup's answer for one incident in `received`: matched to its key, or a false positive."""

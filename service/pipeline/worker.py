@@ -257,22 +257,15 @@ class Worker:
         parts, shaped = await asyncio.to_thread(_plan, sightings) if big else _plan(sightings)
         # Every part's lookup starts now, as one alert's did before it came in parts: the labels
         # are as complete within the budget, and a small alert's lookup still goes first.
-        lookups = [self._look_up(hashes, deadline) for hashes in shaped]
+        lookups = [self.steps.lookup(hashes, deadline - time.monotonic()) for hashes in shaped]
         refs: list[IncidentRef] = []
         try:
             for part, lookup in zip(parts, lookups, strict=True):
-                refs += await self._intake(alert, part, await lookup)
+                refs += await self._intake(alert, part, await lookup.answers())
         finally:
             for lookup in lookups:
                 lookup.cancel()
         return refs, {r.token_hash: r.label for r in refs if r.label is not None}
-
-    def _look_up(self, hashes: list[str], deadline: float) -> asyncio.Future[dict[str, KeyInfo | None]]:
-        if not hashes:
-            future: asyncio.Future[dict[str, KeyInfo | None]] = asyncio.get_running_loop().create_future()
-            future.set_result({})
-            return future
-        return asyncio.ensure_future(self.steps.lookup(hashes, deadline - time.monotonic()))
 
     async def _intake(
         self, alert: AlertRecord, part: Sequence[TokenSighting], found: dict[str, KeyInfo | None]

@@ -32,7 +32,7 @@ from service.store import (
     TokenSighting,
     Transition,
 )
-from service.supermemory import CallFailed, KeyInfo, Probe, ProbeVerdict, RevokeResult
+from service.supermemory import LOOKUP_BATCH, Asked, CallFailed, KeyInfo, Probe, ProbeVerdict, RevokeResult
 from service.tokens import token_hash
 
 T = TypeVar("T")
@@ -106,6 +106,11 @@ class FakeSupermemory:
         if self.lookup_error is not None:
             raise self.lookup_error
         return {h: self.keys[h] for h in hashes if h in self.keys}
+
+    def ask(self, hashes: Sequence[str]) -> Asked:
+        """As the real client's: chunks of at most LOOKUP_BATCH, each answered by one `lookup`."""
+        chunks = [list(hashes[i : i + LOOKUP_BATCH]) for i in range(0, len(hashes), LOOKUP_BATCH)]
+        return [(chunk, asyncio.ensure_future(self.lookup(chunk))) for chunk in chunks]
 
     async def revoke(self, key_id: str) -> RevokeResult:
         self.revokes.append(key_id)

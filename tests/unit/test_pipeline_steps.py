@@ -234,7 +234,8 @@ def test_the_request_paths_lookup_leaves_out_what_failed_and_records_nothing(tmp
 
     async def scenario(store):
         [incident_id] = await intake(store, 1)
-        found = await steps_for(store, clock, client, pager).lookup([token_hash(token(1))], budget=5.0)
+        steps = steps_for(store, clock, client, pager)
+        found = await steps.lookup([token_hash(token(1))], budget=5.0).answers()
         return found, await one(store, incident_id)
 
     found, incident = run_with_store(tmp_path, clock, scenario)
@@ -250,7 +251,7 @@ def test_the_request_paths_lookup_answers_per_hash_and_its_decisions_need_no_lea
     async def scenario(store):
         ids = await intake(store, 1, 2)
         hashes = [token_hash(token(n)) for n in (1, 2)]
-        found = await steps_for(store, clock, client).lookup(hashes, budget=5.0)
+        found = await steps_for(store, clock, client).lookup(hashes, budget=5.0).answers()
         steps = steps_for(store, clock, client)
         transitions = [steps.matched(i, found[h], None) for i, h in zip(ids, hashes, strict=True)]
         return found, transitions, await record(store, *transitions)
@@ -266,7 +267,7 @@ def test_the_request_paths_lookup_leaves_out_what_the_budget_did_not_cover(tmp_p
     client.lookup_gate = asyncio.Event()  # never opens
 
     async def scenario(store):
-        return await steps_for(store, clock, client).lookup([token_hash(token(1))], budget=0.001)
+        return await steps_for(store, clock, client).lookup([token_hash(token(1))], budget=0.001).answers()
 
     assert run_with_store(tmp_path, clock, scenario) == {}
 
