@@ -110,6 +110,8 @@ class SqliteStore:
         self._read_lock = threading.Lock()
         self._index: WalIndexGuard | None = None
         self._index_lost = False
+        # Why the WAL could not be fsynced, once it could not: no write is answered after that.
+        self._sync_failed: str | None = None
         # Rate buckets: one process owns a SQLite store, so they live in its memory, never on disk.
         self._rates: dict[str, float] = {}
         self._rates_pruned = 0.0
@@ -245,6 +247,9 @@ class SqliteStore:
         self, conn: sqlite3.Connection, group: list[_Job], committed: queue.SimpleQueue[_Committed | None]
     ) -> None:
         """Commit the group and hand it to the syncer; a group that failed is answered at once."""
+        if self._sync_failed is not None:
+            _hand_back([(group, [(False, StoreError(f"commit failed: {self._sync_failed}"))] * len(group))])
+            return
         try:
             self._check_index(restore=True)
             tried = _run_group(conn, group, isolated=False)
@@ -280,13 +285,19 @@ class SqliteStore:
             closing = item is None
             if not batch:
                 continue
-            try:
-                os.fsync(wal)
-            except OSError as exc:
-                # Committed but maybe not on disk: not acknowledged, so the senders retry, and a
-                # redelivery finds what did reach the file (an intake is safe to run again).
-                self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: fsync of the WAL: {exc}")
-                failed = StoreError(f"commit failed: fsync of the WAL: {exc}")
+            if self._sync_failed is None:
+                try:
+                    os.fsync(wal)
+                except OSError as exc:
+                    # Committed but perhaps not on disk, and a later commit's frames would sit
+                    # behind these in the WAL, which recovery reads in order: nothing more is
+                    # answered until the process restarts and SQLite recovers what the file
+                    # holds (as PostgreSQL stops at a failed fsync). The senders retry, and a
+                    # redelivery finds what did reach the file (an intake is safe to run again).
+                    self._sync_failed = f"fsync of the WAL failed: {exc}"
+                    self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {self._sync_failed}")
+            if self._sync_failed is not None:
+                failed = StoreError(f"commit failed: {self._sync_failed}")
                 batch = [(group, [(False, failed)] * len(group)) for group, _ in batch]
             _hand_back(batch)
 
