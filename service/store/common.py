@@ -154,6 +154,19 @@ class NewIncident:
             self.id, self.token_hash, self.token_type, self.redacted, self.state, self.label, True
         )
 
+    def stored(self, row: Row, created: bool) -> IncidentRef:
+        """The incident as the store holds it (`row`: its id, redacted form, state and label, read
+        back in the intake's transaction), seen through this sighting's token type."""
+        return IncidentRef(
+            row["id"],
+            self.token_hash,
+            self.token_type,
+            row["redacted"],
+            State(row["state"]),
+            Label(row["label"]) if row["label"] else None,
+            created=created,
+        )
+
     def row(self, now: float, decided: Transition | None, d: Dialect, sealer: Sealer) -> dict[str, Any]:
         """Column → value of its INSERT: the incident as created or, when its intake decided it
         (`decided`, which must expect it as created and unleased: its fence holds by

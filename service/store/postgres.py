@@ -59,7 +59,6 @@ from service.store.models import (
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
-    Label,
     Percentiles,
     RateBucket,
     RateRefusal,
@@ -494,16 +493,7 @@ class PostgresStore:
         for n, intake in enumerate(batch):
             refs: dict[str, IncidentRef] = {}
             for digest, new in intake.plan.candidates.items():
-                row = by_hash[digest]
-                refs[digest] = IncidentRef(
-                    row["id"],
-                    digest,
-                    new.token_type,
-                    row["redacted"],
-                    State(row["state"]),
-                    Label(row["label"]) if row["label"] else None,
-                    created=digest in ours[n],
-                )
+                refs[digest] = new.stored(by_hash[digest], created=digest in ours[n])
             results.append(refs)
         # The new incidents' decisions are in their rows already: what remains is their channels
         # and outbox events, and the decisions of known incidents still in `received`.

@@ -54,7 +54,6 @@ from service.store.models import (
     IncidentDetail,
     IncidentFilter,
     IncidentRef,
-    Label,
     Percentiles,
     RateBucket,
     RateRefusal,
@@ -372,7 +371,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> list[IncidentRef]:
             digests = list(plan.candidates)
-            known: dict[str, sqlite3.Row] = {}
+            known: dict[str, common.Row] = {}
             for i in range(0, len(digests), _IN_CHUNK):
                 chunk = digests[i : i + _IN_CHUNK]
                 for row in conn.execute(
@@ -382,17 +381,7 @@ class SqliteStore:
                 ):
                     known[row["token_hash"]] = row
             refs = {
-                digest: new.ref()
-                if (row := known.get(digest)) is None
-                else IncidentRef(
-                    row["id"],
-                    digest,
-                    new.token_type,
-                    row["redacted"],
-                    State(row["state"]),
-                    Label(row["label"]) if row["label"] else None,
-                    created=False,
-                )
+                digest: new.ref() if (row := known.get(digest)) is None else new.stored(row, created=False)
                 for digest, new in plan.candidates.items()
             }
             decided = {
