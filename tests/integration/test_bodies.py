@@ -3,8 +3,10 @@ bytes held for bodies being received are bounded across all requests."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -27,6 +29,28 @@ def open_upload(service, headers: dict[str, str], length: int, sent: bytes = b"[
     sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
     sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + sent)
     return sock
+
+
+def signed_by_github(sandbox) -> dict[str, str]:
+    """Headers that pass the check made before the body (a known key identifier); the signature
+    itself is a stranger's, refused only once the body is read."""
+    return {
+        "Github-Public-Key-Identifier": sandbox.github.key_identifier,
+        "Github-Public-Key-Signature": stranger_signature(),
+    }
+
+
+@contextlib.contextmanager
+def budget_held(service, signed: dict[str, str], left: int) -> Iterator[None]:
+    """Six uploads near the limit, their bodies never sent, hold the bodies' budget (6 x
+    BODY_LIMIT) but `left` bytes, until the block ends."""
+    held = [open_upload(service, dict(signed), 10 * MIB - left // 6) for _ in range(6)]
+    try:
+        wait_until(lambda: held_bytes(service) == 60 * MIB - left)
+        yield
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def held_bytes(service) -> float:
@@ -56,26 +80,17 @@ def test_a_stranger_is_refused_before_its_body_is_read(service, headers, status,
 
 
 def test_a_declared_length_past_the_limit_is_refused_at_once(sandbox, service):
-    headers = {
-        "Github-Public-Key-Identifier": sandbox.github.key_identifier,
-        "Github-Public-Key-Signature": stranger_signature(),
-    }
-    with open_upload(service, headers, 10 * MIB + 1) as sock:
+    with open_upload(service, signed_by_github(sandbox), 10 * MIB + 1) as sock:
         got, text = read_answer(sock)
     assert got == 413 and '"error":"body_too_large"' in text
 
 
 def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
     service = make_service(operator_env())
-    signed = {
-        "Github-Public-Key-Identifier": sandbox.github.key_identifier,
-        "Github-Public-Key-Signature": stranger_signature(),
-    }
-    held = [open_upload(service, dict(signed), 10 * MIB - 1024) for _ in range(6)]
-    try:
+    signed = signed_by_github(sandbox)
+    with budget_held(service, signed, left=6 * 1024):
         # Six bodies near the limit hold the budget (6 x BODY_LIMIT): a seventh waits for its retry,
         # and so does a report that declares more than the 6 KiB left.
-        wait_until(lambda: held_bytes(service) == 60 * MIB - 6 * 1024)
         with open_upload(service, dict(signed), 10 * MIB) as sock:
             got, text = read_answer(sock)
         assert got == 503 and '"error":"body_budget_full"' in text and "retry-after: 1" in text.lower()
@@ -91,9 +106,6 @@ def test_bodies_in_flight_are_bounded_across_requests(sandbox, make_service):
         # A small body still fits in what is left: the budget counts what each declared.
         body = build_alert([sandbox.tokens[0]], url=None)
         assert service.post_alert(sandbox.github, [], body=body).status_code == 200
-    finally:
-        for sock in held:
-            sock.close()
     wait_until(lambda: held_bytes(service) == 0)
     # Given back when those requests ended: a body at the limit is read again.
     with open_upload(service, dict(signed), 10 * MIB) as sock:
@@ -143,19 +155,10 @@ def test_a_console_form_is_read_within_the_same_budget(sandbox, make_service):
     with open_upload(service, dict(signin), 3000, sent=b"csrf=") as sock:
         wait_until(lambda: held_bytes(service) == 3000)
     wait_until(lambda: held_bytes(service) == 0)
-    signed = {
-        "Github-Public-Key-Identifier": sandbox.github.key_identifier,
-        "Github-Public-Key-Signature": stranger_signature(),
-    }
-    held = [open_upload(service, dict(signed), 10 * MIB - 512) for _ in range(6)]
-    try:
+    with budget_held(service, signed_by_github(sandbox), left=3 * 1024):
         # 3 KiB left: less than a sign-in form within its own 4 KiB limit may declare.
-        wait_until(lambda: held_bytes(service) == 60 * MIB - 3 * 1024)
         with open_upload(service, dict(signin), 4000, sent=b"") as sock:
             got, text = read_answer(sock)
         assert got == 503 and "retry-after: 1" in text.lower(), text
         assert "too many bodies are being received at once" in text
-    finally:
-        for sock in held:
-            sock.close()
     assert service.failures("console", "body_budget_full") == 1
