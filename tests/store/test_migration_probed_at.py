@@ -5,16 +5,12 @@ from its owner's email; no other incident gets one."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import psycopg
 
 from service.store.migrations import migrate_postgres, migrate_sqlite, migrations
+from tests.store.migration_helpers import postgres_before, sqlite_before
 
-BOOKKEEPING = (
-    "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-    " applied_at double precision NOT NULL)"
-)
 T = 1_800_000_000.0
 # (id, state, unconfirmed_at, notified_at): untold and told unconfirmed keys, one confirmed after
 # an unconfirmed spell, and one that never was.
@@ -31,32 +27,20 @@ INSERT = (
 )
 
 
-def before_0006(backend: str) -> list[str]:
-    return [m.sql for m in migrations(backend) if m.version < 6]
-
-
 def args(n: int, row: tuple[object, ...]) -> tuple[object, ...]:
     incident, state, unconfirmed_at, notified_at = row
     return (incident, f"{n:064x}", state, T - 60, unconfirmed_at, notified_at)
 
 
 def test_sqlite_unconfirmed_rows_get_their_last_probe(tmp_path):
-    conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
-    for sql in before_0006("sqlite"):
-        conn.executescript(sql)
-    conn.execute(BOOKKEEPING)
-    conn.executemany("INSERT INTO schema_migrations VALUES (?, 'x', 0)", [(v,) for v in range(1, 6)])
+    conn = sqlite_before(tmp_path / "db.sqlite", 6)
     conn.executemany(INSERT, [args(n, row) for n, row in enumerate(ROWS)])
     assert [m.version for m in migrate_sqlite(conn)] == [m.version for m in migrations("sqlite")[5:]]
     assert dict(conn.execute("SELECT id, probed_at FROM incidents").fetchall()) == EXPECTED
 
 
 def test_postgres_unconfirmed_rows_get_their_last_probe(pg_url):
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        for sql in before_0006("postgres"):
-            conn.execute(sql.encode())
-        conn.execute(BOOKKEEPING)
-        conn.execute("INSERT INTO schema_migrations SELECT v, 'x', 0 FROM generate_series(1, 5) v")
+    with postgres_before(pg_url, 6) as conn:
         for n, row in enumerate(ROWS):
             conn.execute(INSERT.replace("?", "%s").encode(), args(n, row))
     assert [m.version for m in asyncio.run(migrate_postgres(pg_url))] == [

@@ -11,11 +11,8 @@ import psycopg
 import pytest
 
 from service.store.migrations import migrate_postgres, migrate_sqlite, migrations
+from tests.store.migration_helpers import postgres_before, sqlite_before
 
-BOOKKEEPING = (
-    "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-    " applied_at double precision NOT NULL)"
-)
 URL = "https://github.com/o/r/blob/main/.env"
 
 
@@ -49,21 +46,13 @@ def replayed_rows() -> list[tuple[str, tuple[object, ...]]]:
     return rows
 
 
-def before_0003(backend: str) -> list[str]:
-    return [m.sql for m in migrations(backend) if m.version < 3]
-
-
 def check(rows: list[tuple[object, ...]], alerts: int) -> None:
     assert alerts == 1
     assert sorted(rows, key=str) == sorted([(1, URL), (1, None), (1, "https://x/other")], key=str)
 
 
 def test_sqlite_replays_collapse(tmp_path):
-    conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
-    for sql in before_0003("sqlite"):
-        conn.executescript(sql)
-    conn.execute(BOOKKEEPING)
-    conn.executemany("INSERT INTO schema_migrations VALUES (?, 'x', 0)", [(1,), (2,)])
+    conn = sqlite_before(tmp_path / "db.sqlite", 3)
     for sql, args in replayed_rows():
         conn.execute(sql, args)
     assert [m.version for m in migrate_sqlite(conn)] == [m.version for m in migrations("sqlite")[2:]]
@@ -76,11 +65,7 @@ def test_sqlite_replays_collapse(tmp_path):
 
 
 def test_postgres_replays_collapse(pg_url):
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        for sql in before_0003("postgres"):
-            conn.execute(sql.encode())
-        conn.execute(BOOKKEEPING)
-        conn.execute("INSERT INTO schema_migrations VALUES (1, 'x', 0), (2, 'x', 0)")
+    with postgres_before(pg_url, 3) as conn:
         for sql, args in replayed_rows():
             conn.execute(sql.replace("?", "%s").encode(), args)
     assert [m.version for m in asyncio.run(migrate_postgres(pg_url))] == [
