@@ -8,6 +8,7 @@ process's leases expire and the next claim runs the step again, and the steps ar
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 
 from service.observability import failure
 from service.pipeline.retry import resolve_transition, retry_transition
-from service.pipeline.steps import Steps, gated, recorded
+from service.pipeline.steps import Lookup, Steps, gated, recorded
 from service.reasons import Reason
 from service.store import (
     AlertRecord,
@@ -40,6 +41,8 @@ _IDLE_POLL = 2.0
 # Distinct tokens per intake transaction of one alert (see Worker.accept): big enough that a
 # 10,000-token alert is ten commits, small enough that a part's transaction is tens of milliseconds.
 INTAKE_PART = 1000
+# Parts of one alert handed to the store at once: one being written, the next one queued behind it.
+_PARTS_IN_FLIGHT = 2
 
 
 class Worker:
@@ -259,18 +262,35 @@ class Worker:
         # are as complete within the budget, and a small alert's lookup still goes first.
         lookups = [self.steps.lookup(hashes, deadline - time.monotonic()) for hashes in shaped]
         refs: list[IncidentRef] = []
+        # The next part is prepared and queued for the writer while the one before it is being
+        # written and fsynced, so the writer goes from one part's commit straight to the next
+        # part's statements; no more than two parts are held at once.
+        writing: collections.deque[asyncio.Task[list[IncidentRef]]] = collections.deque()
         try:
             for part, lookup in zip(parts, lookups, strict=True):
-                refs += await self._intake(alert, part, await lookup.answers())
+                if len(writing) == _PARTS_IN_FLIGHT:
+                    refs += await writing.popleft()
+                writing.append(asyncio.create_task(self._intake(alert, part, lookup)))
+            while writing:
+                refs += await writing.popleft()
         finally:
+            for task in writing:
+                task.cancel()
             for lookup in lookups:
                 lookup.cancel()
+            # Retrieve what the cancelled parts raised (a refused commit, the cancellation).
+            await asyncio.gather(*writing, return_exceptions=True)
         return refs, {r.token_hash: r.label for r in refs if r.label is not None}
 
     async def _intake(
-        self, alert: AlertRecord, part: Sequence[TokenSighting], found: dict[str, KeyInfo | None]
+        self,
+        alert: AlertRecord,
+        part: Sequence[TokenSighting],
+        lookup: Lookup,
     ) -> list[IncidentRef]:
-        """One transaction: the part's incidents, sightings, the alert's record, the decided labels."""
+        """One transaction, once the part's `lookup` has answered: the part's incidents, sightings,
+        the alert's record, the decided labels."""
+        found = await lookup.answers()
 
         def decide(ref: IncidentRef) -> Transition | None:
             if ref.token_hash not in found:
