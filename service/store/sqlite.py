@@ -70,6 +70,10 @@ from service.store.walindex import WalIndexGuard
 
 _MAX_GROUP = 512
 _RATES_PRUNE_EVERY = 60.0
+# Pages of WAL after which a commit checkpoints it (SQLite's default), and how many bulky writes
+# in a row may commit without that (see `_write_loop`).
+_AUTOCHECKPOINT = 1000
+_DEFERRED_CHECKPOINTS = 16
 # Hashes per `IN (...)` lookup: well under SQLite's limit on host parameters.
 _IN_CHUNK = 500
 
@@ -218,6 +222,12 @@ class SqliteStore:
         # alert waits for at most one part of a big one, and the big one for one group at a time.
         bulky: collections.deque[_Job] = collections.deque()
         closing = False
+        # Bulky writes commit without SQLite's automatic checkpoint (copying the WAL's pages into
+        # the database, and fsyncing it), for at most `_DEFERRED_CHECKPOINTS` in a row: a big
+        # alert's parts grow the WAL by thousands of pages, which the checkpoint in a part's
+        # COMMIT copied every thousand, the same index pages again each time, and its answer
+        # waited for each copy. The next group's commit checkpoints it all at once.
+        deferred = 0
         while True:
             group: list[_Job] = []
             while len(group) < _MAX_GROUP and not closing:
@@ -232,8 +242,10 @@ class SqliteStore:
                 else:
                     group.append(job)
             if group:
+                deferred = _checkpoints(conn, deferred, bulky=False)
                 self._commit_group(conn, group, committed)
             if bulky:
+                deferred = _checkpoints(conn, deferred, bulky=True)
                 self._commit_group(conn, [bulky.popleft()], committed)
             elif closing and not group:
                 break
@@ -884,6 +896,16 @@ class SqliteStore:
 
     async def watch(self, wake: Callable[[], None]) -> None:
         """Nothing to watch: one process, whose commits wake its worker in-process."""
+
+
+def _checkpoints(conn: sqlite3.Connection, deferred: int, bulky: bool) -> int:
+    """Turn the writer's automatic checkpoint off for a bulky write, unless `deferred` bulky
+    writes in a row went without it already, and back on for any other; the bulky writes in a row
+    without it so far."""
+    defer = bulky and deferred < _DEFERRED_CHECKPOINTS
+    if defer != (deferred > 0):
+        conn.execute(f"PRAGMA wal_autocheckpoint = {0 if defer else _AUTOCHECKPOINT}")
+    return deferred + 1 if defer else 0
 
 
 def _run_group(conn: sqlite3.Connection, group: list[_Job], isolated: bool) -> list[tuple[bool, Any]] | None:
