@@ -32,7 +32,6 @@ from service.store import (
     channel_state,
 )
 from service.store.common import OFFLOAD_ITEMS
-from service.supermemory import KeyInfo
 from service.tasks import drain
 
 log = logging.getLogger("service.pipeline")
@@ -247,7 +246,10 @@ class Worker:
         leaves those committed, each whole, and no 2xx: the sender redelivers the same body, whose
         intake finds the parts already there (a known token adds nothing, the alert row is found
         by its body's hash, no part is skipped because of it) and commits the rest. The parts cut
-        no token in two: every item of one token is in the part of its first appearance.
+        no token in two: every item of one token is in the part of its first appearance. Two parts
+        are in the store at once, so the writer goes from one part's commit to the next part's
+        statements while the first one's fsync and answer are under way; the alert is answered
+        only once every part's commit is fsynced.
 
         A token whose lookup failed or did not finish in time is committed in `received`, due at
         once, and gets no label here: a worker takes it over, so a slow Supermemory delays the

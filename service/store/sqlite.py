@@ -208,6 +208,7 @@ class SqliteStore:
             # connection's lifetime, and the descriptor below is to that file.
             wal = os.open(f"{self._path}-wal", os.O_RDONLY)
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
         except Exception as exc:
             loop.call_soon_threadsafe(ready.set_exception, StoreError(self._cannot_open(exc)))
             return

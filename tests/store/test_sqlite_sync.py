@@ -14,6 +14,7 @@ import pytest
 
 from service.store import AlertRecord, IncidentRef, StoreError
 from service.store import sqlite as sqlite_store
+from service.store.common import OFFLOAD_ITEMS
 from service.store.sqlite import SqliteStore
 from service.tokens import token_hash
 from tests.harness import wait_until
@@ -116,3 +117,53 @@ def test_after_a_failed_fsync_no_write_is_answered_until_a_restart_finds_what_re
     (record,) = reported(caplog, "store_commit_failed")
     assert "fsync of the WAL failed" in record.getMessage()
     assert failures("store", "store_commit_failed") == before + 1
+
+
+async def bulky_intake(store: SqliteStore, tokens: int) -> None:
+    """One intake big enough to be a bulky write (a big alert's part)."""
+    items = [sighting(key()) for _ in range(tokens)]
+    alert = AlertRecord("github", hashlib.sha256(os.urandom(16)).hexdigest(), len(items))
+    await store.intake(alert, items, match_after=5)
+
+
+def test_a_bulky_write_leaves_the_checkpoint_to_the_next_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database file takes the WAL's pages only at a checkpoint: not in a big alert's part,
+    at the next other commit."""
+    monkeypatch.setattr(sqlite_store, "_AUTOCHECKPOINT", 10)  # pages: any intake is more
+    sqlite = Backend("sqlite", tmp_path, None)
+
+    async def body() -> None:
+        async with sqlite.opened() as (store,):
+            assert isinstance(store, SqliteStore)
+            await intake(store, key())  # checkpointed at its commit: the file as it is now
+            size = sqlite.path.stat().st_size
+            await bulky_intake(store, OFFLOAD_ITEMS + 100)
+            assert sqlite.path.stat().st_size == size, "the part's commit checkpointed"
+            await intake(store, key())
+            assert sqlite.path.stat().st_size > size, "the next commit did not checkpoint"
+
+    run(body())
+
+
+def test_bulky_writes_in_a_row_checkpoint_once_in_so_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of big alerts with nothing between them still checkpoints: the WAL does not grow
+    without end."""
+    monkeypatch.setattr(sqlite_store, "_AUTOCHECKPOINT", 10)
+    monkeypatch.setattr(sqlite_store, "_DEFERRED_CHECKPOINTS", 2)
+    sqlite = Backend("sqlite", tmp_path, None)
+
+    async def body() -> None:
+        async with sqlite.opened() as (store,):
+            await intake(store, key())
+            size = sqlite.path.stat().st_size
+            for _ in range(2):
+                await bulky_intake(store, OFFLOAD_ITEMS + 100)
+            assert sqlite.path.stat().st_size == size
+            await bulky_intake(store, OFFLOAD_ITEMS + 100)
+            assert sqlite.path.stat().st_size > size, "the third bulky write in a row did not checkpoint"
+
+    run(body())

@@ -449,3 +449,34 @@ def test_worker_resolve_refuses_a_final_or_stale_incident(tmp_path, clock):
     assert woken and not woken_again, "only a transition that applied wakes the worker"
     assert [e.kind for e in detail.events].count("resolved") == 1
     assert detail.incident.state is State.CLOSED and not detail.incident.has_token
+
+
+def test_accept_of_a_big_alert_hands_the_next_part_to_the_store_while_one_is_written(
+    tmp_path, clock, monkeypatch
+):
+    """Two parts in the store at once: the writer goes from one part's commit to the next part's
+    statements, and no more than two parts are held in memory."""
+    monkeypatch.setattr(worker_module, "INTAKE_PART", 2)
+    client = FakeSupermemory()
+    record, items = alert_of(*(token(n) for n in range(1, 10)))  # five parts
+    in_store: list[int] = [0]
+    most: list[int] = [0]
+
+    async def scenario(store):
+        intake = store.intake
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            in_store[0] += 1
+            most[0] = max(most[0], in_store[0])
+            try:
+                return await intake(*args, **kwargs)
+            finally:
+                in_store[0] -= 1
+
+        store.intake = counted
+        refs, _ = await worker_for(store, clock, client).accept(record, items, budget=5.0)
+        return refs
+
+    refs = run_with_store(tmp_path, clock, scenario)
+    assert most[0] == 2
+    assert [r.token_hash for r in refs] == [token_hash(token(n)) for n in range(1, 10)]
