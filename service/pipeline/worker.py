@@ -266,11 +266,13 @@ class Worker:
         refs: list[IncidentRef] = []
         # The next part is prepared and queued for the writer while the one before it is being
         # written and fsynced, so the writer goes from one part's commit straight to the next
-        # part's statements; no more than two parts are held at once.
+        # part's statements; no more than two parts are held at once. The first part goes alone:
+        # it creates the alert's record, which the later parts find (two transactions creating it
+        # at once would each miss the other's).
         writing: collections.deque[asyncio.Task[list[IncidentRef]]] = collections.deque()
         try:
-            for part, lookup in zip(parts, lookups, strict=True):
-                if len(writing) == _PARTS_IN_FLIGHT:
+            for n, (part, lookup) in enumerate(zip(parts, lookups, strict=True)):
+                if len(writing) == (1 if n == 1 else _PARTS_IN_FLIGHT):
                     refs += await writing.popleft()
                 writing.append(asyncio.create_task(self._intake(alert, part, lookup)))
             while writing:

@@ -455,12 +455,14 @@ def test_accept_of_a_big_alert_hands_the_next_part_to_the_store_while_one_is_wri
     tmp_path, clock, monkeypatch
 ):
     """Two parts in the store at once: the writer goes from one part's commit to the next part's
-    statements, and no more than two parts are held in memory."""
+    statements, and no more than two parts are held in memory. The first part goes alone, as it
+    creates the alert's record."""
     monkeypatch.setattr(worker_module, "INTAKE_PART", 2)
     client = FakeSupermemory()
     record, items = alert_of(*(token(n) for n in range(1, 10)))  # five parts
     in_store: list[int] = [0]
     most: list[int] = [0]
+    first_alone: list[bool] = []
 
     async def scenario(store):
         intake = store.intake
@@ -471,6 +473,8 @@ def test_accept_of_a_big_alert_hands_the_next_part_to_the_store_while_one_is_wri
             try:
                 return await intake(*args, **kwargs)
             finally:
+                if not first_alone:
+                    first_alone.append(in_store[0] == 1)
                 in_store[0] -= 1
 
         store.intake = counted
@@ -478,5 +482,6 @@ def test_accept_of_a_big_alert_hands_the_next_part_to_the_store_while_one_is_wri
         return refs
 
     refs = run_with_store(tmp_path, clock, scenario)
+    assert first_alone == [True], "the second part was in the store with the first"
     assert most[0] == 2
     assert [r.token_hash for r in refs] == [token_hash(token(n)) for n in range(1, 10)]
