@@ -128,3 +128,18 @@ def test_killed_between_parts_then_redelivered_one_alert_each_key_revoked_once(s
     again = restarted.post_alert(sandbox.github, [], body=body, timeout=120)
     assert {a["token_hash"]: a["label"] for a in again.json()} == labels
     assert restarted.count("alerts") == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_big_alert_whose_parts_are_looked_up_at_once_is_one_alert(sandbox, start):
+    """Parts go to the store as soon as their lookups answer, two at a time after the first: each
+    finds the alert's record the first part created, none creates another or misses it."""
+    service = start()
+    tokens = fresh_tokens(4 * INTAKE_PART)
+    answer = service.post_alert(sandbox.github, [], body=build_alert(tokens, url=URL), timeout=120)
+    assert answer.status_code == 200, answer.text[:300]
+    assert [a["label"] for a in answer.json()] == ["false_positive"] * len(tokens)
+    assert service.count("incidents") == service.count("sightings") == len(tokens)
+    with service.db() as conn:
+        alerts = conn.execute("SELECT count(*), max(new_incidents) FROM alerts").fetchone()
+    assert (alerts[0], alerts[1]) == (1, len(tokens))
