@@ -17,7 +17,7 @@ import pytest
 from service.pipeline import Worker
 from service.pipeline import worker as worker_module
 from service.reasons import Reason
-from service.store import Label, SqliteStore, State
+from service.store import Label, SqliteStore, State, StoreError
 from service.supermemory import CallFailed
 from service.tokens import token_hash
 from tests.unit.pipeline_doubles import (
@@ -485,3 +485,31 @@ def test_accept_of_a_big_alert_hands_the_next_part_to_the_store_while_one_is_wri
     assert first_alone == [True], "the second part was in the store with the first"
     assert most[0] == 2
     assert [r.token_hash for r in refs] == [token_hash(token(n)) for n in range(1, 10)]
+
+
+def test_accept_of_a_big_alert_whose_part_fails_raises_and_leaves_no_part_behind(
+    tmp_path, clock, monkeypatch
+):
+    """A part's failed commit fails the alert (a 503: the sender redelivers); the part handed to the
+    store beside it is not left running past the answer."""
+    monkeypatch.setattr(worker_module, "INTAKE_PART", 2)
+    record, items = alert_of(*(token(n) for n in range(1, 10)))
+
+    async def scenario(store):
+        intake = store.intake
+        calls: list[int] = []
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 2:
+                raise StoreError("commit failed: disk full")
+            return await intake(*args, **kwargs)
+
+        store.intake = failing
+        with pytest.raises(StoreError, match="disk full"):
+            await worker_for(store, clock, FakeSupermemory()).accept(record, items, budget=5.0)
+        return len(calls), [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    calls, left = run_with_store(tmp_path, clock, scenario)
+    assert calls == 3, "the part after the failed one was handed to the store beside it"
+    assert left == []
