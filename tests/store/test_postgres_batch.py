@@ -79,14 +79,14 @@ def test_a_batch_finds_a_replayed_alert_by_index_not_by_reading_every_alert(pg_u
     asyncio.run(body())
 
 
-def seq_scans(url: str, inserted: int | None = None) -> int:
-    """`alerts`' sequential scans so far, once the server's statistics show `inserted` rows in it
+def seq_scans(url: str, inserted: int | None = None, table: str = "alerts") -> int:
+    """`table`'s sequential scans so far, once the server's statistics show `inserted` rows in it
     (a backend reports its counts shortly after its transactions, not at once)."""
     deadline = time.monotonic() + 30
     with psycopg.connect(url, autocommit=True) as conn:
         while True:
             row = conn.execute(
-                "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables WHERE relname = 'alerts'"
+                "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables WHERE relname = %s", (table,)
             ).fetchone()
             assert row is not None
             if inserted is None or row[1] >= inserted or time.monotonic() > deadline:
@@ -94,6 +94,36 @@ def seq_scans(url: str, inserted: int | None = None) -> int:
                 return int(row[0])
             conn.execute("SELECT pg_sleep(0.1)")
             conn.execute("SELECT pg_stat_clear_snapshot()")
+
+
+def test_a_plan_made_while_the_database_was_empty_is_not_kept_once_it_has_grown(pg_url: str) -> None:
+    # psycopg prepares a statement on its sixth run and the server then keeps a generic plan: made
+    # on a new, empty database it read all of `incidents` for every batch (its token hashes looked
+    # up with a sequential scan) until autovacuum's first ANALYZE, a minute or more later. Here
+    # autovacuum never comes, as on a database growing faster than it analyzes.
+    async def body() -> None:
+        await migrate(pg_url)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE incidents SET (autovacuum_enabled = false)")
+        store = PostgresStore(pg_url, Sealer(os.urandom(32)))
+        await store.open()
+        try:
+            for n in range(12):  # one at a time: each statement runs on an empty table, again and again
+                await store.intake(alert(n), [sighting()], 0, decide=lambda ref: None)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO incidents (id, token_hash, redacted, token_type, state, created_at)"
+                    " SELECT 'i' || n, md5(n::text), 'sm_…', 'supermemory_api_key', 'closed', 0"
+                    " FROM generate_series(1, 20000) AS n"
+                )
+            before = seq_scans(pg_url, inserted=12 + 20000, table="incidents")
+            for n in range(12, 15):
+                await store.intake(alert(n), [sighting()], 0, decide=lambda ref: None)
+        finally:
+            await store.close()
+        assert seq_scans(pg_url, inserted=15 + 20000, table="incidents") == before
+
+    asyncio.run(body())
 
 
 def test_an_unreachable_database_fails_a_batch_at_once_not_intake_by_intake(
