@@ -15,13 +15,13 @@ Same contract as the SQLite store, with the concurrency SQLite never had to face
   an intake notifies the others only for keys its lookup matched, while tokens it leaves in
   `received` are taken by its own process's worker. A missed notification costs at most the
   worker's idle poll.
-- **Plans are made for the tables as they are**: every connection of the pool runs with
-  `plan_cache_mode = force_custom_plan`. psycopg prepares a statement on its sixth run, and the
-  server would then keep a generic plan, made once, until an ANALYZE of its tables: on a database
-  that starts empty (every new deployment) that plan read all of `incidents` for each intake batch
-  (a sequential scan for `token_hash = ANY(…)`) until autovacuum's first ANALYZE came, a minute or
-  more later, by which time a burst had gone through at half speed. A custom plan costs a planning
-  per statement (a fraction of a millisecond for the intake's largest) and sees the rows there are.
+- **Incidents are found by token hash one hash at a time** (a LATERAL subquery per hash, fenced
+  with `OFFSET 0` so that the planner cannot turn it back into a join): a nested loop of unique-index
+  probes whatever the statistics say. psycopg prepares a statement on its sixth run and the server
+  then keeps one generic plan until the next ANALYZE of its tables; made on a new database, before
+  autovacuum's first ANALYZE (a minute or more into the traffic), `token_hash = ANY(…)` and a join
+  on token_hash were planned as sequential scans of a table the planner took for ten pages, and
+  every intake batch read all of `incidents` until that ANALYZE came.
 - Commits are durable (`synchronous_commit` stays on, the server's default). Deadlocks and
   serialization failures are retried a few times, since the transaction is simply run again; any
   other driver error is a `StoreError`, which the app answers with 503.
@@ -96,7 +96,11 @@ _BATCHERS = 4
 _MAX_BATCH = 64
 
 # Which of an intake batch's tokens are known already: only the others are decided before their insert.
-_KNOWN = "SELECT token_hash FROM incidents WHERE token_hash = ANY(%b)"
+# One index probe per hash, whatever the statistics (see the module's docstring).
+_KNOWN = (
+    "SELECT i.token_hash FROM unnest(%b::text[]) AS h (token_hash) CROSS JOIN LATERAL"
+    " (SELECT token_hash FROM incidents WHERE incidents.token_hash = h.token_hash OFFSET 0) AS i"
+)
 _EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (%s, %s, %s, %s, %s)"
 
 
@@ -161,12 +165,6 @@ def _creation(
     return sql, [*args, *(list(column) for column in zip(*events, strict=True))]
 
 
-async def _configure(conn: Conn) -> None:
-    """Each pooled connection plans every statement for its parameters and the tables' current
-    size, prepared or not (see the module's docstring: a generic plan made on empty tables was kept)."""
-    await conn.execute("SET plan_cache_mode = force_custom_plan")
-
-
 def _settle(future: asyncio.Future[list[IncidentRef]], outcome: list[IncidentRef] | BaseException) -> None:
     if future.done():
         return
@@ -196,7 +194,6 @@ class PostgresStore:
             open=False,
             timeout=_CONNECT_TIMEOUT,
             kwargs={"autocommit": True, "row_factory": dict_row},
-            configure=_configure,
             name="leak-responder",
         )
         self._listener: asyncio.Task[None] | None = None
@@ -486,9 +483,11 @@ class PostgresStore:
             " s.source, s.token_type, %s, s.note FROM unnest(%b::int[], %b::text[], %b::text[],"
             " %b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) WITH ORDINALITY AS s (alert_n,"
             " token_hash, reporter, operator, url, source, token_type, note, n)"
-            " JOIN numbered ON numbered.n = s.alert_n JOIN incidents i ON i.token_hash = s.token_hash"
+            " JOIN numbered ON numbered.n = s.alert_n CROSS JOIN LATERAL (SELECT id FROM incidents"
+            " WHERE incidents.token_hash = s.token_hash OFFSET 0) AS i"
             " ORDER BY s.n ON CONFLICT DO NOTHING)"
-            " SELECT id, token_hash, state, label, redacted FROM incidents WHERE token_hash = ANY(%b)",
+            " SELECT i.* FROM unnest(%b::text[]) AS h (token_hash) CROSS JOIN LATERAL (SELECT id, token_hash,"
+            " state, label, redacted FROM incidents WHERE incidents.token_hash = h.token_hash OFFSET 0) AS i",
             [
                 now,
                 [i.alert.reporter for i in batch], [i.alert.operator for i in batch],

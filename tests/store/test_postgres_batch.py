@@ -96,6 +96,13 @@ def seq_scans(url: str, inserted: int | None = None, table: str = "alerts") -> i
             conn.execute("SELECT pg_stat_clear_snapshot()")
 
 
+async def intakes(store: PostgresStore, numbers: range) -> None:
+    """Alerts of one fresh token each, taken at once (so batched), each deciding its new incidents."""
+    await asyncio.gather(
+        *(store.intake(alert(n), [sighting()], 0, decide=lambda ref: None) for n in numbers)
+    )
+
+
 def test_a_plan_made_while_the_database_was_empty_is_not_kept_once_it_has_grown(pg_url: str) -> None:
     # psycopg prepares a statement on its sixth run and the server then keeps a generic plan: made
     # on a new, empty database it read all of `incidents` for every batch (its token hashes looked
@@ -108,20 +115,23 @@ def test_a_plan_made_while_the_database_was_empty_is_not_kept_once_it_has_grown(
         store = PostgresStore(pg_url, Sealer(os.urandom(32)))
         await store.open()
         try:
-            for n in range(12):  # one at a time: each statement runs on an empty table, again and again
-                await store.intake(alert(n), [sighting()], 0, decide=lambda ref: None)
+            # Batches of several alerts, as under load: each statement is run again and again on
+            # an almost empty table, with arrays of several hashes (a plan for one hash probes the
+            # index even then).
+            for n in range(0, 192, 16):
+                await intakes(store, range(n, n + 16))
             with psycopg.connect(pg_url, autocommit=True) as conn:
                 conn.execute(
                     "INSERT INTO incidents (id, token_hash, redacted, token_type, state, created_at)"
                     " SELECT 'i' || n, md5(n::text), 'sm_…', 'supermemory_api_key', 'closed', 0"
                     " FROM generate_series(1, 20000) AS n"
                 )
-            before = seq_scans(pg_url, inserted=12 + 20000, table="incidents")
-            for n in range(12, 15):
-                await store.intake(alert(n), [sighting()], 0, decide=lambda ref: None)
+            before = seq_scans(pg_url, inserted=192 + 20000, table="incidents")
+            for n in range(192, 240, 16):
+                await intakes(store, range(n, n + 16))
         finally:
             await store.close()
-        assert seq_scans(pg_url, inserted=15 + 20000, table="incidents") == before
+        assert seq_scans(pg_url, inserted=240 + 20000, table="incidents") == before
 
     asyncio.run(body())
 
