@@ -98,9 +98,7 @@ def seq_scans(url: str, inserted: int | None = None, table: str = "alerts") -> i
 
 async def intakes(store: PostgresStore, numbers: range) -> None:
     """Alerts of one fresh token each, taken at once (so batched), each deciding its new incidents."""
-    await asyncio.gather(
-        *(store.intake(alert(n), [sighting()], 0, decide=lambda ref: None) for n in numbers)
-    )
+    await asyncio.gather(*(store.intake(alert(n), [sighting()], 0, decide=lambda ref: None) for n in numbers))
 
 
 def test_a_plan_made_while_the_database_was_empty_is_not_kept_once_it_has_grown(pg_url: str) -> None:
