@@ -260,7 +260,7 @@ class SqliteStore:
     ) -> None:
         """Commit the group and hand it to the syncer; a group that failed is answered at once."""
         if self._sync_failed is not None:
-            _hand_back([(group, [(False, StoreError(f"commit failed: {self._sync_failed}"))] * len(group))])
+            _hand_back([_refused(group, self._sync_failed)])
             return
         try:
             self._check_index(restore=True)
@@ -277,7 +277,7 @@ class SqliteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {exc}")
-            _hand_back([(group, [(False, StoreError(f"commit failed: {exc}"))] * len(group))])
+            _hand_back([_refused(group, exc)])
             return
         committed.put((group, tried))
 
@@ -309,8 +309,7 @@ class SqliteStore:
                     self._sync_failed = f"fsync of the WAL failed: {exc}"
                     self._on_failure(Reason.STORE_COMMIT_FAILED, f"store commit failed: {self._sync_failed}")
             if self._sync_failed is not None:
-                failed = StoreError(f"commit failed: {self._sync_failed}")
-                batch = [(group, [(False, failed)] * len(group)) for group, _ in batch]
+                batch = [_refused(group, self._sync_failed) for group, _ in batch]
             _hand_back(batch)
 
     def _check_index(self, restore: bool = False) -> None:
@@ -935,6 +934,11 @@ def _run_group(conn: sqlite3.Connection, group: list[_Job], isolated: bool) -> l
             conn.execute(f"RELEASE w{i}")
             outcomes.append((False, exc))
     return outcomes
+
+
+def _refused(group: list[_Job], why: object) -> _Committed:
+    """A group whose commit did not hold (failed, or not fsynced): every write in it is refused."""
+    return group, [(False, StoreError(f"commit failed: {why}"))] * len(group)
 
 
 def _hand_back(batch: list[_Committed]) -> None:
