@@ -114,7 +114,7 @@ class Coalescer:
         self._inflight = 0
         # Each call's task and the chunks it carries now (none once it is done with them); strong
         # references too, as the event loop keeps only weak ones to running tasks.
-        self._calls: dict[asyncio.Task[None], list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]] = {}
+        self._calls: dict[asyncio.Task[None], Asked] = {}
 
     def ask(self, hashes: Sequence[str]) -> Asked:
         """Queue these hashes, in chunks, for the calls to come, without waiting: the caller awaits
@@ -156,12 +156,12 @@ class Coalescer:
                 self._calls[task] = group
                 task.add_done_callback(self._sent)
 
-    def _next_group(self) -> list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] | None:
+    def _next_group(self) -> Asked | None:
         """The chunks the next call may carry now (empty if every one taken was given up), or None
         when no call may start: nothing queued, or a call in flight and less than a batch queued."""
         if not (self._ahead or self._queue) or (self._inflight and self._queued < self._batch):
             return None
-        group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]] = []
+        group: Asked = []
         size = 0
         for queue in (self._ahead, self._queue):
             while queue and size + len(queue[0][0]) <= self._batch:
@@ -172,7 +172,7 @@ class Coalescer:
                     size += len(chunk)
         return group
 
-    async def _send(self, group: list[tuple[list[str], asyncio.Future[dict[str, KeyInfo]]]]) -> None:
+    async def _send(self, group: Asked) -> None:
         """One call, then, in the same task, the next one for what queued meanwhile: that call
         leaves in the turn of the event loop that read this one's answer. Through this task's end
         and a new task's start it left two turns later, a wait every queued caller had, each turn
