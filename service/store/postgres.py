@@ -95,11 +95,19 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 _BATCHERS = 4
 _MAX_BATCH = 64
 
+
+def _incident_by_hash(columns: str, token_hash: str) -> str:
+    """The join that finds, as `i`, the incident whose hash is `token_hash` (an outer column): one
+    unique-index probe per hash, whatever the statistics (see the module's docstring)."""
+    return (
+        f" CROSS JOIN LATERAL (SELECT {columns} FROM incidents"  # noqa: S608 (our own column names)
+        f" WHERE incidents.token_hash = {token_hash} OFFSET 0) AS i"
+    )
+
+
 # Which of an intake batch's tokens are known already: only the others are decided before their insert.
-# One index probe per hash, whatever the statistics (see the module's docstring).
-_KNOWN = (
-    "SELECT i.token_hash FROM unnest(%b::text[]) AS h (token_hash) CROSS JOIN LATERAL"
-    " (SELECT token_hash FROM incidents WHERE incidents.token_hash = h.token_hash OFFSET 0) AS i"
+_KNOWN = "SELECT i.token_hash FROM unnest(%b::text[]) AS h (token_hash)" + _incident_by_hash(  # noqa: S608
+    "token_hash", "h.token_hash"
 )
 _EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (%s, %s, %s, %s, %s)"
 
@@ -483,11 +491,11 @@ class PostgresStore:
             " s.source, s.token_type, %s, s.note FROM unnest(%b::int[], %b::text[], %b::text[],"
             " %b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) WITH ORDINALITY AS s (alert_n,"
             " token_hash, reporter, operator, url, source, token_type, note, n)"
-            " JOIN numbered ON numbered.n = s.alert_n CROSS JOIN LATERAL (SELECT id FROM incidents"
-            " WHERE incidents.token_hash = s.token_hash OFFSET 0) AS i"
-            " ORDER BY s.n ON CONFLICT DO NOTHING)"
-            " SELECT i.* FROM unnest(%b::text[]) AS h (token_hash) CROSS JOIN LATERAL (SELECT id, token_hash,"
-            " state, label, redacted FROM incidents WHERE incidents.token_hash = h.token_hash OFFSET 0) AS i",
+            " JOIN numbered ON numbered.n = s.alert_n"
+            + _incident_by_hash("id", "s.token_hash")
+            + " ORDER BY s.n ON CONFLICT DO NOTHING)"
+            " SELECT i.* FROM unnest(%b::text[]) AS h (token_hash)"
+            + _incident_by_hash("id, token_hash, state, label, redacted", "h.token_hash"),
             [
                 now,
                 [i.alert.reporter for i in batch], [i.alert.operator for i in batch],
