@@ -57,6 +57,14 @@ _INCIDENT = {
             f"{t}_at": _TIME
             for t in ("created", "matched", "revoked", "confirmed", "notified", "closed", "next_run")
         },
+        "unconfirmed_at": {
+            **_TIME,
+            "description": "when the key was found still answering after its revoke (a retry clears it)",
+        },
+        "probed_at": {
+            **_TIME,
+            "description": "that key's last probe; while unconfirmed, the next comes an interval later",
+        },
         "time_to_revoke": {"type": ["number", "null"], "description": "seconds from received to revoked"},
         "time_to_confirm": {"type": ["number", "null"], "description": "seconds from received to confirmed"},
         "attempts": {"type": "integer"},

@@ -328,6 +328,8 @@ def incident_json(incident: Incident) -> dict[str, Any]:
         "matched_at": iso(incident.matched_at),
         "revoked_at": iso(incident.revoked_at),
         "confirmed_at": iso(incident.confirmed_at),
+        "unconfirmed_at": iso(incident.unconfirmed_at),
+        "probed_at": iso(incident.probed_at),
         "notified_at": iso(incident.notified_at),
         "closed_at": iso(incident.closed_at),
         "time_to_revoke": _seconds(incident.time_to_revoke),

@@ -157,6 +157,8 @@ def _show(i: dict[str, Any]) -> None:
     print(f"{i['id']}  {i['state']}  {i['label'] or '-'}  {i['redacted']}  sha256={i['token_hash']}")
     print(f"key {i['key_id'] or '-'} ({i['key_name'] or '-'}) org {i['org_id'] or '-'}")
     print(f"time to revoke {_seconds(i['time_to_revoke'])}, to confirm {_seconds(i['time_to_confirm'])}")
+    if i["unconfirmed_at"]:
+        print(f"answered after its revoke from {i['unconfirmed_at']}, last probed {i['probed_at']}")
     print(f"waiting for: {i['waiting_for'] or 'nothing (final)'}")
     print(f"pages: {', '.join(i['pages']) or '-'}")
     print("deliveries:" if i["emails"] else "deliveries: -")

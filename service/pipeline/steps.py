@@ -465,7 +465,7 @@ class Steps:
                 state=State.CONFIRMED,
                 next_run_at=self._after_final_probe(),
                 wipe_token=True,
-                set={"confirmed_at": now, "last_reason": None, "attempts": 0},
+                set={"confirmed_at": now, "probed_at": now, "last_reason": None, "attempts": 0},
                 detail={"status": status, "after_unconfirmed": round(now - started, 3)},
             )
         reissued = False

@@ -12,8 +12,11 @@ from starlette.routing import Mount
 
 from service.app import create_app
 from service.cli import main
+from service.console.plots import stamp
+from service.operators import iso
 from service.tokens import token_hash
 from tests.harness import wait_until
+from tests.integration.console_helpers import ConsoleClient
 from tests.integration.operator_helpers import TOKENS, auth, get, operator_env, refused, report
 
 pytestmark = pytest.mark.integration
@@ -114,6 +117,36 @@ def test_retry_unconfirmed_incident(sandbox, ops):
     refused(again, 409, "incident_not_retryable", ops)
     missing = httpx.post(f"{ops.url}/v1/incidents/inc_000000000000deadbeef0000/retry", headers=auth())
     refused(missing, 404, "incident_not_found", ops)
+
+
+def test_an_unconfirmed_key_shows_since_when_it_answered_and_its_last_probe(
+    sandbox, make_service, monkeypatch, capsys
+):
+    """What a key did after its revoke stays visible once a re-probe confirms it: in the API, in
+    `incidents show` and on the console's incident page, from the same two times (re-probes more
+    than a second apart, so that the page's stamps, to the second, differ too)."""
+    ops = make_service({**operator_env(), "LEAK_RESPONDER_UNCONFIRMED_REPROBE_INTERVAL": "1.2"})
+    sandbox.supermemory.set_knobs(never_revoke=True)
+    key = sandbox.tokens[0]
+    incident_id = report(ops, {"tokens": [key]}).json()["findings"][0]["incident_id"]
+    wait_until(lambda: "reprobed" in ops.events(key))
+    sandbox.supermemory.set_knobs(never_revoke=False)
+    ops.wait_state(key, "confirmed")
+    row = ops.incident(key)
+    assert row["unconfirmed_at"] < row["probed_at"] == row["confirmed_at"]
+
+    shown = get(ops, f"/v1/incidents/{incident_id}").json()
+    assert shown["unconfirmed_at"] == iso(row["unconfirmed_at"])
+    assert shown["probed_at"] == iso(row["probed_at"])
+    monkeypatch.setenv("LEAK_RESPONDER_OPERATOR_TOKEN", TOKENS["alice"])
+    assert main(["incidents", "show", incident_id, "--url", ops.url]) == 0
+    line = f"answered after its revoke from {shown['unconfirmed_at']}, last probed {shown['probed_at']}"
+    assert line in capsys.readouterr().out.splitlines()
+    console = ConsoleClient(ops)
+    assert console.sign_in().status_code == 303
+    page = console.get(f"/console/incidents/{incident_id}").text
+    assert f'<dd id="unconfirmed-at">{stamp(row["unconfirmed_at"])}</dd>' in page
+    assert f'<dd id="probed-at">{stamp(row["probed_at"])}</dd>' in page
 
 
 def test_retry_resets_a_failing_revoke(sandbox, make_service):
