@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 from service import __version__
 from service.backoff import backoff, retry_after
-from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, failure
+from service.observability import EVENTS_DROPPED, PAGES, PAGES_REPEATED, PAGES_WAITING, failure
 from service.reasons import Reason
 from service.store import IncidentDetail, Store, StoreError
 from service.tokens import scrub
@@ -377,6 +377,11 @@ class PageCourier:
     waited that long, is dropped with `page_dropped` in a log line that carries the page itself. A
     page is small and raised at most once per incident or per gathered condition, so what waits
     stays small.
+
+    While Sentry is down on-call hears nothing from it, so the delay itself is told elsewhere: the
+    first attempt Sentry does not take logs `page_delayed` (a warning carrying the page, once per
+    page), and `leak_responder_pages_waiting` counts the pages not yet taken, for an alert from the
+    metrics side long before `page_dropped` comes.
     """
 
     def __init__(
@@ -408,6 +413,7 @@ class PageCourier:
         """Queue a page; returns at once, from any thread."""
         with self._lock:
             self._unsettled += 1
+        PAGES_WAITING.inc()
         self._queue.put((event, self._clock()))
 
     def close(self, timeout: float) -> None:
@@ -447,6 +453,7 @@ class PageCourier:
             finally:
                 with self._lock:
                     self._unsettled -= 1
+                PAGES_WAITING.dec()
 
     def _deliver(self, event: Event, raised: float) -> None:
         self._client.capture_event(event)
@@ -478,7 +485,19 @@ class PageCourier:
             delay = backoff(
                 attempts, self._retry.backoff_base, self._retry.backoff_max, answer.retry_after, self._rng
             )
-            log.debug("page not taken by Sentry yet", extra={"status": answer.status, "retry_in": delay})
+            if attempts == 1:
+                failure(
+                    log,
+                    "alerting",
+                    Reason.PAGE_DELAYED,
+                    f"Sentry did not take a page yet, retrying: {event.get('message', '')}",
+                    level=logging.WARNING,
+                    page=event.get("tags", {}).get("page"),
+                    status=answer.status,
+                    retry_in=round(delay, 1),
+                )
+            else:
+                log.debug("page not taken by Sentry yet", extra={"status": answer.status, "retry_in": delay})
             self._closing.wait(delay)
 
 

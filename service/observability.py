@@ -61,6 +61,10 @@ PAGES_REPEATED = Counter(
     "Pages not sent because their condition was paged within the repeat window, by event.",
     ["event"],
 )
+PAGES_WAITING = Gauge(
+    "leak_responder_pages_waiting",
+    "Pages raised but not yet taken by Sentry (queued, or retried while Sentry does not take them).",
+)
 BODY_BYTES = Gauge(
     "leak_responder_body_bytes_reserved",
     "Bytes reserved by request bodies being received, all requests together (see BodyBudget).",

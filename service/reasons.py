@@ -129,6 +129,7 @@ class Reason(enum.StrEnum):
     PIPELINE_STALLED = "pipeline_stalled"
     PUBLIC_REPORTS_FLOODED = "public_reports_flooded"
     # -- delivering pages to Sentry (stage `alerting`; a log line, since Sentry did not take it) --
+    PAGE_DELAYED = "page_delayed"
     PAGE_DROPPED = "page_dropped"
     # -- start-up notices ------------------------------------------------------------------------
     NOTIFY_DISABLED = "notify_disabled"

@@ -18,7 +18,7 @@ from service.runtime import Runtime
 from service.sandbox import ServerThread, build_alert
 from service.settings import Settings
 from service.tokens import redact, token_hash
-from tests.harness import SentrySink, Service, postgres_env, wait_until
+from tests.harness import SentrySink, Service, metric, postgres_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,15 @@ def test_key_that_stays_alive_pages_revocation_unconfirmed(sandbox, make_service
 
 
 def retries(service: Service) -> int:
-    """Attempts to post a page that Sentry did not take (each logged at debug level)."""
-    return sum(r["message"] == "page not taken by Sentry yet" for r in service.log_records())
+    """Attempts to post a page that Sentry did not take: the first logged as `page_delayed`, the
+    later ones at debug level."""
+    return len(service.logged("page_delayed")) + sum(
+        r["message"] == "page not taken by Sentry yet" for r in service.log_records()
+    )
+
+
+def waiting(service: Service) -> float:
+    return metric(service.http.get(f"{service.url}/metrics").text, "leak_responder_pages_waiting")
 
 
 @pytest.mark.parametrize("outage", ["stopped", "503", "429"])
@@ -72,16 +79,24 @@ def test_a_page_raised_while_sentry_is_briefly_down_arrives_once_it_is_back(
     service.post_alert(sandbox.github, [key.token])
     wait_until(lambda: "revocation_unconfirmed" in (service.incident(key.token) or {}).get("pages", ""))
     if outage == "stopped":
-        # A couple of attempts meet the closed port (each logged at debug level), then it is back.
+        # A couple of attempts meet the closed port, then it is back.
         wait_until(lambda: retries(service) >= 2)
-        sentry.start()
     else:
         wait_until(lambda: sentry.refused >= 2)
+    # Meanwhile on-call hears of it elsewhere: one warning carrying the page, and the gauge.
+    (delayed,) = service.logged("page_delayed")
+    assert delayed["page"] == "revocation_unconfirmed" and delayed["level"] == "warning"
+    assert delayed["status"] == (None if outage == "stopped" else int(outage))
+    assert service.failures("alerting", "page_delayed") == 1 and waiting(service) == 1
+    if outage == "stopped":
+        sentry.start()
+    else:
         sentry.status = None
     event = page(sentry, "revocation_unconfirmed", "fatal")
     assert_incident_tags(event, key.token, key.org_id)
     wait_until(lambda: len(sentry.pages("revocation_unconfirmed")) == 1)
-    assert service.logged("page_dropped") == []
+    assert service.logged("page_dropped") == [] and len(service.logged("page_delayed")) == 1
+    wait_until(lambda: waiting(service) == 0)
 
 
 def test_a_page_sentry_never_takes_is_dropped_with_a_reason(sandbox, make_service, sentry):
