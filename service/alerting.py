@@ -24,6 +24,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -536,9 +537,19 @@ def init_sentry(dsn: str, environment: str, retry: PageRetry, timeout: float) ->
     return PageCourier(pages, post, retry, close_post)
 
 
+# The namespace of an incident's page ids (uuid5 of "<incident id>/<code>").
+_PAGE_IDS = uuid.UUID("6f1d2c1e-3b7a-4c55-9a57-1f0e8a4b2d90")
+
+
 class SentryPager(Pager):
     """Pages as Sentry events: one fixed fingerprint per code, tags to search by, the incident's
-    timeline and the runbook section that says what to do."""
+    timeline and the runbook section that says what to do.
+
+    An incident is paged once per code (the code is recorded with the step's outcome), but a step
+    runs again when its outcome could not be recorded: its lease ran out while it waited on
+    Supermemory and another worker took it over, or the process died between page and commit. So
+    an incident's page has an event id made of the incident and the code, and the second attempt
+    is the same event, which Sentry keeps once, as it does for the courier's retries."""
 
     def __init__(
         self,
@@ -622,8 +633,10 @@ class SentryPager(Pager):
                 for e in detail.events
             ]
         link = runbook_link(self.runbook_url, code)
+        incident_id = tags.get("incident_id")
         self.courier.send(
             {
+                **({"event_id": uuid.uuid5(_PAGE_IDS, f"{incident_id}/{code}").hex} if incident_id else {}),
                 "level": SENTRY_LEVELS[LEVELS[code]],
                 "logger": log.name,
                 "message": f"{code}: {message}",

@@ -18,6 +18,7 @@ from service.alerting import (
     PageCourier,
     Pager,
     PageRetry,
+    SentryPager,
     _wait_asked,
     scrub_event,
 )
@@ -259,3 +260,24 @@ def test_the_wait_sentry_asks_for_is_the_longest_it_names():
     assert _wait_asked(httpx.Headers({"X-Sentry-Rate-Limits": "60:error:organization, 120::key"})) == 120.0
     assert _wait_asked(httpx.Headers({"Retry-After": "7"})) == 7.0
     assert _wait_asked(httpx.Headers({})) is None
+
+
+def test_an_incidents_page_raised_twice_is_one_sentry_event():
+    """A step that ran twice (its lease lost, or the process gone before its commit) pages twice:
+    the same event id each time, which Sentry keeps once; other incidents and codes, and pages
+    about no incident, are events of their own."""
+    ingest = FakeIngest()
+    pager = SentryPager(store=None, runbook_url="https://runbook.example/", courier=courier_for(ingest))  # type: ignore[arg-type]
+    for incident_id, code in [
+        ("inc_1", Reason.REVOCATION_FAILED),
+        ("inc_1", Reason.REVOCATION_FAILED),
+        ("inc_2", Reason.REVOCATION_FAILED),
+        ("inc_1", Reason.REVOCATION_UNCONFIRMED),
+        ("", Reason.REVOCATION_FAILED),
+        ("", Reason.REVOCATION_FAILED),
+    ]:
+        pager.page(code, "a page", {"incident_id": incident_id}, {})
+    pager.courier.close(timeout=5)
+    ids = [json.loads(body.split(b"\n")[0])["event_id"] for body in ingest.bodies]
+    assert len(ids) == 6 and ids[0] == ids[1]
+    assert len(set(ids)) == 5
