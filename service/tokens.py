@@ -45,7 +45,9 @@ def redact(token: str) -> str:
     body = token[len(prefix) :]
     if len(body) < 16:
         return f"{prefix}{_ELLIPSIS}"
-    return _SURROGATE.sub(REPLACEMENT, f"{prefix}{body[:4]}{_ELLIPSIS}{body[-4:]}")
+    shown = f"{prefix}{body[:4]}{_ELLIPSIS}{body[-4:]}"
+    # An ASCII token (every key-shaped one) holds no surrogate: no substitution to run.
+    return shown if body.isascii() else _SURROGATE.sub(REPLACEMENT, shown)
 
 
 def scrub(text: str) -> str:

@@ -100,7 +100,9 @@ def loads(value: Any) -> Any:
 
 def plain(value: Any) -> Any:
     """Enum members as their values: drivers must never see (or guess at) an enum's name."""
-    return value.value if isinstance(value, enum.Enum) else value
+    # `_value_`, the member's own attribute: `value` goes through a descriptor in Python, and a big
+    # alert's rows pass three enums per token through here.
+    return value._value_ if isinstance(value, enum.Enum) else value
 
 
 def new_incident_ids(count: int) -> Iterator[str]:
@@ -403,16 +405,21 @@ def events_args(d: Dialect, events: Events) -> Iterator[tuple[Any, ...]]:
     """`event_args` of many events, (incident_id, at, kind, state, detail) each. A detail whose
     values are all text (a reporter, a reason) is serialized once: a big alert's thousands of
     events share a handful of them, and serializing each one again was a tenth of its intake.
-    Text only, because equal keys must mean equal JSON (1 and True are equal keys)."""
+    Text only, because equal keys must mean equal JSON (1 and True are equal keys); a detail is
+    looked up before its values are checked, since only all-text details are ever stored and no
+    other value equals a text."""
     serialized: dict[tuple[tuple[str, Any], ...], Any] = {}
     for incident_id, at, kind, state, detail in events:
-        if all(isinstance(value, str) for value in detail.values()):
-            key = tuple(detail.items())
+        key = tuple(detail.items())
+        try:
             json_detail = serialized.get(key)
-            if json_detail is None:
-                json_detail = serialized[key] = d.json(detail)
-        else:
+        except TypeError:  # an unhashable value (a list, a dict): not text, not shared
             json_detail = d.json(detail)
+        else:
+            if json_detail is None:
+                json_detail = d.json(detail)
+                if all(isinstance(value, str) for value in detail.values()):
+                    serialized[key] = json_detail
         yield (incident_id, at, kind, None if state is None else str(state), json_detail)
 
 
