@@ -1,10 +1,12 @@
-"""`safe_text`: what a sender says around a token is stored and shown only once made safe."""
+"""`safe_text` and `redact`: what a sender says around a token, and a token's redacted form, are stored and
+shown only once made safe."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.tokens import safe_text
+from service.store import TokenSighting
+from service.tokens import redact, safe_text
 
 # FAKE, shaped like a key and never issued.
 KEY = "sm_FakeTestZq8Rk3Wm5Vn7Xp_" + "Ab3dEf6hJk9mNp2q" * 4
@@ -28,3 +30,28 @@ KEY = "sm_FakeTestZq8Rk3Wm5Vn7Xp_" + "Ab3dEf6hJk9mNp2q" * 4
 )
 def test_safe_text(text, expected):
     assert safe_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ("sm_" + "Ab3dEf6hJk9mNp2q" * 2, "sm_Ab3d…Np2q"),
+        # A lone surrogate in the shown characters of a token that is no key (JSON lets a sender
+        # send one) becomes U+FFFD: no encoder after this would write it.
+        ("sm_\ud800b3dEf6hJk9mNp2qAb3dEf6hJk9mNp2\udfff", "sm_\ufffdb3d…Np2\ufffd"),
+        ("sm_short", "sm_…"),
+    ],
+    ids=["ascii", "surrogates", "short"],
+)
+def test_redact(token, expected):
+    assert redact(token) == expected
+
+
+def test_a_sighting_keeps_its_texts_only_made_safe():
+    sighting = TokenSighting(KEY, "type \ud800", f"https://x.test/{KEY}", "content", "github", note="a note")
+    assert (sighting.token_type, sighting.url, sighting.source, sighting.note) == (
+        "type \ufffd",
+        "https://x.test/sm_Fake…Np2q",
+        "content",
+        "a note",
+    )
