@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.reasons import Reason
 from service.store.models import (
@@ -119,22 +119,27 @@ def new_incident_ids(count: int) -> Iterator[str]:
 # -- intake ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class NewIncident:
+class NewIncident(NamedTuple):
     """The first sighting of a token, as it is inserted: key-shaped tokens are sealed and wait
     `match_after` seconds for the request's own lookup; anything else is a false positive at once,
-    stored hash-only. `token` is the key-shaped token, to seal (see `row`)."""
+    stored hash-only. `token` is the key-shaped token, to seal (see `row`); `repr` leaves it out.
+
+    A named tuple, not a frozen dataclass: as immutable, and made in a third of the time (a big
+    alert makes one per token)."""
 
     id: str
     token_hash: str
     redacted: str
-    token: str | None = field(repr=False)
+    token: str | None
     sealed_key: str | None
     token_type: str
     state: State
     label: Label | None
     next_run_at: float | None
     last_reason: str | None
+
+    def __repr__(self) -> str:
+        return f"NewIncident(id={self.id!r}, redacted={self.redacted!r}, state={self.state!r})"
 
     def events(
         self, alert: AlertRecord, decided: Transition | None = None

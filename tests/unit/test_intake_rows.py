@@ -1,13 +1,15 @@
 """How an intake's event rows are built (service.store.common), apart from any database: a detail
-is serialized once per distinct text-only detail, and never one detail's JSON for another's."""
+is serialized once per distinct text-only detail, and never one detail's JSON for another's; a new
+incident's token stays out of its repr."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from service.reasons import Reason
-from service.store import State
-from service.store.common import dumps, events_args
+from service.store import State, TokenSighting
+from service.store.common import IntakePlan, dumps, events_args
+from service.store.sealing import Sealer
 from service.store.sqlite import SQLITE
 
 
@@ -35,3 +37,14 @@ def test_each_detail_is_serialized_as_itself_and_text_details_once() -> None:
 def test_an_event_without_state_has_none() -> None:
     ((*_, state, detail),) = events_args(SQLITE, [("inc_1", 1.0, "note", None, {})])
     assert (state, detail) == (None, "{}")
+
+
+def test_a_new_incident_never_shows_its_token() -> None:
+    token = "sm_" + "Ab3dEf6hJk9mNp2q" * 2
+    sighting = TokenSighting(token, "supermemory_api_key", None, None, "github")
+    (new,) = IntakePlan.prepare([sighting], Sealer(bytes(32)), 1.0, 0.0).candidates.values()
+    assert new.token == token
+    # Its repr ends up in tracebacks and logs; a list of them too.
+    for rendered in (repr(new), str(new), f"{new}", repr([new])):
+        assert token not in rendered
+        assert new.redacted in rendered
