@@ -7,15 +7,17 @@ leaked key nobody revokes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from service.inbound.reasons import InboundError
 from service.reasons import Reason
 from service.tokens import redact
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class AlertItem:
+class AlertItem(NamedTuple):
+    """One item of an alert. A named tuple: as immutable as a frozen dataclass, and made in a third
+    of its time (a big alert has tens of thousands)."""
+
     token: str
     type: str
     url: str | None
@@ -46,19 +48,31 @@ def parse_alert(body: bytes) -> list[AlertItem]:
 def _item(index: int, raw: object) -> AlertItem:
     if not isinstance(raw, dict):
         raise InboundError(Reason.ITEM_NOT_OBJECT, f"item {index}: not an object")
-    token = _optional_string(raw, "token", index)
-    if not token:
-        raise InboundError(Reason.ITEM_MISSING_TOKEN, f"item {index}: missing token")
-    type_ = _optional_string(raw, "type", index)
-    if not type_:
-        raise InboundError(Reason.ITEM_MISSING_TYPE, f"item {index}: missing type")
-    source = _optional_string(raw, "source", index)
+    token, type_, url, source = raw.get("token"), raw.get("type"), raw.get("url"), raw.get("source")
+    # Every field text (or url and source missing): the item as it is, checked once. Anything
+    # else goes through the checks one by one, for the refusal that names the field.
+    if not (
+        isinstance(token, str)
+        and token
+        and isinstance(type_, str)
+        and type_
+        and (url is None or isinstance(url, str))
+        and (source is None or isinstance(source, str))
+    ):
+        token = _optional_string(raw, "token", index)
+        if not token:
+            raise InboundError(Reason.ITEM_MISSING_TOKEN, f"item {index}: missing token")
+        type_ = _optional_string(raw, "type", index)
+        if not type_:
+            raise InboundError(Reason.ITEM_MISSING_TYPE, f"item {index}: missing type")
+        source = _optional_string(raw, "source", index)
+        url = _optional_string(raw, "url", index)
     return AlertItem(
-        token=token,
-        type=type_,
-        url=_optional_string(raw, "url", index) or None,
+        token,
+        type_,
+        url or None,
         # Reporters send "Content" as well as "content"; one spelling keeps sightings comparable.
-        source=source.lower() if source else None,
+        source.lower() if source else None,
     )
 
 
