@@ -7,7 +7,9 @@
 -- - `incidents_org` held every incident, though only a matched key has an org: it now holds those
 --   that have one, which is every row a lookup by org can find (`org_id = $1` implies it).
 -- (SQLite's migration also drops AUTOINCREMENT from events and sightings; an identity column has
--- no such cost.) The previous release runs on this schema as it did (it names no index).
+-- no such cost.) The previous release runs on this schema as it did (it names no index). Building
+-- the partial index holds writes to incidents for one scan of the table (in the migration's
+-- transaction, so not CONCURRENTLY).
 
 DROP INDEX sightings_incident;
 DROP INDEX incidents_org;
