@@ -3,9 +3,9 @@
 A 2xx to a reporter promises the alert survives a power cut, so every commit is fsynced. That would
 cap throughput at one fsync per request, so writes go through a single writer thread that groups
 whatever is queued into one transaction (group commit): under load many requests share one fsync,
-and a lone request still commits at once. Each queued write runs in its own savepoint, so one
-failing write does not undo its neighbours. Reads use a second connection (WAL lets them run beside
-the writer) and never see uncommitted work.
+and a lone request still commits at once. The intakes of a group write their rows together (see
+`_Batch`). One failing write does not undo its neighbours (see `_run_group`). Reads use a second
+connection (WAL lets them run beside the writer) and never see uncommitted work.
 
 The fsync is SQLite's `synchronous=FULL` moved to a thread of its own. FULL fsyncs the `-wal` file
 inside every COMMIT, so the writer could not run the next group's statements during the fsync (a
@@ -28,10 +28,12 @@ import contextlib
 import fcntl
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,7 +109,10 @@ class SqliteStore:
         self._lock_fd: int | None = None
         # The migrations the last `open` applied, for `leak-responder migrate` to report.
         self.migrated: list[str] = []
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Writes are handed to the writer thread once per turn of the event loop, all the writes
+        # that turn queued in one hand-over (see `_write`).
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._handing: list[_Job] = []
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
@@ -142,6 +147,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._writer is not None:
+            self._hand_over()
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
@@ -174,7 +180,9 @@ class SqliteStore:
         self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, timeout=30, cached_statements=512
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
@@ -222,6 +230,8 @@ class SqliteStore:
         # queued goes first, grouped as ever, then one bulky write, and so on in turn; so a small
         # alert waits for at most one part of a big one, and the big one for one group at a time.
         bulky: collections.deque[_Job] = collections.deque()
+        # Handed over and not yet in a group (a hand-over may hold more than a group takes).
+        handed: collections.deque[_Job] = collections.deque()
         closing = False
         # Bulky writes commit without SQLite's automatic checkpoint (copying the WAL's pages into
         # the database, and fsyncing it), for at most `_DEFERRED_CHECKPOINTS` in a row: a big
@@ -232,13 +242,17 @@ class SqliteStore:
         while True:
             group: list[_Job] = []
             while len(group) < _MAX_GROUP and not closing:
-                try:
-                    job = self._queue.get(block=not group and not bulky)
-                except queue.Empty:
-                    break
-                if job is None:
-                    closing = True
-                elif job[2]:
+                if not handed:
+                    try:
+                        jobs = self._queue.get(block=not group and not bulky)
+                    except queue.Empty:
+                        break
+                    if jobs is None:
+                        closing = True
+                        break
+                    handed.extend(jobs)
+                job = handed.popleft()
+                if job[2]:
                     bulky.append(job)
                 else:
                     group.append(job)
@@ -337,12 +351,25 @@ class SqliteStore:
         the writes queued beside it (see `_write_loop`)."""
         if self._writer is None:
             raise StoreError("store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((work, future, bulky))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._handing.append((work, future, bulky))
+        if len(self._handing) == 1:
+            loop.call_soon(self._hand_over)
         try:
             return await future
         except sqlite3.Error as exc:
             raise StoreError(f"write failed: {exc}") from exc
+
+    def _hand_over(self) -> None:
+        """The writes queued since the last hand-over, to the writer thread at once. Under load a
+        turn of the event loop resumes dozens of requests that each queue their intake; handed
+        over one by one, each woke the writer thread (a system call, and a thread that then
+        takes the interpreter lock from the event loop for a write or two); once per turn, the
+        writer wakes once and finds them all."""
+        if self._handing:
+            self._queue.put(self._handing)
+            self._handing = []
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
@@ -380,77 +407,7 @@ class SqliteStore:
         """
         now = self._clock()
         plan = await IntakePlan.prepare_beside_loop(items, self._sealer, now, match_after)
-
-        def work(conn: sqlite3.Connection) -> list[IncidentRef]:
-            digests = list(plan.candidates)
-            known: dict[str, common.Row] = {}
-            for i in range(0, len(digests), _IN_CHUNK):
-                chunk = digests[i : i + _IN_CHUNK]
-                for row in conn.execute(
-                    "SELECT id, token_hash, state, label, redacted FROM incidents"  # noqa: S608
-                    f" WHERE token_hash IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ):
-                    known[row["token_hash"]] = row
-            refs = {
-                digest: new.ref() if (row := known.get(digest)) is None else new.stored(row, created=False)
-                for digest, new in plan.candidates.items()
-            }
-            decided = {
-                digest: t
-                for digest, ref in refs.items()
-                if ref.state is State.RECEIVED and decide is not None and (t := decide(ref)) is not None
-            }
-            common.check_transitions(list(decided.values()))
-            channels = common.sealed_channels(list(decided.values()), self._sealer)
-            # A new incident goes in as its decision leaves it, in one INSERT; its events read as
-            # the fenced UPDATE's would have: received, then the decision.
-            news = [(new, decided.get(d)) for d, new in plan.candidates.items() if d not in known]
-            for columns, inserts in common.incident_rows(news, now, SQLITE, self._sealer).items():
-                conn.executemany(_incident_insert(columns), inserts)
-            _events(conn, ((new.id, now, *e) for new, t in news for e in new.events(alert, t)))
-            for _, t in news:
-                if t is not None and _owes(t, now):
-                    _owed(conn, t, now, channels.get(t.incident_id, []))
-            # The fences hold for every decided transition of a known incident: this transaction
-            # read the states just now, and it is the only writer. Those that owe nothing beyond
-            # their row and event (a false positive, a key without channels to tell) go grouped by
-            # statement, one executemany each; the others as `apply` writes them, channels and
-            # outbox included.
-            earlier = [t for digest, t in decided.items() if digest in known]
-            plain = [t for t in earlier if not _owes(t, now)]
-            updates: dict[str, list[list[Any]]] = {}
-            for t in plain:
-                sql, args = common.fenced_update(t, SQLITE)
-                updates.setdefault(sql, []).append(args)
-            for sql, rows in updates.items():
-                if conn.executemany(sql, rows).rowcount != len(rows):
-                    raise StoreError("an incident moved under the writer's own transaction")
-            _events(conn, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
-            for t in earlier:
-                if _owes(t, now) and not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
-                    raise StoreError("an incident moved under the writer's own transaction")
-            for digest, t in decided.items():
-                refs[digest] = common.after(refs[digest], t)
-            created = len(news)
-            inserted = conn.execute(
-                common.alert_insert(SQLITE),
-                (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
-            )
-            alert_id = inserted.lastrowid if inserted.rowcount == 1 else None
-            if alert_id is None:
-                (alert_id,) = conn.execute(
-                    common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
-                ).fetchone()
-                if created:
-                    # A later part of a big alert, or its redelivery after a crash between parts.
-                    conn.execute(common.alert_counted(SQLITE), (created, alert_id))
-            conn.executemany(
-                common.sighting_insert(SQLITE),
-                plan.sighting_rows(items, {d: r.id for d, r in refs.items()}, alert_id, now),
-            )
-            return list(refs.values())
-
+        work = _Intake(alert, items, plan, decide, now, self._sealer)
         return await self._write(work, bulky=len(plan.candidates) > common.OFFLOAD_ITEMS)
 
     # -- work ------------------------------------------------------------------------------------
@@ -913,18 +870,28 @@ def _run_group(conn: sqlite3.Connection, group: list[_Job], isolated: bool) -> l
 
     A group first runs without savepoints (`isolated` false), and None says one of its writes
     failed: savepoints cost two statements per write, each one more wait for the interpreter lock
-    in this thread, and a failing write is rare. Isolated, each write runs in its own savepoint and
-    a failing one is undone alone (the works only write, so running them again is safe).
+    in this thread, and a failing write is rare. Its intakes share one `_Batch`: their rows go in
+    together, a few statements for the whole group (any other write first writes what is pending,
+    so it sees the intakes before it). Isolated, each write runs in its own savepoint, an intake
+    with its own batch, and a failing one is undone alone (the works only write, so running them
+    again is safe).
     """
     conn.execute("BEGIN IMMEDIATE")
     outcomes: list[tuple[bool, Any]] = []
+    if not isolated:
+        batch = _Batch(d for work, _, _ in group if isinstance(work, _Intake) for d in work.plan.candidates)
+        try:
+            for work, _, _ in group:
+                if isinstance(work, _Intake):
+                    outcomes.append((True, work.record(conn, batch)))
+                else:
+                    batch.flush(conn)
+                    outcomes.append((True, work(conn)))
+            batch.flush(conn)
+        except Exception:
+            return None
+        return outcomes
     for i, (work, _, _) in enumerate(group):
-        if not isolated:
-            try:
-                outcomes.append((True, work(conn)))
-            except Exception:
-                return None
-            continue
         conn.execute(f"SAVEPOINT w{i}")
         try:
             outcomes.append((True, work(conn)))
@@ -962,14 +929,6 @@ def _settle(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
-
-
-def _events(conn: sqlite3.Connection, events: common.Events) -> None:
-    """Many events at once: (incident_id, at, kind, state, detail) each."""
-    conn.executemany(
-        "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)",
-        common.events_args(SQLITE, events),
-    )
 
 
 def _event(
@@ -1015,3 +974,169 @@ def _owed(conn: sqlite3.Connection, t: Transition, now: float, channels: Sequenc
 def _incident_insert(columns: Sequence[str]) -> str:
     """New incidents with these columns, a row per executemany item (`common.incident_rows`)."""
     return f"INSERT INTO incidents ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"  # noqa: S608
+
+
+# Rows per multi-row INSERT (see `_Batch`): a fixed size, so that the writer's statement cache
+# holds every shape (a statement per row count up to it, and the full one for big intakes).
+_ROWS_PER_INSERT = 64
+_EVENT_INSERT = "INSERT INTO events (incident_id, at, kind, state, detail) VALUES (?,?,?,?,?)"
+_VALUES = re.compile(r"VALUES (\([?, ]*\))")
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """`sql`, a one-row INSERT, for every row of `rows` in multi-row statements of at most
+    `_ROWS_PER_INSERT` rows each: one step of SQLite per statement, where `executemany` takes one
+    per row, and the writer thread gives up the interpreter lock for each step and then waits for
+    the event loop to hand it back."""
+    one = _VALUES.search(sql)
+    assert one is not None, sql
+    for i in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[i : i + _ROWS_PER_INSERT]
+        many = f"{sql[: one.start(1)]}{','.join([one.group(1)] * len(chunk))}{sql[one.end(1) :]}"
+        conn.execute(many, [value for row in chunk for value in row])
+
+
+class _Batch:
+    """The rows a group's intakes write: incidents, events and sightings, inserted together by
+    `flush`, a few statements for the group instead of a few per intake (the intakes' statements
+    were 84 for a group of 12 alerts, each one a wait for the interpreter lock in the writer).
+
+    An intake reads the incidents of its tokens (`known`) as the intakes before it in the group
+    left them: one read for all of them at first, and when an intake shares a token with one
+    before it since the last flush, a flush and a new read of the shared ones, as if each intake
+    had run alone in its turn."""
+
+    def __init__(self, digests: Iterable[str]) -> None:
+        self._unread = set(digests)
+        self._read: dict[str, common.Row] = {}
+        self._touched: set[str] = set()
+        self.incidents: dict[str, list[tuple[Any, ...]]] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.sightings: list[tuple[Any, ...]] = []
+
+    def known(self, conn: sqlite3.Connection, digests: Sequence[str]) -> dict[str, common.Row]:
+        """The stored incidents of these token hashes, by hash."""
+        if not self._touched.isdisjoint(digests):
+            self.flush(conn)
+            for digest in self._touched:
+                self._read.pop(digest, None)
+            self._unread |= self._touched
+            self._touched.clear()
+        # Every token of the group not read yet, in the first intake's read: one for the group.
+        missing: list[str] = []
+        if not self._unread.isdisjoint(digests):
+            missing = list(self._unread)
+            self._unread.clear()
+        for i in range(0, len(missing), _IN_CHUNK):
+            chunk = missing[i : i + _IN_CHUNK]
+            for row in conn.execute(
+                "SELECT id, token_hash, state, label, redacted FROM incidents"  # noqa: S608
+                f" WHERE token_hash IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                self._read[row["token_hash"]] = row
+        self._touched.update(digests)
+        return {d: row for d in digests if (row := self._read.get(d)) is not None}
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Insert what the intakes so far added: incidents first, as events and sightings refer
+        to them."""
+        for sql, rows in self.incidents.items():
+            _insert_rows(conn, sql, rows)
+        _insert_rows(conn, _EVENT_INSERT, self.events)
+        _insert_rows(conn, common.sighting_insert(SQLITE), self.sightings)
+        self.incidents.clear()
+        self.events.clear()
+        self.sightings.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Intake:
+    """One intake as the writer thread runs it: alone (called), or with the group's other
+    intakes (`record` into the group's `_Batch`)."""
+
+    alert: AlertRecord
+    items: Sequence[TokenSighting]
+    plan: IntakePlan
+    decide: Decide | None
+    now: float
+    sealer: Sealer
+
+    def __call__(self, conn: sqlite3.Connection) -> list[IncidentRef]:
+        batch = _Batch(self.plan.candidates)
+        refs = self.record(conn, batch)
+        batch.flush(conn)
+        return refs
+
+    def record(self, conn: sqlite3.Connection, batch: _Batch) -> list[IncidentRef]:
+        """The intake's writes, its incidents, events and sightings left in `batch`; the refs of
+        its tokens as they are once the batch is flushed."""
+        plan, decide, now = self.plan, self.decide, self.now
+        known = batch.known(conn, list(plan.candidates))
+        refs = {
+            digest: new.ref() if (row := known.get(digest)) is None else new.stored(row, created=False)
+            for digest, new in plan.candidates.items()
+        }
+        decided = {
+            digest: t
+            for digest, ref in refs.items()
+            if ref.state is State.RECEIVED and decide is not None and (t := decide(ref)) is not None
+        }
+        common.check_transitions(list(decided.values()))
+        channels = common.sealed_channels(list(decided.values()), self.sealer)
+        # A new incident goes in as its decision leaves it, in one INSERT; its events read as
+        # the fenced UPDATE's would have: received, then the decision.
+        news = [(new, decided.get(d)) for d, new in plan.candidates.items() if d not in known]
+        for columns, inserts in common.incident_rows(news, now, SQLITE, self.sealer).items():
+            batch.incidents.setdefault(_incident_insert(columns), []).extend(inserts)
+        batch.events.extend(
+            common.events_args(
+                SQLITE, ((new.id, now, *e) for new, t in news for e in new.events(self.alert, t))
+            )
+        )
+        owing = [t for _, t in news if t is not None and _owes(t, now)]
+        if owing:
+            # Their channels and outbox rows refer to the incidents: those go in first.
+            batch.flush(conn)
+        for t in owing:
+            _owed(conn, t, now, channels.get(t.incident_id, []))
+        # The fences hold for every decided transition of a known incident: this transaction
+        # read the states just now, and it is the only writer. Those that owe nothing beyond
+        # their row and event (a false positive, a key without channels to tell) go grouped by
+        # statement, one executemany each; the others as `apply` writes them, channels and
+        # outbox included.
+        earlier = [t for digest, t in decided.items() if digest in known]
+        plain = [t for t in earlier if not _owes(t, now)]
+        updates: dict[str, list[list[Any]]] = {}
+        for t in plain:
+            sql, args = common.fenced_update(t, SQLITE)
+            updates.setdefault(sql, []).append(args)
+        for sql, rows in updates.items():
+            if conn.executemany(sql, rows).rowcount != len(rows):
+                raise StoreError("an incident moved under the writer's own transaction")
+        batch.events.extend(
+            common.events_args(SQLITE, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
+        )
+        for t in earlier:
+            if _owes(t, now) and not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
+                raise StoreError("an incident moved under the writer's own transaction")
+        for digest, t in decided.items():
+            refs[digest] = common.after(refs[digest], t)
+        created = len(news)
+        alert = self.alert
+        inserted = conn.execute(
+            common.alert_insert(SQLITE),
+            (alert.reporter, alert.operator, now, alert.body_sha256, alert.item_count, created),
+        )
+        alert_id = inserted.lastrowid if inserted.rowcount == 1 else None
+        if alert_id is None:
+            (alert_id,) = conn.execute(
+                common.alert_id_query(SQLITE), (alert.reporter, alert.body_sha256)
+            ).fetchone()
+            if created:
+                # A later part of a big alert, or its redelivery after a crash between parts.
+                conn.execute(common.alert_counted(SQLITE), (created, alert_id))
+        batch.sightings.extend(
+            plan.sighting_rows(self.items, {d: r.id for d, r in refs.items()}, alert_id, now)
+        )
+        return list(refs.values())
