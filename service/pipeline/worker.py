@@ -263,6 +263,19 @@ class Worker:
         # Every part's lookup starts now, as one alert's did before it came in parts: the labels
         # are as complete within the budget, and a small alert's lookup still goes first.
         lookups = [self.steps.lookup(hashes, deadline - time.monotonic()) for hashes in shaped]
+        if len(parts) == 1:
+            # A small alert, nearly every one: its part in the request's own task (a task of its
+            # own, and the gathering of tasks, cost a turn of the event loop per request); its
+            # lookup is given up, if it must be, by `Lookup.answers`, the intake's first await.
+            refs = await self._intake(alert, parts[0], lookups[0])
+        else:
+            refs = await self._intake_parts(alert, parts, lookups)
+        return refs, {r.token_hash: r.label for r in refs if r.label is not None}
+
+    async def _intake_parts(
+        self, alert: AlertRecord, parts: Sequence[Sequence[TokenSighting]], lookups: Sequence[Lookup]
+    ) -> list[IncidentRef]:
+        """A big alert's parts, each committed once its lookup is in (see `accept`)."""
         refs: list[IncidentRef] = []
         # The next part is prepared and queued for the writer while the one before it is being
         # written and fsynced, so the writer goes from one part's commit straight to the next
@@ -284,7 +297,7 @@ class Worker:
                 lookup.cancel()
             # Retrieve what the cancelled parts raised (a refused commit, the cancellation).
             await asyncio.gather(*writing, return_exceptions=True)
-        return refs, {r.token_hash: r.label for r in refs if r.label is not None}
+        return refs
 
     async def _intake(
         self,
