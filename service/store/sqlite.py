@@ -1011,7 +1011,7 @@ class _Batch:
         self._read: dict[str, common.Row] = {}
         self._touched: set[str] = set()
         self.incidents: dict[str, list[tuple[Any, ...]]] = {}
-        self.events: list[tuple[Any, ...]] = []
+        self.events: list[tuple[str, float, str, State | None, dict[str, Any]]] = []
         self.sightings: list[tuple[Any, ...]] = []
 
     def known(self, conn: sqlite3.Connection, digests: Sequence[str]) -> dict[str, common.Row]:
@@ -1043,7 +1043,8 @@ class _Batch:
         to them."""
         for sql, rows in self.incidents.items():
             _insert_rows(conn, sql, rows)
-        _insert_rows(conn, _EVENT_INSERT, self.events)
+        # Serialized here, for the whole group: a detail shared by its events is serialized once.
+        _insert_rows(conn, _EVENT_INSERT, list(common.events_args(SQLITE, self.events)))
         _insert_rows(conn, common.sighting_insert(SQLITE), self.sightings)
         self.incidents.clear()
         self.events.clear()
@@ -1089,11 +1090,7 @@ class _Intake:
         news = [(new, decided.get(d)) for d, new in plan.candidates.items() if d not in known]
         for columns, inserts in common.incident_rows(news, now, SQLITE, self.sealer).items():
             batch.incidents.setdefault(_incident_insert(columns), []).extend(inserts)
-        batch.events.extend(
-            common.events_args(
-                SQLITE, ((new.id, now, *e) for new, t in news for e in new.events(self.alert, t))
-            )
-        )
+        batch.events.extend((new.id, now, *e) for new, t in news for e in new.events(self.alert, t))
         owing = [t for _, t in news if t is not None and _owes(t, now)]
         if owing:
             # Their channels and outbox rows refer to the incidents: those go in first.
@@ -1114,9 +1111,7 @@ class _Intake:
         for sql, rows in updates.items():
             if conn.executemany(sql, rows).rowcount != len(rows):
                 raise StoreError("an incident moved under the writer's own transaction")
-        batch.events.extend(
-            common.events_args(SQLITE, ((t.incident_id, now, t.event, t.state, t.detail) for t in plain))
-        )
+        batch.events.extend((t.incident_id, now, t.event, t.state, t.detail) for t in plain)
         for t in earlier:
             if _owes(t, now) and not _apply_one(conn, t, now, channels.get(t.incident_id, [])):
                 raise StoreError("an incident moved under the writer's own transaction")

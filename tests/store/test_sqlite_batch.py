@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from service.store import AlertRecord, IncidentRef, Label, State, Transition
+from service.store import AlertRecord, IncidentRef, Label, State, Transition, common
+from service.store import sqlite as sqlite_store
+from service.store.common import Dialect
 from service.store.sqlite import SqliteStore
 from service.tokens import token_hash
 from tests.store.conftest import Backend
@@ -70,6 +72,13 @@ def test_the_intakes_of_one_turn_are_one_group_of_a_few_statements(
             (earlier,) = await store.intake(alert("earlier"), [sighting(tokens[-1])], 0, None)
             handed = HandOvers(store._queue)
             monkeypatch.setattr(store, "_queue", handed)
+            serialized: list[Any] = []
+
+            def dumps(value: Any) -> str:
+                serialized.append(value)
+                return common.dumps(value)
+
+            monkeypatch.setattr(sqlite_store, "SQLITE", Dialect(mark="?", json=dumps))
             traced.statements.clear()
             answers = await asyncio.gather(
                 *(store.intake(alert(t), [sighting(t)], 0, not_a_key) for t in tokens)
@@ -89,6 +98,9 @@ def test_the_intakes_of_one_turn_are_one_group_of_a_few_statements(
                 [(token_hash(t), State.FALSE_POSITIVE, t != tokens[-1])] for t in tokens
             ]
             assert answers[-1][0].id == earlier.id
+            # The events' details the group shares, serialized once for the group.
+            assert serialized.count({"reason": "not_a_key"}) == 1
+            assert serialized.count({"reporter": "github"}) == 1
             for (ref,) in answers:
                 detail = await store.detail(ref.id)
                 assert detail is not None
