@@ -90,7 +90,8 @@ class Coalescer:
     In a burst (a new token pattern backfilled over all of a host, a repository forked a thousand
     times) every alert would otherwise cost the admin API one call. Rules:
 
-    - nothing in flight: the hashes go out at once, so a lone alert waits for nothing;
+    - nothing in flight: a call starts at once, so a lone alert waits for nothing; it leaves in the
+      next turn of the event loop, carrying every hash asked in the turn that started it;
     - a call in flight: hashes queue, and the queue goes out as one call when it ends;
     - a full batch queued: it goes out beside the calls in flight (up to `parallel` of them), so a
       10,000-token alert is not serialised behind one call at a time.
@@ -112,9 +113,12 @@ class Coalescer:
         self._ahead = collections.deque()
         self._queued = 0
         self._inflight = 0
-        # Each call's task and the chunks it carries now (none once it is done with them); strong
-        # references too, as the event loop keeps only weak ones to running tasks.
-        self._calls: dict[asyncio.Task[None], Asked] = {}
+        # Calls started whose task has not run yet, so has not taken its chunks (see `_dispatch`).
+        self._starting = 0
+        # Each call's task and the chunks it carries now (none once it is done with them, None
+        # until it takes them); strong references too, as the event loop keeps only weak ones to
+        # running tasks.
+        self._calls: dict[asyncio.Task[None], Asked | None] = {}
 
     def ask(self, hashes: Sequence[str]) -> Asked:
         """Queue these hashes, in chunks, for the calls to come, without waiting: the caller awaits
@@ -145,22 +149,32 @@ class Coalescer:
         return found
 
     def _dispatch(self) -> None:
-        """Start calls for what is queued, as many as the rules allow, each in a task of its own."""
+        """Start calls for what is queued, as many as the rules allow, each in a task of its own.
+
+        A call takes its chunks when its task first runs, in the next turn of the event loop (the
+        turn it left in before): it carries everything asked in the turn that started it. Under
+        load a turn resumes dozens of requests that ask one after another, and the first of them
+        went alone, the others waiting for its answer before theirs could leave."""
         while self._inflight < self._parallel:
-            group = self._next_group()
-            if group is None:
+            # What is queued beyond what the calls about to start will take.
+            free = self._queued - self._batch * self._starting
+            if free <= 0 or (self._inflight and free < self._batch):
                 return
-            if group:
-                self._inflight += 1
-                task = asyncio.get_running_loop().create_task(self._send(group))
-                self._calls[task] = group
-                task.add_done_callback(self._sent)
+            self._inflight += 1
+            self._starting += 1
+            task = asyncio.get_running_loop().create_task(self._send())
+            self._calls[task] = None
+            task.add_done_callback(self._sent)
 
     def _next_group(self) -> Asked | None:
         """The chunks the next call may carry now (empty if every one taken was given up), or None
         when no call may start: nothing queued, or a call in flight and less than a batch queued."""
         if not (self._ahead or self._queue) or (self._inflight and self._queued < self._batch):
             return None
+        return self._take()
+
+    def _take(self) -> Asked:
+        """Up to a batch of queued chunks, small callers' first (those given up are dropped)."""
         group: Asked = []
         size = 0
         for queue in (self._ahead, self._queue):
@@ -172,13 +186,18 @@ class Coalescer:
                     size += len(chunk)
         return group
 
-    async def _send(self, group: Asked) -> None:
+    async def _send(self) -> None:
         """One call, then, in the same task, the next one for what queued meanwhile: that call
         leaves in the turn of the event loop that read this one's answer. Through this task's end
         and a new task's start it left two turns later, a wait every queued caller had, each turn
         under load a round of every request's ready work."""
         task = asyncio.current_task()
         assert task is not None
+        self._starting -= 1
+        group = self._take()
+        self._calls[task] = group
+        if not group:
+            self._inflight -= 1  # every chunk it would have carried was given up
         while group:
             try:
                 found = await self._call(list(dict.fromkeys(h for chunk, _ in group for h in chunk)))
@@ -199,10 +218,14 @@ class Coalescer:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         """A callback rather than a `finally`, so that it also runs for a call cancelled before it
-        started: the callers of the chunks it carried then hear CancelledError instead of waiting
-        forever, and the queue goes on."""
+        started: the chunks stay queued for the next call. The callers of the chunks a cancelled
+        call carried hear CancelledError instead of waiting forever, and the queue goes on."""
         group = self._calls.pop(task)
-        if group:
+        if group is None:
+            # Cancelled before it took any chunk: they are still queued, for the next call.
+            self._starting -= 1
+            self._inflight -= 1
+        elif group:
             for _, future in group:
                 future.cancel()
             self._inflight -= 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from service.reasons import Reason
-from service.supermemory import LOOKUP_BATCH, CallFailed, Coalescer, KeyInfo
+from service.supermemory import LOOKUP_BATCH, CallFailed, Coalescer, KeyInfo, give_up
 
 
 def key(digest: str) -> KeyInfo:
@@ -200,22 +200,58 @@ def test_a_caller_that_gives_up_leaves_the_others_their_answers():
     assert calls == [[h(0)], [h(2)]]
 
 
-def test_a_call_cancelled_before_it_ran_cancels_its_callers_and_the_queue_goes_on():
+def test_lookups_asked_in_one_turn_share_the_call_that_turn_started():
+    """Under load a turn of the event loop resumes many requests that ask one after another: the
+    first one's call takes its hashes when it leaves, in the next turn, so it carries them all
+    rather than leaving alone with the others queued behind its answer."""
+
+    async def scenario():
+        admin = FakeAdmin(known={h(3)})
+        coalescer = Coalescer(admin)
+        results = await asyncio.gather(*(coalescer.lookup([h(i)]) for i in range(5)))
+        return results, admin.calls
+
+    results, calls = asyncio.run(scenario())
+    assert calls == [[h(i) for i in range(5)]]
+    assert results[3] == {h(3): key(h(3))}
+    assert all(r == {} for i, r in enumerate(results) if i != 3)
+
+
+def test_a_call_cancelled_in_flight_cancels_its_callers_and_the_queue_goes_on():
     async def scenario():
         admin = FakeAdmin()
         admin.gate.clear()
         coalescer = Coalescer(admin)
-        tasks = [asyncio.create_task(coalescer.lookup([h(i)])) for i in range(5)]
+        first = asyncio.create_task(coalescer.lookup([h(0)]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first call has taken h(0) and is in flight
+        queued = [asyncio.create_task(coalescer.lookup([h(i)])) for i in range(1, 5)]
         await asyncio.sleep(0)
         for call in list(coalescer._calls):
             call.cancel()
         admin.gate.set()
+        tasks = [first, *queued]
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1), admin.calls
 
     results, calls = asyncio.run(scenario())
     assert isinstance(results[0], asyncio.CancelledError)
     assert results[1:] == [{}] * 4
-    assert calls == [[h(i) for i in range(1, 5)]]
+    assert calls == [[h(0)], [h(i) for i in range(1, 5)]]
+
+
+def test_a_call_cancelled_before_it_took_its_hashes_leaves_them_to_the_next_call():
+    async def scenario():
+        admin = FakeAdmin()
+        coalescer = Coalescer(admin)
+        tasks = [asyncio.create_task(coalescer.lookup([h(i)])) for i in range(3)]
+        await asyncio.sleep(0)  # asked; the call that turn started has not run yet
+        (call,) = coalescer._calls
+        call.cancel()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1), admin.calls
+
+    results, calls = asyncio.run(scenario())
+    assert results == [{}] * 3
+    assert calls == [[h(i) for i in range(3)]]
 
 
 def test_the_next_call_leaves_in_the_turn_of_the_event_loop_that_read_the_answer():
@@ -254,3 +290,18 @@ def test_the_next_call_leaves_in_the_turn_of_the_event_loop_that_read_the_answer
     answered, started, calls = asyncio.run(scenario())
     assert calls == [[h(0)], [h(1)]]
     assert started[1] == answered + 1
+
+
+def test_a_call_whose_callers_all_gave_up_before_it_left_frees_its_place():
+    async def scenario():
+        admin = FakeAdmin()
+        coalescer = Coalescer(admin)
+        give_up(coalescer.ask([h(0)]))  # in the turn it asked: nothing left for its call to carry
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        later = await asyncio.wait_for(coalescer.lookup([h(1)]), 1)
+        return later, admin.calls
+
+    later, calls = asyncio.run(scenario())
+    assert later == {}
+    assert calls == [[h(1)]]
