@@ -471,14 +471,12 @@ class PageCourier:
                 return
             waited = self._clock() - raised
             if not answer.worth_retrying or waited >= self._retry.give_up_after or self._closing.is_set():
-                failure(
-                    log,
-                    "alerting",
+                _page_failure(
                     Reason.PAGE_DROPPED,
-                    f"Sentry did not take a page: {event.get('message', '')}",
-                    level=logging.ERROR,
-                    page=event.get("tags", {}).get("page"),
-                    status=answer.status,
+                    logging.ERROR,
+                    "Sentry did not take a page",
+                    event,
+                    answer,
                     attempts=attempts,
                     waited=round(waited, 1),
                 )
@@ -487,19 +485,32 @@ class PageCourier:
                 attempts, self._retry.backoff_base, self._retry.backoff_max, answer.retry_after, self._rng
             )
             if attempts == 1:
-                failure(
-                    log,
-                    "alerting",
+                _page_failure(
                     Reason.PAGE_DELAYED,
-                    f"Sentry did not take a page yet, retrying: {event.get('message', '')}",
-                    level=logging.WARNING,
-                    page=event.get("tags", {}).get("page"),
-                    status=answer.status,
+                    logging.WARNING,
+                    "Sentry did not take a page yet, retrying",
+                    event,
+                    answer,
                     retry_in=round(delay, 1),
                 )
             else:
                 log.debug("page not taken by Sentry yet", extra={"status": answer.status, "retry_in": delay})
             self._closing.wait(delay)
+
+
+def _page_failure(reason: Reason, level: int, what: str, event: Event, answer: Answer, **more: Any) -> None:
+    """The log line of a page Sentry did not take: it carries the page (its code and message),
+    since Sentry, which would have shown it to on-call, did not get it."""
+    failure(
+        log,
+        "alerting",
+        reason,
+        f"{what}: {event.get('message', '')}",
+        level=level,
+        page=event.get("tags", {}).get("page"),
+        status=answer.status,
+        **more,
+    )
 
 
 def init_sentry(dsn: str, environment: str, retry: PageRetry, timeout: float) -> PageCourier:
