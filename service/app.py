@@ -36,7 +36,15 @@ from service.inbound.public import (
     requester,
 )
 from service.inbound.reports import DETECTED, read_report
-from service.observability import ALERTS, PUBLIC_KEYS, PUBLIC_REPORTS, exposition, failure, request_id
+from service.observability import (
+    ALERTS,
+    PUBLIC_KEYS,
+    PUBLIC_REPORTS,
+    counter,
+    exposition,
+    failure,
+    request_id,
+)
 from service.openapi import openapi_document
 from service.operators import (
     OperatorError,
@@ -129,7 +137,7 @@ async def receive_alert(request: Request) -> Response:
         ALERTS.labels(reporter=name, outcome="store_unavailable").inc()
         failure(log, "intake", Reason.STORE_UNAVAILABLE, str(exc), level=logging.ERROR, reporter=name)
         return error(503, Reason.STORE_UNAVAILABLE, "the alert could not be recorded; retry later")
-    ALERTS.labels(reporter=name, outcome="accepted").inc()
+    counter(ALERTS, name, "accepted").inc()
     log.info(
         "alert accepted",
         extra={"reporter": name, "items": len(sightings), "tokens": len(refs), "labelled": len(labels)},

@@ -20,7 +20,14 @@ from typing import Protocol
 from service.alerting import Pager
 from service.backoff import backoff
 from service.notify.result import NotifyResult
-from service.observability import SUPERMEMORY_CALLS, TIME_TO_CONFIRM, TIME_TO_REVOKE, TRANSITIONS, failure
+from service.observability import (
+    SUPERMEMORY_CALLS,
+    TIME_TO_CONFIRM,
+    TIME_TO_REVOKE,
+    TRANSITIONS,
+    counter,
+    failure,
+)
 from service.reasons import Reason
 from service.store import Incident, IncidentRef, Label, SealingError, State, Store, Transition
 from service.supermemory import (
@@ -92,7 +99,7 @@ class Lookup:
             if exc is not None:
                 raise exc
             found = future.result()
-            SUPERMEMORY_CALLS.labels(call="lookup", outcome="ok").inc()
+            counter(SUPERMEMORY_CALLS, "lookup", "ok").inc()
             outcomes |= {h: found.get(h) for h in chunk}
         if incomplete:
             log.info("labels incomplete within the request budget", extra={"detail": "TimeoutError"})
@@ -593,4 +600,4 @@ def recorded(transitions: Sequence[Transition], applied: Sequence[bool]) -> None
                     f"incident {t.state}", extra={"incident_id": t.incident_id, "event": t.event, **t.detail}
                 )
     for state, count in counts.items():
-        TRANSITIONS.labels(state=str(state)).inc(count)
+        counter(TRANSITIONS, str(state)).inc(count)
