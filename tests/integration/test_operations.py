@@ -71,6 +71,7 @@ def test_metrics_follow_the_pipeline(sandbox, service):
     assert metric(text, "leak_responder_transitions_total", state="revoked") == 1
     assert metric(text, "leak_responder_transitions_total", state="false_positive") == 2
     assert metric(text, "leak_responder_supermemory_calls_total", call="revoke", outcome="revoked") == 1
+    assert metric(text, "leak_responder_supermemory_calls_total", call="lookup", outcome="ok") == 1
     assert metric(text, "leak_responder_time_to_revoke_seconds_count") == 1
     assert metric(text, "leak_responder_time_to_confirm_seconds_count") == 1
     assert metric(text, "leak_responder_key_cache_fetches_total", reporter="github") >= 1
