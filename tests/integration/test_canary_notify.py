@@ -77,6 +77,9 @@ def test_no_canary_in_any_email_or_sentry_envelope(sandbox, make_service, smtp, 
     outputs += [m.email.get_content().encode() for m in messages if not m.email.is_multipart()]
     outputs.append(sentry.all_bytes())
     assert len(sentry.events()) >= 2
+    # The log too, with the line that told of the page Sentry did not take at first.
+    assert service.logged("page_delayed")
+    outputs.append(service.log_text().encode())
     for token in [*CANARIES, UNKNOWN]:
         for fragment in fragments(token):
             for output in outputs:
